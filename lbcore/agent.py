@@ -1,0 +1,298 @@
+"""The node agent: owns the shared segment, publishes snapshots, supervises
+the worker processes, and handles one signal per concern.
+
+SIGTERM/SIGINT  graceful stop: workers stop accepting and drain (bounded by
+                node.drain_timeout_ms); the segment is unlinked; exit 0.
+SIGHUP          reload the config file as a new snapshot version; a bad file
+                is refused with its reason and the old snapshot keeps serving.
+SIGUSR1         print the node's counters (as ``lbproxy stats``) to stderr.
+A worker that dies is replaced; its share of the active counts is released.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from lbcore import layout
+from lbcore.config import Config, ConfigError, load_config, parse_address
+from lbcore.layout import ffi, lib
+from lbcore.segment import Segment
+from lbcore.slots import SlotMap
+from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
+from lbcore.stats import format_stats, node_stats
+
+READY_TIMEOUT_S = 15.0
+RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+STOP_GRACE_S = 2.0
+
+
+class Listeners:
+    """Listen addresses held by the agent: bound with SO_REUSEPORT but never
+    listening, so a port in use is found before anything starts, and stays
+    ours while workers come and go."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[str, int], socket.socket] = {}
+
+    def reserve(self, config: Config) -> None:
+        """Hold every listen address of ``config``, release the others.
+        ConfigError (nothing changed) when one is in use by someone else."""
+        wanted = {parse_address(s.listen): i for i, s in enumerate(config.services)}
+        fresh: dict[tuple[str, int], socket.socket] = {}
+        try:
+            for address, i in wanted.items():
+                if address not in self._held:
+                    fresh[address] = self._bind(config.path, i, address)
+        except ConfigError:
+            for sock in fresh.values():
+                sock.close()
+            raise
+        for address in list(self._held):
+            if address not in wanted:
+                self._held.pop(address).close()
+        self._held.update(fresh)
+
+    @staticmethod
+    def _bind(file: str, index: int, address: tuple[str, int]) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            sock.close()
+            raise ConfigError(file, f"service[{index}].listen",
+                              f"{address[0]}:{address[1]} cannot be bound: {exc.strerror}") from None
+        return sock
+
+    def close(self) -> None:
+        for sock in self._held.values():
+            sock.close()
+        self._held.clear()
+
+
+@dataclass
+class WorkerProcess:
+    index: int
+    process: subprocess.Popen[bytes]
+    started: float
+    restarts: int = 0
+
+
+class NodeAgent:
+    def __init__(self, config: Config, log: TextIO = sys.stderr) -> None:
+        self.config = config
+        self._log_file = log
+        self.listeners = Listeners()
+        self.segment: Segment | None = None
+        self.version = 0
+        self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
+        self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
+        self.workers: dict[int, WorkerProcess] = {}
+        self._respawn_at: dict[int, tuple[float, int]] = {}  # index -> (when, restarts)
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def log(self, message: str) -> None:
+        print(f"lbproxy[{self.config.node.id}]: {message}", file=self._log_file, flush=True)
+
+    # ------------------------------------------------------------ snapshots
+
+    def _slot_releasable(self, slot: int) -> bool:
+        """A retired backend slot may be reused once nothing refers to it: no
+        open connection, and every worker past the snapshot that dropped it."""
+        assert self.segment is not None
+        if int(self.segment.counters[slot]["active"]) != 0:
+            return False
+        current = self.segment.generation()
+        return all(int(self.segment.workers[i]["generation"]) >= current for i in self.workers)
+
+    def _build(self, config: Config) -> SnapshotImage:
+        self.service_slots.assign((s.name for s in config.services), lambda slot: True)
+        keys = [(s.name, b.id) for s in config.services for b in s.backends]
+        before = set(self.backend_slots.retired().values())
+        self.backend_slots.assign(keys, self._slot_releasable)
+        self._reset_reused_slots(before, keys)
+        return snapshot_from_config(config, self.version + 1, self.service_slots, self.backend_slots)
+
+    def _reset_reused_slots(self, retired_before: set[int], keys: list[tuple[str, str]]) -> None:
+        """A slot given to a new backend starts with zeroed totals."""
+        assert self.segment is not None
+        still_retired = set(self.backend_slots.retired().values())
+        for slot in retired_before - still_retired:
+            if slot not in {self.backend_slots.slot_of(k) for k in keys}:
+                continue
+            for field in ("total", "failed", "bytes_to_backend", "bytes_to_client"):
+                self.segment.counters[slot][field] = 0
+
+    def publish(self, config: Config) -> None:
+        assert self.segment is not None
+        image = self._build(config)
+        publish_snapshot(self.segment, image)
+        self.version = image.version
+        self.config = config
+
+    # ------------------------------------------------------------ workers
+
+    def _spawn(self, index: int, restarts: int = 0) -> None:
+        assert self.segment is not None
+        node = self.config.node
+        command = [sys.executable, "-m", "lbcore.worker_main", self.segment.path, str(index),
+                   str(node.max_connections), str(node.drain_timeout_ms), str(os.getpid())]
+        process = subprocess.Popen(command, close_fds=True, stdin=subprocess.DEVNULL)
+        self.workers[index] = WorkerProcess(index, process, time.monotonic(), restarts)
+
+    def _release_worker(self, index: int) -> None:
+        """A worker is gone: its connections are gone with it, so take its
+        share out of the node-wide active counts (it can no longer race us)."""
+        assert self.segment is not None
+        row = self.segment.worker_active[index]
+        for slot in row.nonzero()[0]:
+            lib.flc_add_i64(ffi.addressof(self.segment.counter_ptr(int(slot)), "active"),
+                            -int(row[slot]))
+        row[:] = 0
+        self.segment.workers[index] = 0
+
+    def _reap(self) -> None:
+        for index, worker in list(self.workers.items()):
+            status = worker.process.poll()
+            if status is None:
+                continue
+            del self.workers[index]
+            self._release_worker(index)
+            if self._stopping or index >= self.config.node.workers:
+                continue
+            self.log(f"worker {index} (pid {worker.process.pid}) exited with status {status}; restarting")
+            quick = time.monotonic() - worker.started < 1.0
+            restarts = worker.restarts + 1 if quick else 0
+            delay = RESPAWN_BACKOFF_S[min(restarts, len(RESPAWN_BACKOFF_S) - 1)]
+            self._respawn_at[index] = (time.monotonic() + delay, restarts)
+
+    def _respawn_due(self) -> None:
+        for index, (when, restarts) in list(self._respawn_at.items()):
+            if time.monotonic() >= when and not self._stopping:
+                del self._respawn_at[index]
+                self._spawn(index, restarts)
+
+    def _scale_workers(self) -> None:
+        wanted = self.config.node.workers
+        for index in range(wanted):
+            if index not in self.workers and index not in self._respawn_at:
+                self._spawn(index)
+        for index, worker in self.workers.items():
+            if index >= wanted and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+
+    def _wait_ready(self) -> bool:
+        assert self.segment is not None
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        generation = self.segment.generation()
+        while time.monotonic() < deadline:
+            states = [self.segment.workers[i] for i in self.workers]
+            if len(states) == self.config.node.workers and all(
+                    int(s["listening"]) == 1 and int(s["generation"]) == generation for s in states):
+                return True
+            if any(w.process.poll() is not None for w in self.workers.values()):
+                return False
+            time.sleep(0.01)
+        return False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        """Reserve listeners, create the segment, publish, start workers.
+        Raises ConfigError / SegmentError / RuntimeError; leaves nothing behind."""
+        self.listeners.reserve(self.config)
+        try:
+            self.segment = Segment.create(self.config.node.id)
+            self.publish(self.config)
+            self._scale_workers()
+            if not self._wait_ready():
+                raise RuntimeError("workers did not come up (see their messages above)")
+        except BaseException:
+            self._shutdown(drain=False)
+            raise
+        node = self.config.node
+        listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
+        self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
+
+    def reload(self) -> None:
+        try:
+            config = load_config(self.config.path)
+            if config.node.id != self.config.node.id:
+                raise ConfigError(config.path, "node.id", "cannot change on reload (restart the node)")
+            self.listeners.reserve(config)
+            self.publish(config)
+        except (ConfigError, ValueError) as exc:
+            self.log(f"reload refused, still serving version {self.version}: {exc}")
+            return
+        self._scale_workers()
+        self.log(f"reloaded: version {self.version}")
+
+    def _shutdown(self, drain: bool) -> None:
+        self._stopping = True
+        if self.segment is not None:
+            self.segment.control["draining"] = 1
+        for worker in self.workers.values():
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        grace = self.config.node.drain_timeout_ms / 1000 + STOP_GRACE_S if drain else STOP_GRACE_S
+        deadline = time.monotonic() + grace
+        for worker in self.workers.values():
+            try:
+                worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+                worker.process.wait()
+        self.workers.clear()
+        self.listeners.close()
+        if self.segment is not None:
+            self.segment.unlink()
+            self.segment.close()
+            self.segment = None
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT. Call after start()."""
+        flags: dict[int, bool] = {}
+
+        def remember(signum: int, _frame: object) -> None:
+            flags[signum] = True
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(signum, remember)
+        signal.set_wakeup_fd(self._wake_w)
+        while True:
+            select.select([self._wake_r], [], [], 0.2)
+            try:
+                os.read(self._wake_r, 512)
+            except BlockingIOError:
+                pass
+            if flags.pop(signal.SIGTERM, False) or flags.pop(signal.SIGINT, False):
+                self.log("stopping: draining open connections")
+                self._shutdown(drain=True)
+                self.log("stopped")
+                return 0
+            if flags.pop(signal.SIGHUP, False):
+                self.reload()
+            if flags.pop(signal.SIGUSR1, False):
+                assert self.segment is not None
+                print(format_stats(node_stats(self.segment)), file=self._log_file, flush=True)
+            flags.pop(signal.SIGCHLD, None)
+            self._reap()
+            self._respawn_due()
+
+
+def serve(config: Config, log: TextIO = sys.stderr,
+          on_ready: Callable[[NodeAgent], None] | None = None) -> int:
+    agent = NodeAgent(config, log)
+    agent.start()
+    if on_ready is not None:
+        on_ready(agent)
+    return agent.run()

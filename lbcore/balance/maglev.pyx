@@ -1,0 +1,93 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Maglev consistent hashing on the client address.
+
+``build_table`` fills a lookup table of prime size (65537) from each eligible
+backend's permutation, derived from the backend's id (not its position), so a
+backend keeps its keys when others come and go; weights give a backend
+proportionally more turns. The agent builds the table; a worker's pick is one
+table read, plus a short probe when a retry excludes the first choice.
+"""
+import hashlib
+
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from lbcore.includes.layout cimport FLC_TABLE_POOL
+from lbcore.balance.pick cimport PickContext, is_excluded
+
+cnp.import_array()
+
+cdef enum:
+    PROBES = 64   # bound on the probe after a failed connect excludes rows
+
+cdef uint32_t EMPTY = 0xFFFFFFFF
+
+
+cdef int pick(PickContext *ctx) noexcept nogil:
+    cdef uint32_t offset = ctx.service.maglev_offset
+    cdef uint32_t length = ctx.service.maglev_len
+    cdef uint32_t position, row
+    cdef int i
+    if length == 0 or offset >= FLC_TABLE_POOL or length > FLC_TABLE_POOL - offset:
+        return -1
+    position = ctx.client_hash % length
+    for i in range(PROBES):
+        row = ctx.table[offset + position]
+        if not is_excluded(ctx, row):
+            return <int>row
+        position = (position + 1) % length
+    return -1
+
+
+def permutation_seeds(ids, uint32_t size):
+    """(offset, skip) per backend id: the permutation is a function of the id."""
+    offsets = np.empty(len(ids), dtype=np.uint32)
+    skips = np.empty(len(ids), dtype=np.uint32)
+    for i, backend_id in enumerate(ids):
+        digest = hashlib.blake2b(backend_id.encode(), digest_size=16).digest()
+        offsets[i] = int.from_bytes(digest[:8], "little") % size
+        skips[i] = int.from_bytes(digest[8:], "little") % (size - 1) + 1
+    return offsets, skips
+
+
+def build_table(ids, weights, rows, uint32_t size=65537):
+    """The Maglev lookup table: ``size`` entries, each one of ``rows``.
+
+    ``ids``, ``weights`` and ``rows`` describe the eligible backends (weight >
+    0); ``size`` must be prime. Returns a uint32 array of rows.
+    """
+    cdef Py_ssize_t n = len(ids)
+    if n == 0:
+        return np.empty(0, dtype=np.uint32)
+    offsets_arr, skips_arr = permutation_seeds(ids, size)
+    cdef uint32_t[::1] offsets = offsets_arr
+    cdef uint32_t[::1] skips = skips_arr
+    cdef int64_t[::1] weight = np.asarray(weights, dtype=np.int64)
+    cdef uint32_t[::1] row_of = np.asarray(rows, dtype=np.uint32)
+    cdef int64_t max_weight = max(int(w) for w in weights)
+    table_arr = np.full(size, EMPTY, dtype=np.uint32)
+    cdef uint32_t[::1] table = table_arr
+    cdef uint64_t[::1] next_index = np.zeros(n, dtype=np.uint64)
+    cdef int64_t[::1] credit = np.zeros(n, dtype=np.int64)
+    cdef uint64_t filled = 0
+    cdef uint64_t position
+    cdef Py_ssize_t i
+    with nogil:
+        while filled < size:
+            for i in range(n):
+                # A backend takes one turn per max_weight of credit: the
+                # heaviest takes one every round, lighter ones proportionally.
+                credit[i] += weight[i]
+                if credit[i] < max_weight:
+                    continue
+                credit[i] -= max_weight
+                position = (offsets[i] + next_index[i] * skips[i]) % size
+                while table[position] != EMPTY:
+                    next_index[i] += 1
+                    position = (offsets[i] + next_index[i] * skips[i]) % size
+                table[position] = row_of[i]
+                next_index[i] += 1
+                filled += 1
+                if filled == size:
+                    break
+    return table_arr

@@ -1,0 +1,44 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Power of two choices: two random candidates, the less loaded one wins.
+
+Candidates are drawn uniformly from the WRR schedule, where each backend
+appears in proportion to its weight, so the draw is weighted in O(1); the
+comparison uses node-wide active counts scaled by weight.
+"""
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from lbcore.includes.layout cimport FLC_TABLE_POOL, FLC_MAX_BACKENDS, flc_load_i64
+from lbcore.balance.pick cimport PickContext, is_excluded, next_random
+
+cdef enum:
+    DRAWS = 16   # bound on draws when retries exclude most of a small pool
+
+
+cdef inline int draw(PickContext *ctx, uint32_t offset, uint32_t length) noexcept nogil:
+    cdef int i
+    cdef uint32_t row
+    for i in range(DRAWS):
+        row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
+        if not is_excluded(ctx, row):
+            return <int>row
+    return -1
+
+
+cdef int pick(PickContext *ctx) noexcept nogil:
+    cdef uint32_t offset = ctx.service.schedule_offset
+    cdef uint32_t length = ctx.service.schedule_len
+    cdef int a, b
+    cdef int64_t load_a, load_b
+    if length == 0 or offset >= FLC_TABLE_POOL or length > FLC_TABLE_POOL - offset:
+        return -1
+    a = draw(ctx, offset, length)
+    b = draw(ctx, offset, length)
+    if a < 0:
+        return b
+    if b < 0 or a == b:
+        return a
+    # (active_a + 1) / w_a < (active_b + 1) / w_b, without division
+    load_a = (flc_load_i64(&ctx.counters[ctx.backends[a].slot % FLC_MAX_BACKENDS].active) + 1) \
+        * ctx.backends[b].weight
+    load_b = (flc_load_i64(&ctx.counters[ctx.backends[b].slot % FLC_MAX_BACKENDS].active) + 1) \
+        * ctx.backends[a].weight
+    return a if load_a <= load_b else b

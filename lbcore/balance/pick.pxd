@@ -1,0 +1,47 @@
+# The one interface every balancing algorithm implements:
+#
+#     cdef int pick(PickContext *ctx) noexcept nogil
+#
+# returning a row of the backend table (absolute index) or -1 when the
+# service has no eligible backend left that is not excluded. Preconditions:
+# ctx.snap is the snapshot buffer the worker holds, read under its seqlock, so
+# any value read may be torn: every index taken from shared memory is checked
+# against its bound before use, and the worker validates the pick afterwards.
+from libc.stdint cimport uint32_t, uint64_t, int64_t
+from lbcore.includes.layout cimport (
+    FLC_MAX_BACKENDS, flc_next_random, flc_snapshot_header, flc_service, flc_backend, flc_counter, flc_service_state,
+)
+
+cdef enum:
+    MAX_EXCLUDED = 8
+
+
+cdef struct PickContext:
+    flc_snapshot_header *snap
+    const flc_service *service
+    const flc_backend *backends
+    const uint32_t *table
+    flc_counter *counters
+    flc_service_state *service_state
+    uint32_t client_hash          # Maglev key: hash of the client address
+    uint64_t rng                  # per-worker xorshift state
+    uint32_t excluded[8]          # slots already tried for this connection
+    int n_excluded
+    int64_t observed_active       # least_conn: count seen, claimed by CAS; else -1
+
+
+cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogil:
+    # Rows out of range (a torn read) count as excluded: never dereferenced.
+    # Exclusion is by slot, which stays the same when a retry meets a newer
+    # snapshot whose rows moved.
+    cdef int i
+    if row >= FLC_MAX_BACKENDS:
+        return True
+    for i in range(ctx.n_excluded):
+        if ctx.excluded[i] == ctx.backends[row].slot:
+            return True
+    return False
+
+
+cdef inline uint64_t next_random(PickContext *ctx) noexcept nogil:
+    return flc_next_random(&ctx.rng)

@@ -1,0 +1,68 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Run the compiled picks from Python, for tests and micro benchmarks.
+
+Picks read a real snapshot in a real segment, exactly as a worker does;
+``hold`` counts each pick as an open connection (what a worker's claim does),
+so least-connections sees its own earlier picks.
+"""
+import numpy as np
+from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
+from lbcore.includes.layout cimport *
+from lbcore.balance.pick cimport PickContext
+from lbcore.balance cimport wrr, least_conn, p2c, maglev
+
+
+cdef int pick_once(PickContext *ctx) noexcept nogil:
+    cdef uint8_t algorithm = ctx.service.algorithm
+    if algorithm == FLC_ALGO_LEAST_CONN:
+        return least_conn.pick(ctx)
+    if algorithm == FLC_ALGO_P2C:
+        return p2c.pick(ctx)
+    if algorithm == FLC_ALGO_MAGLEV:
+        return maglev.pick(ctx)
+    return wrr.pick(ctx)
+
+
+def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
+          bint hold=False, excluded_slots=(), uint64_t seed=12345):
+    """Rows picked for ``n`` connections of the service in slot ``service_slot``."""
+    cdef void *segment = <void *>base
+    cdef flc_snapshot_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
+        &flc_control_of(segment).generation))
+    cdef PickContext ctx
+    cdef flc_counter *counters = flc_counters_of(segment)
+    cdef Py_ssize_t i
+    cdef int row
+    cdef uint32_t slot
+    cdef int64_t[::1] out
+    cdef uint32_t[::1] hashes
+    result = np.full(n, -1, dtype=np.int64)
+    out = result
+    hashes = np.zeros(n, dtype=np.uint32) if client_hashes is None else \
+        np.ascontiguousarray(client_hashes, dtype=np.uint32)
+    if service_slot >= snap.n_services:
+        raise ValueError(f"no service in slot {service_slot}")
+    ctx.snap = snap
+    ctx.service = &flc_services_of(snap)[service_slot]
+    ctx.backends = flc_backends_of(snap)
+    ctx.table = flc_table_of(snap)
+    ctx.counters = counters
+    ctx.service_state = &flc_service_states_of(segment)[service_slot]
+    ctx.rng = seed | 1
+    ctx.n_excluded = len(excluded_slots)
+    for i, slot in enumerate(excluded_slots[:8]):
+        ctx.excluded[i] = slot
+    with nogil:
+        for i in range(n):
+            ctx.client_hash = hashes[i]
+            ctx.observed_active = -1
+            row = pick_once(&ctx)
+            out[i] = row
+            if hold and row >= 0:
+                flc_add_i64(&counters[ctx.backends[row].slot].active, 1)
+    return result
+
+
+def hash_address(uint32_t ip_network_order):
+    """The worker's hash of a client address, for tests."""
+    return flc_hash_address(ip_network_order)

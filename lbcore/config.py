@@ -1,0 +1,255 @@
+"""The node's TOML configuration, each setting declared once.
+
+A setting is a name, a kind, a default (``REQUIRED`` when there is none), a
+check and a line of help; parsing, validation, defaults and the reference in
+the README come from these tables. Every error names the file, the key (as a
+path such as ``service[0].backend[1].weight``) and the reason.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.9/3.10 only
+    import tomli as tomllib
+
+from lbcore.balance import ALGORITHMS
+from lbcore.layout import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, NAME_LEN
+
+REQUIRED = object()
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+MAX_WEIGHT = 256
+
+
+class ConfigError(Exception):
+    """A configuration refused: ``FILE: key: reason``."""
+
+    def __init__(self, file: str, key: str, reason: str) -> None:
+        super().__init__(f"{file}: {key}: {reason}")
+        self.file, self.key, self.reason = file, key, reason
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type
+    default: Any
+    check: Callable[[Any], str | None]
+    help: str
+
+
+def _at_least(low: int) -> Callable[[Any], str | None]:
+    return lambda v: None if v >= low else f"must be >= {low} (got {v})"
+
+
+def _between(low: int, high: int) -> Callable[[Any], str | None]:
+    return lambda v: None if low <= v <= high else f"must be {low}..{high} (got {v})"
+
+
+def _name(v: str) -> str | None:
+    if len(v.encode()) >= NAME_LEN:
+        return f"must be shorter than {NAME_LEN} bytes"
+    if not NAME_PATTERN.match(v):
+        return f"{v!r} is not a name (letters, digits, '_', '.', ':', '-')"
+    return None
+
+
+def _address(v: str) -> str | None:
+    try:
+        parse_address(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _algorithm(v: str) -> str | None:
+    if v in ALGORITHMS:
+        return None
+    return f"unknown algorithm {v!r} (one of: {', '.join(ALGORITHMS)})"
+
+
+def _control(v: str) -> str | None:
+    if v == "static":
+        return None
+    return f"unsupported control {v!r}: this version runs only \"static\" (services from this file)"
+
+
+NODE_SETTINGS = [
+    Setting("id", str, REQUIRED, _name, "node name; names the shared-memory segment"),
+    Setting("workers", int, None, _between(1, MAX_WORKERS),
+            "worker processes (default: number of cores)"),
+    Setting("control", str, "static", _control, "where services come from"),
+    Setting("drain_timeout_ms", int, 10_000, _at_least(0),
+            "on SIGTERM, how long open connections may finish"),
+    Setting("connect_timeout_ms", int, 2_000, _at_least(1),
+            "a backend connect slower than this fails over to another"),
+    Setting("idle_timeout_ms", int, 300_000, _at_least(1),
+            "a connection with no traffic either way for this long is closed"),
+    Setting("retries", int, 3, _between(0, 7),
+            "further backends tried after a failed connect"),
+    Setting("max_connections", int, 4096, _between(1, 100_000),
+            "open client connections per worker"),
+]
+
+SERVICE_SETTINGS = [
+    Setting("name", str, REQUIRED, _name, "service name, unique on the node"),
+    Setting("listen", str, REQUIRED, _address, "IPv4 address:port clients connect to"),
+    Setting("algorithm", str, "wrr", _algorithm, "wrr | least_conn | p2c | maglev"),
+]
+
+BACKEND_SETTINGS = [
+    Setting("id", str, REQUIRED, _name, "backend id, unique in its service"),
+    Setting("address", str, REQUIRED, _address, "IPv4 address:port of the backend"),
+    Setting("weight", int, 1, _between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
+]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``, or ValueError."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    try:
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 address") from None
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1..65535")
+    return str(ip), int(port)
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: str
+    address: str
+    weight: int
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    listen: str
+    algorithm: str
+    backends: tuple[Backend, ...]
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    id: str
+    workers: int
+    control: str
+    drain_timeout_ms: int
+    connect_timeout_ms: int
+    idle_timeout_ms: int
+    retries: int
+    max_connections: int
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    node: NodeSettings
+    services: tuple[Service, ...] = field(default=())
+
+
+def _read_table(file: str, where: str, table: Any, settings: list[Setting],
+                nested: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(file, where, "must be a table")
+    known = {s.name for s in settings} | set(nested)
+    for key in table:
+        if key not in known:
+            raise ConfigError(file, f"{where}.{key}", f"unknown key (known: {', '.join(sorted(known))})")
+    values: dict[str, Any] = {}
+    for s in settings:
+        key = f"{where}.{s.name}"
+        if s.name not in table:
+            if s.default is REQUIRED:
+                raise ConfigError(file, key, "required")
+            values[s.name] = s.default
+            continue
+        value = table[s.name]
+        # bool is an int in Python; a TOML boolean is never a valid number here
+        if not isinstance(value, s.kind) or isinstance(value, bool):
+            raise ConfigError(file, key, f"must be {s.kind.__name__}, got {type(value).__name__}")
+        problem = s.check(value)
+        if problem:
+            raise ConfigError(file, key, problem)
+        values[s.name] = value
+    return values
+
+
+def _read_backends(file: str, where: str, raw: Any) -> tuple[Backend, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(file, where, "must be an array of tables ([[service.backend]])")
+    backends: list[Backend] = []
+    seen: set[str] = set()
+    for j, table in enumerate(raw):
+        values = _read_table(file, f"{where}[{j}]", table, BACKEND_SETTINGS)
+        if values["id"] in seen:
+            raise ConfigError(file, f"{where}[{j}].id", f"duplicate backend id {values['id']!r}")
+        seen.add(values["id"])
+        backends.append(Backend(**values))
+    return tuple(backends)
+
+
+def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(file, "service", "must be an array of tables ([[service]])")
+    if len(raw) > MAX_SERVICES:
+        raise ConfigError(file, "service", f"at most {MAX_SERVICES} services per node")
+    services: list[Service] = []
+    names: set[str] = set()
+    listens: set[tuple[str, int]] = set()
+    total_backends = 0
+    for i, table in enumerate(raw):
+        where = f"service[{i}]"
+        values = _read_table(file, where, table, SERVICE_SETTINGS, nested=("backend",))
+        if values["name"] in names:
+            raise ConfigError(file, f"{where}.name", f"duplicate service name {values['name']!r}")
+        names.add(values["name"])
+        listen = parse_address(values["listen"])
+        if listen in listens:
+            raise ConfigError(file, f"{where}.listen", f"{values['listen']} is already a listener of another service")
+        listens.add(listen)
+        backends = _read_backends(file, f"{where}.backend", table.get("backend", []))
+        total_backends += len(backends)
+        if total_backends > MAX_BACKENDS:
+            raise ConfigError(file, f"{where}.backend", f"at most {MAX_BACKENDS} backends per node")
+        services.append(Service(backends=backends, **values))
+    return tuple(services)
+
+
+def parse_config(text: str, file: str = "<config>") -> Config:
+    """Validate a TOML document; ConfigError names what was wrong and where."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", str(exc)) from None
+    for key in document:
+        if key not in ("node", "service"):
+            raise ConfigError(file, key, "unknown table (known: node, service)")
+    node_values = _read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
+    if node_values["workers"] is None:
+        node_values["workers"] = min(os.cpu_count() or 1, MAX_WORKERS)
+    services = _read_services(file, document.get("service", []))
+    return Config(path=file, node=NodeSettings(**node_values), services=services)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file."""
+    file = str(path)
+    try:
+        text = Path(file).read_text()
+    except OSError as exc:
+        raise ConfigError(file, "(file)", exc.strerror or str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, "(file)", f"not UTF-8: {exc.reason}") from None
+    return parse_config(text, file)

@@ -1,0 +1,131 @@
+/*
+ * Atomic access to the shared segment, declared once for the workers
+ * (Cython, cdef extern) and the agent (cffi). Every function that writes
+ * shared state says who may call it.
+ */
+#ifndef FULCRUM_ATOMIC_H
+#define FULCRUM_ATOMIC_H
+#include <stdint.h>
+#include "fulcrum_layout.h"
+
+static inline uint64_t flc_load_acquire_u64(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+
+static inline int64_t flc_load_i64(const int64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t flc_load_u64(const uint64_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void flc_add_i64(int64_t *p, int64_t v)
+{
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+static inline void flc_add_u64(uint64_t *p, uint64_t v)
+{
+    __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+}
+
+static inline uint64_t flc_fetch_inc_u64(uint64_t *p)
+{
+    return __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
+}
+
+/* Least-connections claims a backend only if no other worker changed its
+ * count since the scan: the chosen count is then still the minimum. */
+static inline int flc_cas_i64(int64_t *p, int64_t expected, int64_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+/* Seqlock, writer side: the node agent only, one publisher at a time. */
+static inline void flc_write_begin(flc_snapshot_header *h)
+{
+    __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+}
+
+static inline void flc_write_end(flc_snapshot_header *h)
+{
+    __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELEASE);
+}
+
+static inline void flc_publish_generation(flc_control *c, uint64_t generation)
+{
+    __atomic_store_n(&c->generation, generation, __ATOMIC_RELEASE);
+}
+
+/* Seqlock, reader side: begin returns an even sequence to validate against;
+ * validate is true when nothing was written in between. */
+static inline uint64_t flc_read_begin(const flc_snapshot_header *h)
+{
+    return __atomic_load_n(&h->seq, __ATOMIC_ACQUIRE);
+}
+
+static inline int flc_read_validate(const flc_snapshot_header *h, uint64_t seq)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return (seq & 1) == 0 && __atomic_load_n(&h->seq, __ATOMIC_RELAXED) == seq;
+}
+
+/* Segment addressing, so that no caller repeats the offset arithmetic. */
+static inline flc_control *flc_control_of(void *base)
+{
+    return (flc_control *)base;
+}
+
+static inline flc_counter *flc_counters_of(void *base)
+{
+    return (flc_counter *)((char *)base + FLC_OFF_COUNTERS);
+}
+
+static inline flc_service_state *flc_service_states_of(void *base)
+{
+    return (flc_service_state *)((char *)base + FLC_OFF_SERVICE_STATE);
+}
+
+static inline flc_worker_state *flc_workers_of(void *base)
+{
+    return (flc_worker_state *)((char *)base + FLC_OFF_WORKERS);
+}
+
+static inline int32_t *flc_worker_active_of(void *base, uint32_t worker)
+{
+    return (int32_t *)((char *)base + FLC_OFF_WORKER_ACTIVE)
+           + (uint64_t)worker * FLC_MAX_BACKENDS;
+}
+
+static inline flc_snapshot_header *flc_buffer_of(void *base, uint64_t generation)
+{
+    return (flc_snapshot_header *)((char *)base + FLC_OFF_BUFFERS
+                                   + (generation & 1) * FLC_BUFFER_SIZE);
+}
+
+static inline flc_service *flc_services_of(flc_snapshot_header *h)
+{
+    return (flc_service *)((char *)h + FLC_BUF_OFF_SERVICES);
+}
+
+static inline flc_backend *flc_backends_of(flc_snapshot_header *h)
+{
+    return (flc_backend *)((char *)h + FLC_BUF_OFF_BACKENDS);
+}
+
+static inline uint32_t *flc_table_of(flc_snapshot_header *h)
+{
+    return (uint32_t *)((char *)h + FLC_BUF_OFF_TABLE);
+}
+
+static inline uint64_t flc_segment_size(void) { return FLC_SEGMENT_SIZE; }
+static inline uint64_t flc_off_buffers(void) { return FLC_OFF_BUFFERS; }
+static inline uint64_t flc_buffer_size(void) { return FLC_BUFFER_SIZE; }
+static inline uint64_t flc_off_worker_active(void) { return FLC_OFF_WORKER_ACTIVE; }
+#endif

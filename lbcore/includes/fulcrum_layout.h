@@ -1,0 +1,146 @@
+/*
+ * The shared-memory layout of one data-plane node, declared once.
+ *
+ * Readers: the Cython workers (cdef extern), the node agent and `lbproxy
+ * stats` (through cffi, which parses the part between the LAYOUT markers),
+ * and lbcore/layout.py, whose numpy dtypes a test checks against these sizes
+ * and offsets.
+ *
+ * One segment per node, /dev/shm/fulcrum-<node id>:
+ *
+ *   flc_control                         generation, owner, drain flag
+ *   flc_counter[FLC_MAX_BACKENDS]       per backend slot, shared by workers
+ *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor)
+ *   flc_worker_state[FLC_MAX_WORKERS]   per worker
+ *   int32 worker_active[FLC_MAX_WORKERS][FLC_MAX_BACKENDS]
+ *   flc_snapshot buffer 0, buffer 1     double buffer, seqlock each
+ *
+ * A snapshot buffer is a header, the service table, the backend table and a
+ * pool of uint32 entries holding WRR schedules and Maglev lookup tables (each
+ * entry an index into the backend table). The agent writes the buffer that is
+ * not current, then stores the new generation; the current buffer is
+ * generation & 1. Each buffer carries its own sequence number, odd while it is
+ * being written, so a worker that read a buffer while the agent rewrote it
+ * notices and reads again: no worker ever acts on a torn snapshot.
+ *
+ * Addresses are IPv4, network byte order; ports are host byte order.
+ * Counters are keyed by a backend slot that the agent keeps stable for a
+ * backend across snapshot versions.
+ */
+#ifndef FULCRUM_LAYOUT_H
+#define FULCRUM_LAYOUT_H
+#include <stdint.h>
+
+/* LAYOUT BEGIN */
+#define FLC_MAGIC 1129076038
+#define FLC_LAYOUT_VERSION 1
+#define FLC_MAX_SERVICES 64
+#define FLC_MAX_BACKENDS 16384
+#define FLC_MAX_WORKERS 64
+#define FLC_TABLE_POOL 4194304
+#define FLC_MAGLEV_SIZE 65537
+#define FLC_NAME_LEN 48
+
+#define FLC_ALGO_WRR 0
+#define FLC_ALGO_LEAST_CONN 1
+#define FLC_ALGO_P2C 2
+#define FLC_ALGO_MAGLEV 3
+
+typedef struct {
+    uint32_t magic;
+    uint32_t layout_version;
+    uint64_t generation;        /* current buffer = generation & 1 */
+    int32_t owner_pid;          /* the node agent */
+    uint32_t draining;          /* set on SIGTERM: stop accepting */
+    uint8_t node_id[FLC_NAME_LEN];
+    uint8_t pad[56];
+} flc_control;
+
+typedef struct {
+    int64_t active;             /* open connections to this backend */
+    uint64_t total;             /* connections established */
+    uint64_t failed;            /* connects refused or timed out */
+    uint64_t bytes_to_backend;
+    uint64_t bytes_to_client;
+    uint64_t pad[3];
+} flc_counter;
+
+typedef struct {
+    uint64_t rr_cursor;         /* shared by all workers: exact WRR shares */
+    uint64_t accepted;
+    uint64_t pad[6];
+} flc_service_state;
+
+typedef struct {
+    int32_t pid;
+    uint32_t listening;         /* 1 once every listener is open */
+    uint64_t generation;        /* last generation this worker noticed */
+    uint64_t accepted;
+    int64_t active;
+    uint64_t accept_pauses;     /* EMFILE / ENFILE / ENOBUFS */
+    uint64_t pad[3];
+} flc_worker_state;
+
+typedef struct {
+    uint32_t magic;
+    uint32_t layout_version;
+    uint64_t seq;               /* odd while the agent writes this buffer */
+    uint64_t snapshot_version;
+    uint32_t checksum;          /* crc32 of the used part of the tables */
+    uint32_t n_services;        /* service slots in use: [0, n_services) */
+    uint32_t n_backends;        /* backend rows in use: [0, n_backends) */
+    uint32_t table_used;
+    uint32_t connect_timeout_ms;
+    uint32_t idle_timeout_ms;
+    uint32_t retries;           /* further backends tried after a failed connect */
+    uint32_t pad0;
+    uint64_t pad;
+} flc_snapshot_header;
+
+typedef struct {
+    uint8_t name[FLC_NAME_LEN];
+    uint32_t listen_ip;
+    uint16_t listen_port;
+    uint8_t algorithm;
+    uint8_t active;             /* 0: slot unused, its listener is closed */
+    uint32_t backend_first;     /* rows [first, first + count) of backends */
+    uint32_t backend_count;
+    uint32_t schedule_offset;   /* WRR schedule in the pool, eligible only */
+    uint32_t schedule_len;
+    uint32_t maglev_offset;     /* Maglev table in the pool, or len 0 */
+    uint32_t maglev_len;
+    uint32_t eligible_count;
+    uint32_t pad;
+} flc_service;
+
+typedef struct {
+    uint8_t id[FLC_NAME_LEN];
+    uint32_t ip;
+    uint16_t port;
+    uint16_t weight;
+    uint32_t slot;              /* counter slot, stable across versions */
+    uint32_t service_slot;
+    uint8_t eligible;           /* up, active and weight > 0 */
+    uint8_t pad[7];
+} flc_backend;
+/* LAYOUT END */
+
+#define FLC_OFF_COUNTERS ((uint64_t)sizeof(flc_control))
+#define FLC_OFF_SERVICE_STATE \
+    (FLC_OFF_COUNTERS + (uint64_t)FLC_MAX_BACKENDS * sizeof(flc_counter))
+#define FLC_OFF_WORKERS \
+    (FLC_OFF_SERVICE_STATE + (uint64_t)FLC_MAX_SERVICES * sizeof(flc_service_state))
+#define FLC_OFF_WORKER_ACTIVE \
+    (FLC_OFF_WORKERS + (uint64_t)FLC_MAX_WORKERS * sizeof(flc_worker_state))
+#define FLC_OFF_BUFFERS \
+    (FLC_OFF_WORKER_ACTIVE + (uint64_t)FLC_MAX_WORKERS * FLC_MAX_BACKENDS * 4u)
+
+#define FLC_BUF_OFF_SERVICES ((uint64_t)sizeof(flc_snapshot_header))
+#define FLC_BUF_OFF_BACKENDS \
+    (FLC_BUF_OFF_SERVICES + (uint64_t)FLC_MAX_SERVICES * sizeof(flc_service))
+#define FLC_BUF_OFF_TABLE \
+    (FLC_BUF_OFF_BACKENDS + (uint64_t)FLC_MAX_BACKENDS * sizeof(flc_backend))
+#define FLC_BUFFER_SIZE (FLC_BUF_OFF_TABLE + (uint64_t)FLC_TABLE_POOL * 4u)
+#define FLC_SEGMENT_SIZE (FLC_OFF_BUFFERS + 2u * FLC_BUFFER_SIZE)
+
+#endif

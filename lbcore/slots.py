@@ -1,0 +1,48 @@
+"""Stable slots: a backend keeps its counter slot (a service its service slot)
+across snapshot versions, so a new snapshot neither resets nor misattributes
+the connections already open."""
+from __future__ import annotations
+
+from typing import Callable, Generic, Hashable, Iterable, TypeVar
+
+Key = TypeVar("Key", bound=Hashable)
+
+
+class SlotMap(Generic[Key]):
+    """Keys to small integers in [0, capacity).
+
+    A key that leaves keeps its slot until ``releasable(slot)`` says nothing
+    still refers to it (no open connection, no worker still on an older
+    snapshot); only then is the slot given to a new key.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._slots: dict[Key, int] = {}
+        self._retired: dict[Key, int] = {}
+
+    def slot_of(self, key: Key) -> int:
+        return self._slots[key]
+
+    def assign(self, keys: Iterable[Key], releasable: Callable[[int], bool]) -> None:
+        """Make ``keys`` the current set; ValueError if they do not fit."""
+        wanted = list(dict.fromkeys(keys))
+        for key in list(self._slots):
+            if key not in wanted:
+                self._retired[key] = self._slots.pop(key)
+        for key in list(self._retired):
+            if key in wanted:
+                self._slots[key] = self._retired.pop(key)
+            elif releasable(self._retired[key]):
+                del self._retired[key]
+        used = set(self._slots.values()) | set(self._retired.values())
+        free = (s for s in range(self.capacity) if s not in used)
+        for key in wanted:
+            if key not in self._slots:
+                slot = next(free, None)
+                if slot is None:
+                    raise ValueError(f"more than {self.capacity} slots in use")
+                self._slots[key] = slot
+
+    def retired(self) -> dict[Key, int]:
+        return dict(self._retired)

@@ -1,0 +1,198 @@
+"""Routing snapshots: build them from services, publish them without tearing,
+read them back.
+
+A snapshot is immutable once built (``SnapshotImage``); the same services,
+slots and version always give the same bytes, so any published snapshot can
+be rebuilt and compared. Publishing writes the buffer that is not current
+under its seqlock, then stores the new generation (see fulcrum_layout.h).
+"""
+from __future__ import annotations
+
+import ipaddress
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from lbcore import layout
+from lbcore.balance import ALGORITHMS
+from lbcore.balance.maglev import build_table as build_maglev_table
+from lbcore.config import Config, Service, parse_address
+from lbcore.layout import lib
+from lbcore.segment import Segment
+from lbcore.slots import SlotMap
+
+
+class SnapshotError(Exception):
+    """A snapshot that cannot be built or read; the message says why."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    connect_timeout_ms: int
+    idle_timeout_ms: int
+    retries: int
+
+
+@dataclass(frozen=True)
+class SnapshotImage:
+    version: int
+    limits: Limits
+    services: np.ndarray   # n_services, SERVICE (indexed by service slot)
+    backends: np.ndarray   # n_backends, BACKEND
+    table: np.ndarray      # table_used, uint32
+
+    @property
+    def checksum(self) -> int:
+        return snapshot_checksum(self.services, self.backends, self.table)
+
+    def to_bytes(self) -> bytes:
+        """Canonical bytes: equal images, equal bytes."""
+        head = np.array(
+            [self.version, self.limits.connect_timeout_ms, self.limits.idle_timeout_ms,
+             self.limits.retries, len(self.services), len(self.backends), len(self.table)],
+            dtype="<u8",
+        )
+        return head.tobytes() + self.services.tobytes() + self.backends.tobytes() + self.table.tobytes()
+
+
+def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
+    crc = zlib.crc32(services.tobytes())
+    crc = zlib.crc32(backends.tobytes(), crc)
+    return zlib.crc32(table.tobytes(), crc)
+
+
+def wrr_schedule(weights: Sequence[int]) -> np.ndarray:
+    """Positions into ``weights``: each i appears weights[i] / g times (g the
+    gcd), interleaved smoothly by earliest deadline: the k-th turn of i falls
+    at (k + 0.5) / w_i of the cycle, ties by position. O(S log S) in numpy."""
+    w = np.asarray(weights, dtype=np.int64)
+    positive = np.flatnonzero(w > 0)
+    if positive.size == 0:
+        return np.empty(0, dtype=np.uint32)
+    reduced = w[positive] // np.gcd.reduce(w[positive])
+    owner = np.repeat(positive, reduced)
+    starts = np.repeat(np.cumsum(reduced) - reduced, reduced)
+    turn = np.arange(owner.size) - starts
+    deadline = (turn + 0.5) / np.repeat(reduced, reduced)
+    order = np.lexsort((owner, deadline))
+    return owner[order].astype(np.uint32)
+
+
+def _ip_port(address: str) -> tuple[int, int]:
+    """The address as the C side reads it: a uint32 in network byte order
+    (on this little-endian layout, the address bytes read little-endian)."""
+    host, port = parse_address(address)
+    return int.from_bytes(ipaddress.IPv4Address(host).packed, "little"), port
+
+
+def _service_rows(service: Service, slot: int, backend_slots: SlotMap) -> np.ndarray:
+    rows = np.zeros(len(service.backends), dtype=layout.BACKEND)
+    for i, backend in enumerate(service.backends):
+        ip, port = _ip_port(backend.address)
+        rows[i] = (
+            backend.id.encode(), ip, port, backend.weight,
+            backend_slots.slot_of((service.name, backend.id)), slot,
+            1 if backend.weight > 0 else 0, (0,) * 7,
+        )
+    return rows
+
+
+def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
+                   service_slots: SlotMap, backend_slots: SlotMap) -> SnapshotImage:
+    """The snapshot for ``services``. Slots must already be assigned."""
+    services = list(services)
+    n_services = max((service_slots.slot_of(s.name) for s in services), default=-1) + 1
+    service_rows = np.zeros(n_services, dtype=layout.SERVICE)
+    backend_parts: list[np.ndarray] = []
+    table_parts: list[np.ndarray] = []
+    next_row = table_used = 0
+    for service in services:
+        slot = service_slots.slot_of(service.name)
+        rows = _service_rows(service, slot, backend_slots)
+        absolute = np.arange(next_row, next_row + len(rows), dtype=np.uint32)
+        eligible = rows["eligible"] == 1
+        schedule = absolute[wrr_schedule(np.where(eligible, rows["weight"], 0))]
+        maglev = np.empty(0, dtype=np.uint32)
+        if service.algorithm == "maglev" and eligible.any():
+            ids = [i.decode() for i in rows["id"][eligible]]
+            maglev = build_maglev_table(ids, rows["weight"][eligible], absolute[eligible],
+                                        layout.MAGLEV_SIZE)
+        schedule_offset, maglev_offset = table_used, table_used + len(schedule)
+        table_used = maglev_offset + len(maglev)
+        if table_used > layout.TABLE_POOL:
+            raise SnapshotError(f"service {service.name!r}: tables exceed {layout.TABLE_POOL} entries "
+                                "(lower the weights)")
+        ip, port = _ip_port(service.listen)
+        service_rows[slot] = (
+            service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
+            next_row, len(rows), schedule_offset, len(schedule), maglev_offset, len(maglev),
+            int(eligible.sum()), 0,
+        )
+        backend_parts.append(rows)
+        table_parts.extend((schedule, maglev))
+        next_row += len(rows)
+    backends = np.concatenate(backend_parts) if backend_parts else np.zeros(0, layout.BACKEND)
+    table = np.concatenate(table_parts) if table_parts else np.zeros(0, np.uint32)
+    return SnapshotImage(version, limits, service_rows, backends, table.astype(np.uint32))
+
+
+def snapshot_from_config(config: Config, version: int, service_slots: SlotMap,
+                         backend_slots: SlotMap) -> SnapshotImage:
+    node = config.node
+    limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries)
+    return build_snapshot(config.services, limits, version, service_slots, backend_slots)
+
+
+def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
+    """Write ``image`` into the buffer that is not current and make it current.
+
+    Precondition: the caller is the segment's only publisher (the node agent).
+    Returns the new generation.
+    """
+    generation = segment.generation() + 1
+    buf = segment.buffer(generation)
+    lib.flc_write_begin(buf.header_ptr)
+    header = buf.header[0]
+    header["magic"] = layout.MAGIC
+    header["layout_version"] = layout.LAYOUT_VERSION
+    header["snapshot_version"] = image.version
+    header["checksum"] = image.checksum
+    header["n_services"] = len(image.services)
+    header["n_backends"] = len(image.backends)
+    header["table_used"] = len(image.table)
+    header["connect_timeout_ms"] = image.limits.connect_timeout_ms
+    header["idle_timeout_ms"] = image.limits.idle_timeout_ms
+    header["retries"] = image.limits.retries
+    buf.services[: len(image.services)] = image.services
+    buf.backends[: len(image.backends)] = image.backends
+    buf.table[: len(image.table)] = image.table
+    lib.flc_write_end(buf.header_ptr)
+    lib.flc_publish_generation(segment.control_ptr, generation)
+    return generation
+
+
+def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:
+    """Copy the current snapshot out of shared memory, verified (seqlock,
+    magic, layout version, checksum)."""
+    for _ in range(attempts):
+        buf = segment.buffer(segment.generation())
+        seq = lib.flc_read_begin(buf.header_ptr)
+        header = buf.header[0].copy()
+        n_s, n_b, used = int(header["n_services"]), int(header["n_backends"]), int(header["table_used"])
+        if n_s > layout.MAX_SERVICES or n_b > layout.MAX_BACKENDS or used > layout.TABLE_POOL:
+            continue
+        services = buf.services[:n_s].copy()
+        backends = buf.backends[:n_b].copy()
+        table = buf.table[:used].copy()
+        if not lib.flc_read_validate(buf.header_ptr, seq):
+            continue
+        if int(header["magic"]) != layout.MAGIC or int(header["layout_version"]) != layout.LAYOUT_VERSION:
+            raise SnapshotError("snapshot buffer has a bad magic or layout version")
+        if snapshot_checksum(services, backends, table) != int(header["checksum"]):
+            raise SnapshotError("snapshot checksum mismatch")
+        limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
+                        int(header["retries"]))
+        return SnapshotImage(int(header["snapshot_version"]), limits, services, backends, table)
+    raise SnapshotError("no stable snapshot after repeated reads (publisher too busy?)")

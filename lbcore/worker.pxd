@@ -1,0 +1,114 @@
+# The worker's state: one Worker per process, a fixed pool of Conn.
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from lbcore.includes.layout cimport (
+    flc_control, flc_counter, flc_service_state, flc_worker_state, flc_snapshot_header,
+    FLC_MAX_SERVICES,
+)
+
+cdef enum:
+    RW_CHUNK = 16384          # read/write path: one read of at most this
+    PIPE_CHUNK = 65536        # splice path: one pipe's default capacity
+    SPLICE_LEAVE = 4096       # a splice read smaller than this returns to read/write
+    MAX_EVENTS = 256
+    ACCEPT_BATCH = 32         # accepts per listener event, so relays are not starved
+    TICK_MS = 100             # timeouts, counter flush and snapshot notice when idle
+    ACCEPT_PAUSE_MS = 100     # after EMFILE / ENFILE: retry accepting after this
+    MAX_PIPES = 512           # pipes per worker; beyond, bulk data uses read/write
+    MAX_SPARE_BUFFERS = 256   # pending-data buffers kept for reuse
+    PUMP_ROUNDS = 16          # reads per direction per turn: others get theirs
+
+cdef enum PumpResult:
+    PUMP_IDLE = 0
+    PUMP_MORE = 1
+    PUMP_ERROR = 2
+
+cdef enum ConnState:
+    CONN_FREE = 0
+    CONN_CONNECTING = 1
+    CONN_RELAYING = 2
+
+cdef enum TokenKind:
+    TOKEN_LISTENER = 1
+    TOKEN_CLIENT = 2
+    TOKEN_BACKEND = 3
+    TOKEN_SIGNAL = 4
+
+
+cdef struct Side:
+    int fd
+    uint32_t tag              # in the epoll token: events of a closed fd are stale
+    bint readable             # edge-triggered: ready until read says otherwise
+    bint writable
+    bint rdhup                # peer sent FIN: read until 0 even after a short read
+
+
+cdef struct Direction:
+    char *buf                 # bytes read but not yet written (rare: held only then)
+    uint32_t buf_off
+    uint32_t buf_len
+    int pipe_r                # spliced bytes in flight; -1 when no pipe is held
+    int pipe_w
+    uint32_t pipe_len
+    bint splicing             # the last read filled RW_CHUNK: bulk, use splice
+    bint eof                  # the source returned 0
+    bint shut                 # SHUT_WR sent to the destination
+    uint64_t unflushed        # bytes not yet added to the shared counters
+
+
+cdef struct Conn:
+    ConnState state
+    Side client
+    Side backend
+    Direction up              # client -> backend
+    Direction down            # backend -> client
+    uint32_t service_slot
+    uint32_t backend_slot
+    bint holds_claim          # counted in the backend's active count
+    uint32_t client_hash
+    uint32_t tried[8]
+    int n_tried
+    uint64_t connect_deadline_ms
+    uint64_t last_active_ms
+    int next_free
+    bint queued               # in the backlog: more to move, no edge will come
+
+
+cdef struct Worker:
+    int index
+    int epfd
+    int sigfd
+    void *base
+    flc_control *control
+    flc_counter *counters
+    flc_service_state *service_states
+    flc_worker_state *me
+    int32_t *my_active        # this worker's share of each slot's active count
+    flc_snapshot_header *snap
+    uint64_t generation
+    uint32_t connect_timeout_ms
+    uint32_t idle_timeout_ms
+    uint32_t retries
+    int listen_fd[64]
+    uint32_t listen_ip[64]
+    uint16_t listen_port[64]
+    Conn *conns
+    int *backlog              # connections a bounded pump left with work
+    int n_backlog
+    int max_conns
+    int free_head
+    int n_open
+    char *scratch
+    int pipes[1024]           # spare pipes: pairs (read end, write end)
+    int n_spare_pipes
+    int n_pipes               # pipes that exist, spare or held
+    char *spare_buffers[256]
+    int n_spare_buffers
+    uint32_t next_tag
+    uint64_t now_ms
+    uint64_t next_tick_ms
+    bint draining
+    uint64_t drain_deadline_ms
+    uint64_t drain_timeout_ms
+    bint accepts_paused
+    uint64_t accepts_resume_ms
+    uint64_t rng

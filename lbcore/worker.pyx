@@ -1,0 +1,797 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The data-path worker: one epoll loop per process, run with the GIL released.
+
+Every socket is registered once, edge-triggered, for reading and writing, and
+never modified: readiness is kept in flags on each Side (set by events,
+cleared by short reads, EAGAIN or partial writes). A relay direction reads
+into a scratch buffer and writes at once (4 system calls per small
+request/response); when a read fills RW_CHUNK the direction switches to
+splice(2) through a pipe from the worker's pool, held only while bytes are in
+flight.
+
+The snapshot is read from shared memory under its seqlock (see
+includes/fulcrum_layout.h); a new generation is noticed with one atomic load
+per accept, and once per tick when idle.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.string cimport memcpy, memmove, memset
+
+from lbcore.includes.system cimport *
+from lbcore.includes.layout cimport *
+from lbcore.balance.pick cimport PickContext
+from lbcore.balance cimport wrr, least_conn, p2c, maglev
+from lbcore.worker cimport *
+
+
+# ---------------------------------------------------------------- utilities
+
+cdef inline uint64_t monotonic_ms() noexcept nogil:
+    # CLOCK_MONOTONIC_COARSE is served by the vDSO: no system call
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef inline uint64_t token(uint32_t kind, uint32_t tag, uint32_t index) noexcept nogil:
+    return (<uint64_t>kind << 56) | (<uint64_t>tag << 24) | (index & 0xFFFFFF)
+
+
+cdef int epoll_add(Worker *w, int fd, uint32_t events, uint64_t data) noexcept nogil:
+    cdef epoll_event ev
+    ev.events = events
+    ev.data.u64 = data
+    return epoll_ctl(w.epfd, EPOLL_CTL_ADD, fd, &ev)
+
+
+cdef inline bint would_block() noexcept nogil:
+    return errno == EAGAIN  # == EWOULDBLOCK on Linux
+
+
+cdef inline bint out_of_resources() noexcept nogil:
+    return errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM
+
+
+# ---------------------------------------------------------------- snapshot
+
+cdef bint backend_is_eligible(flc_snapshot_header *snap, uint32_t service_slot,
+                              int row) noexcept nogil:
+    """I1, enforced here and only here: a worker connects only to a backend
+    that is eligible in the snapshot it holds at decision time (a row of that
+    snapshot, of the connection's service, marked eligible, weight > 0)."""
+    cdef const flc_backend *b
+    if row < 0 or <uint32_t>row >= snap.n_backends or <uint32_t>row >= FLC_MAX_BACKENDS:
+        return False
+    b = &flc_backends_of(snap)[row]
+    return b.eligible == 1 and b.weight > 0 and b.service_slot == service_slot
+
+
+cdef void close_listener(Worker *w, int slot) noexcept nogil:
+    if w.listen_fd[slot] >= 0:
+        close(w.listen_fd[slot])
+        w.listen_fd[slot] = -1
+
+
+cdef int open_listener(Worker *w, int slot, uint32_t ip, uint16_t port) noexcept nogil:
+    cdef sockaddr_in sa
+    cdef int one = 1
+    cdef int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+    if fd < 0:
+        return -1
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one))
+    setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof(one))
+    memset(&sa, 0, sizeof(sa))
+    sa.sin_family = AF_INET
+    sa.sin_port = htons(port)
+    sa.sin_addr.s_addr = ip
+    if bind(fd, <sockaddr *>&sa, sizeof(sa)) < 0 or listen(fd, 4096) < 0:
+        close(fd)
+        return -1
+    w.listen_fd[slot] = fd
+    w.listen_ip[slot] = ip
+    w.listen_port[slot] = port
+    if not w.accepts_paused:
+        epoll_add(w, fd, EPOLLIN, token(TOKEN_LISTENER, 0, slot))
+    return 0
+
+
+cdef bint read_listeners(flc_snapshot_header *snap, uint32_t *ips, uint16_t *ports,
+                         uint32_t *limits) noexcept nogil:
+    """Copy the listener set and limits out of ``snap``; False if torn."""
+    cdef uint64_t seq = flc_read_begin(snap)
+    cdef uint32_t n = snap.n_services
+    cdef flc_service *services = flc_services_of(snap)
+    cdef int i
+    for i in range(FLC_MAX_SERVICES):
+        ips[i] = 0
+        ports[i] = 0
+        if <uint32_t>i < n and services[i].active:
+            ips[i] = services[i].listen_ip
+            ports[i] = services[i].listen_port
+    limits[0] = snap.connect_timeout_ms
+    limits[1] = snap.idle_timeout_ms
+    limits[2] = snap.retries
+    return flc_read_validate(snap, seq) and snap.magic == FLC_MAGIC \
+        and snap.layout_version == FLC_LAYOUT_VERSION
+
+
+cdef void notice_snapshot(Worker *w) noexcept nogil:
+    """Adopt a new generation if the agent published one: one atomic load."""
+    cdef uint64_t generation = flc_load_acquire_u64(&w.control.generation)
+    cdef flc_snapshot_header *snap
+    cdef uint32_t ips[64]
+    cdef uint16_t ports[64]
+    cdef uint32_t limits[3]
+    cdef int attempt, slot
+    cdef bint complete = True
+    if generation == w.generation:
+        return
+    snap = flc_buffer_of(w.base, generation)
+    for attempt in range(16):
+        if read_listeners(snap, ips, ports, limits):
+            break
+        generation = flc_load_acquire_u64(&w.control.generation)
+        snap = flc_buffer_of(w.base, generation)
+    else:
+        return  # the agent is mid-publish: try again at the next notice
+    w.snap = snap
+    w.generation = generation
+    w.connect_timeout_ms = limits[0]
+    w.idle_timeout_ms = limits[1]
+    w.retries = limits[2] if limits[2] < 8 else 7
+    if not w.draining:
+        for slot in range(FLC_MAX_SERVICES):
+            if w.listen_fd[slot] >= 0 and (ports[slot] == 0 or ips[slot] != w.listen_ip[slot]
+                                           or ports[slot] != w.listen_port[slot]):
+                close_listener(w, slot)
+            if ports[slot] != 0 and w.listen_fd[slot] < 0:
+                if open_listener(w, slot, ips[slot], ports[slot]) < 0:
+                    complete = False
+        w.me.listening = 1 if complete else 0
+    # read by the agent: no worker still picks from a buffer older than this
+    w.me.generation = w.generation
+
+
+# ---------------------------------------------------------------- pools
+
+cdef char *take_buffer(Worker *w) noexcept nogil:
+    if w.n_spare_buffers > 0:
+        w.n_spare_buffers -= 1
+        return w.spare_buffers[w.n_spare_buffers]
+    return <char *>calloc(1, RW_CHUNK)
+
+
+cdef void give_buffer(Worker *w, char *buf) noexcept nogil:
+    if w.n_spare_buffers < MAX_SPARE_BUFFERS:
+        w.spare_buffers[w.n_spare_buffers] = buf
+        w.n_spare_buffers += 1
+    else:
+        free(buf)
+
+
+cdef bint take_pipe(Worker *w, Direction *d) noexcept nogil:
+    cdef int fds[2]
+    if w.n_spare_pipes > 0:
+        w.n_spare_pipes -= 1
+        d.pipe_r = w.pipes[2 * w.n_spare_pipes]
+        d.pipe_w = w.pipes[2 * w.n_spare_pipes + 1]
+        return True
+    if w.n_pipes >= MAX_PIPES or pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        return False
+    w.n_pipes += 1
+    d.pipe_r = fds[0]
+    d.pipe_w = fds[1]
+    return True
+
+
+cdef void give_pipe(Worker *w, Direction *d) noexcept nogil:
+    if d.pipe_r < 0:
+        return
+    if d.pipe_len == 0:
+        w.pipes[2 * w.n_spare_pipes] = d.pipe_r
+        w.pipes[2 * w.n_spare_pipes + 1] = d.pipe_w
+        w.n_spare_pipes += 1
+    else:
+        # bytes still inside: the pipe cannot be reused
+        close(d.pipe_r)
+        close(d.pipe_w)
+        w.n_pipes -= 1
+    d.pipe_r = d.pipe_w = -1
+    d.pipe_len = 0
+
+
+cdef void release_direction(Worker *w, Direction *d) noexcept nogil:
+    if d.buf != NULL:
+        give_buffer(w, d.buf)
+        d.buf = NULL
+    give_pipe(w, d)
+
+
+# ---------------------------------------------------------------- counters
+
+cdef void flush_bytes(Worker *w, Conn *c) noexcept nogil:
+    cdef flc_counter *counter
+    if not c.holds_claim:
+        return
+    counter = &w.counters[c.backend_slot]
+    if c.up.unflushed:
+        flc_add_u64(&counter.bytes_to_backend, c.up.unflushed)
+        c.up.unflushed = 0
+    if c.down.unflushed:
+        flc_add_u64(&counter.bytes_to_client, c.down.unflushed)
+        c.down.unflushed = 0
+
+
+cdef void drop_claim(Worker *w, Conn *c, bint failed) noexcept nogil:
+    if not c.holds_claim:
+        return
+    flush_bytes(w, c)
+    flc_add_i64(&w.counters[c.backend_slot].active, -1)
+    w.my_active[c.backend_slot] -= 1
+    if failed:
+        flc_add_u64(&w.counters[c.backend_slot].failed, 1)
+    c.holds_claim = False
+
+
+# ---------------------------------------------------------------- connections
+
+cdef void close_conn(Worker *w, int index) noexcept nogil:
+    cdef Conn *c = &w.conns[index]
+    if c.state == CONN_FREE:
+        return
+    drop_claim(w, c, False)
+    if c.client.fd >= 0:
+        close(c.client.fd)
+    if c.backend.fd >= 0:
+        close(c.backend.fd)
+    release_direction(w, &c.up)
+    release_direction(w, &c.down)
+    c.state = CONN_FREE
+    c.next_free = w.free_head
+    w.free_head = index
+    w.n_open -= 1
+    w.me.active = w.n_open
+
+
+cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
+    """Pick a backend for ``c`` and claim it (count it active); fills ``sa``.
+    Returns 0, or -1 when the service has no eligible backend left to try."""
+    cdef PickContext ctx
+    cdef flc_snapshot_header *snap
+    cdef flc_service *service
+    cdef const flc_backend *b
+    cdef uint64_t seq
+    cdef int attempt, row
+    cdef uint32_t slot
+    cdef uint8_t algorithm
+    for attempt in range(16):
+        snap = w.snap
+        seq = flc_read_begin(snap)
+        if seq & 1 or c.service_slot >= snap.n_services or c.service_slot >= FLC_MAX_SERVICES:
+            notice_snapshot(w)
+            continue
+        service = &flc_services_of(snap)[c.service_slot]
+        ctx.snap = snap
+        ctx.service = service
+        ctx.backends = flc_backends_of(snap)
+        ctx.table = flc_table_of(snap)
+        ctx.counters = w.counters
+        ctx.service_state = &w.service_states[c.service_slot]
+        ctx.client_hash = c.client_hash
+        ctx.rng = w.rng
+        ctx.n_excluded = c.n_tried
+        memcpy(ctx.excluded, c.tried, sizeof(c.tried))
+        ctx.observed_active = -1
+        algorithm = service.algorithm
+        if algorithm == FLC_ALGO_LEAST_CONN:
+            row = least_conn.pick(&ctx)
+        elif algorithm == FLC_ALGO_P2C:
+            row = p2c.pick(&ctx)
+        elif algorithm == FLC_ALGO_MAGLEV:
+            row = maglev.pick(&ctx)
+        else:
+            row = wrr.pick(&ctx)
+        w.rng = ctx.rng
+        if not service.active or not backend_is_eligible(snap, c.service_slot, row):
+            row = -1
+        else:
+            b = &ctx.backends[row]
+            slot = b.slot % FLC_MAX_BACKENDS
+            memset(sa, 0, sizeof(sockaddr_in))
+            sa.sin_family = AF_INET
+            sa.sin_port = htons(b.port)
+            sa.sin_addr.s_addr = b.ip
+        if not flc_read_validate(snap, seq):
+            notice_snapshot(w)  # torn: the agent rewrote this buffer meanwhile
+            continue
+        if row < 0:
+            return -1
+        if algorithm == FLC_ALGO_LEAST_CONN:
+            if not flc_cas_i64(&w.counters[slot].active, ctx.observed_active,
+                               ctx.observed_active + 1):
+                continue  # another worker took a connection meanwhile: scan again
+        else:
+            flc_add_i64(&w.counters[slot].active, 1)
+        w.my_active[slot] += 1
+        c.backend_slot = slot
+        c.holds_claim = True
+        if c.n_tried < 8:
+            c.tried[c.n_tried] = slot
+            c.n_tried += 1
+        return 0
+    return -1
+
+
+cdef bint connect_backend(Worker *w, int index) noexcept nogil:
+    """Start a nonblocking connect to a backend, trying others (up to the
+    snapshot's retries) when one refuses at once. False: no backend left."""
+    cdef Conn *c = &w.conns[index]
+    cdef sockaddr_in sa
+    cdef int fd
+    while c.n_tried <= <int>w.retries:
+        if choose_backend(w, c, &sa) < 0:
+            return False
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
+        if fd < 0:
+            drop_claim(w, c, False)
+            if out_of_resources():
+                pause_accepts(w)
+            return False
+        if connect(fd, <sockaddr *>&sa, sizeof(sa)) == 0 or errno == EINPROGRESS:
+            w.next_tag += 1
+            c.backend.fd = fd
+            c.backend.tag = w.next_tag
+            c.backend.readable = c.backend.writable = c.backend.rdhup = False
+            c.state = CONN_CONNECTING
+            c.connect_deadline_ms = w.now_ms + w.connect_timeout_ms
+            epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                      token(TOKEN_BACKEND, c.backend.tag, index))
+            return True
+        close(fd)
+        drop_claim(w, c, True)
+    return False
+
+
+cdef void connect_failed(Worker *w, int index) noexcept nogil:
+    """The backend refused or timed out: count it, try another."""
+    cdef Conn *c = &w.conns[index]
+    close(c.backend.fd)
+    c.backend.fd = -1
+    drop_claim(w, c, True)
+    if not connect_backend(w, index):
+        close_conn(w, index)
+
+
+cdef void connected(Worker *w, int index) noexcept nogil:
+    cdef Conn *c = &w.conns[index]
+    c.state = CONN_RELAYING
+    flc_add_u64(&w.counters[c.backend_slot].total, 1)
+
+
+cdef void accept_clients(Worker *w, int slot) noexcept nogil:
+    cdef sockaddr_in sa
+    cdef socklen_t length
+    cdef int fd, i, index
+    cdef Conn *c
+    for i in range(ACCEPT_BATCH):
+        if w.listen_fd[slot] < 0:
+            return
+        length = sizeof(sa)
+        fd = accept4(w.listen_fd[slot], <sockaddr *>&sa, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if out_of_resources():
+                pause_accepts(w)
+            return  # EAGAIN, or a connection that died in the queue
+        notice_snapshot(w)
+        if w.free_head < 0:
+            close(fd)  # max_connections reached: refuse rather than queue forever
+            continue
+        index = w.free_head
+        c = &w.conns[index]
+        w.free_head = c.next_free
+        w.n_open += 1
+        w.me.active = w.n_open
+        w.me.accepted += 1
+        flc_add_u64(&w.service_states[slot].accepted, 1)
+        memset(c, 0, sizeof(Conn))
+        c.up.pipe_r = c.up.pipe_w = c.down.pipe_r = c.down.pipe_w = -1
+        c.backend.fd = -1
+        c.client.fd = fd
+        w.next_tag += 1
+        c.client.tag = w.next_tag
+        c.service_slot = <uint32_t>slot
+        c.client_hash = flc_hash_address(sa.sin_addr.s_addr)
+        c.last_active_ms = w.now_ms
+        c.state = CONN_CONNECTING
+        epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
+                  token(TOKEN_CLIENT, c.client.tag, index))
+        if not connect_backend(w, index):
+            close_conn(w, index)
+
+
+cdef void pause_accepts(Worker *w) noexcept nogil:
+    """Out of descriptors or memory: stop polling listeners for a while
+    instead of spinning on a level-triggered listener that cannot accept."""
+    cdef int slot
+    cdef epoll_event ev
+    if w.accepts_paused:
+        return
+    w.accepts_paused = True
+    w.accepts_resume_ms = w.now_ms + ACCEPT_PAUSE_MS
+    w.me.accept_pauses += 1
+    for slot in range(FLC_MAX_SERVICES):
+        if w.listen_fd[slot] >= 0:
+            epoll_ctl(w.epfd, EPOLL_CTL_DEL, w.listen_fd[slot], &ev)
+
+
+cdef void resume_accepts(Worker *w) noexcept nogil:
+    cdef int slot
+    w.accepts_paused = False
+    for slot in range(FLC_MAX_SERVICES):
+        if w.listen_fd[slot] >= 0:
+            epoll_add(w, w.listen_fd[slot], EPOLLIN, token(TOKEN_LISTENER, 0, slot))
+
+
+# ---------------------------------------------------------------- relay
+
+cdef bint flush_pending(Direction *d, Side *dst) noexcept nogil:
+    """Write what ``d`` holds to ``dst``. False on a hard error."""
+    cdef ssize_t n
+    if d.pipe_len > 0:
+        n = splice(d.pipe_r, NULL, dst.fd, NULL, d.pipe_len, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        if n < 0:
+            if would_block():
+                dst.writable = False
+                return True
+            return False
+        d.pipe_len -= <uint32_t>n
+        d.unflushed += <uint64_t>n
+        if d.pipe_len > 0:
+            dst.writable = False
+    elif d.buf_len > 0:
+        n = write(dst.fd, d.buf + d.buf_off, d.buf_len)
+        if n < 0:
+            if would_block():
+                dst.writable = False
+                return True
+            return False
+        d.buf_off += <uint32_t>n
+        d.buf_len -= <uint32_t>n
+        d.unflushed += <uint64_t>n
+        if d.buf_len > 0:
+            dst.writable = False
+    return True
+
+
+cdef bint hold_rest(Worker *w, Direction *d, const char *data, uint32_t length) noexcept nogil:
+    """Keep bytes the destination did not take until it is writable again."""
+    if d.buf == NULL:
+        d.buf = take_buffer(w)
+        if d.buf == NULL:
+            return False
+    memcpy(d.buf, data, length)
+    d.buf_off = 0
+    d.buf_len = length
+    return True
+
+
+cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
+    """One read from ``src``, written through to ``dst`` when possible.
+    False on a hard error; sets d.eof at end of stream."""
+    cdef ssize_t n, m
+    if d.splicing and d.pipe_r < 0 and not take_pipe(w, d):
+        d.splicing = False  # no pipe to be had: bulk data takes read/write
+    if d.splicing:
+        n = splice(src.fd, NULL, d.pipe_w, NULL, PIPE_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+    else:
+        n = read(src.fd, w.scratch, RW_CHUNK)
+    if n == 0:
+        d.eof = True
+        return True
+    if n < 0:
+        if would_block():
+            src.readable = False
+            return True
+        return False
+    if d.splicing:
+        d.pipe_len = <uint32_t>n
+        if n < PIPE_CHUNK and not src.rdhup:
+            src.readable = False
+        if n < SPLICE_LEAVE:
+            d.splicing = False
+        return True
+    if n == RW_CHUNK:
+        d.splicing = True
+    elif not src.rdhup:
+        src.readable = False  # short read: drained; the next edge says when more
+    m = 0
+    if dst.writable:
+        m = write(dst.fd, w.scratch, <size_t>n)
+        if m < 0:
+            if not would_block():
+                return False
+            m = 0
+        d.unflushed += <uint64_t>m
+    if m < n:
+        dst.writable = False
+        return hold_rest(w, d, w.scratch + m, <uint32_t>(n - m))
+    return True
+
+
+cdef int pump(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
+    """Move bytes from ``src`` to ``dst`` until one side would block.
+    Returns PUMP_IDLE, PUMP_MORE (stopped at the round bound with work left:
+    no edge will announce it, so the caller queues the connection) or
+    PUMP_ERROR (the connection is then closed)."""
+    cdef int rounds
+    for rounds in range(PUMP_ROUNDS):
+        if d.pipe_len > 0 or d.buf_len > 0:
+            if not dst.writable:
+                return PUMP_IDLE
+            if not flush_pending(d, dst):
+                return PUMP_ERROR
+            if d.pipe_len > 0 or d.buf_len > 0:
+                return PUMP_IDLE
+            if d.buf != NULL:
+                give_buffer(w, d.buf)
+                d.buf = NULL
+            if not d.splicing:
+                give_pipe(w, d)
+        if d.eof:
+            if not d.shut:
+                shutdown(dst.fd, SHUT_WR)
+                d.shut = True
+                give_pipe(w, d)
+            return PUMP_IDLE
+        if not src.readable:
+            return PUMP_IDLE
+        if not read_some(w, d, src, dst):
+            return PUMP_ERROR
+    return PUMP_MORE
+
+
+cdef void relay(Worker *w, int index) noexcept nogil:
+    cdef Conn *c = &w.conns[index]
+    cdef int up = pump(w, &c.up, &c.client, &c.backend)
+    cdef int down = PUMP_ERROR
+    if up != PUMP_ERROR:
+        down = pump(w, &c.down, &c.backend, &c.client)
+    if up == PUMP_ERROR or down == PUMP_ERROR or (c.up.shut and c.down.shut):
+        close_conn(w, index)
+    elif (up == PUMP_MORE or down == PUMP_MORE) and not c.queued and w.n_backlog < w.max_conns:
+        c.queued = True
+        w.backlog[w.n_backlog] = index
+        w.n_backlog += 1
+
+
+cdef void run_backlog(Worker *w) noexcept nogil:
+    """Give queued connections another turn; they may queue themselves
+    again for the next one."""
+    cdef int n = w.n_backlog
+    cdef int i, index
+    cdef int batch[256]
+    if n > 256:
+        n = 256
+    memcpy(batch, w.backlog, n * sizeof(int))
+    memmove(w.backlog, w.backlog + n, (w.n_backlog - n) * sizeof(int))
+    w.n_backlog -= n
+    for i in range(n):
+        index = batch[i]
+        w.conns[index].queued = False
+        if w.conns[index].state == CONN_RELAYING:
+            relay(w, index)
+
+
+cdef inline void note_events(Side *s, uint32_t events) noexcept nogil:
+    if events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        s.readable = True
+    if events & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+        s.writable = True
+    if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+        s.rdhup = True
+
+
+cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
+                        uint32_t events) noexcept nogil:
+    cdef Conn *c
+    if index >= w.max_conns:
+        return
+    c = &w.conns[index]
+    if c.state == CONN_FREE:
+        return
+    if kind == TOKEN_CLIENT:
+        if c.client.tag != tag:
+            return  # stale: that connection is gone and the slot reused
+        note_events(&c.client, events)
+        if c.state == CONN_CONNECTING and events & (EPOLLERR | EPOLLHUP):
+            close_conn(w, index)
+            return
+    else:
+        if c.backend.tag != tag or c.backend.fd < 0:
+            return  # stale: an earlier backend attempt of this connection
+        if c.state == CONN_CONNECTING:
+            if events & (EPOLLERR | EPOLLHUP):
+                connect_failed(w, index)
+                return
+            if not events & EPOLLOUT:
+                return
+            connected(w, index)
+        note_events(&c.backend, events)
+    c.last_active_ms = w.now_ms
+    if c.state == CONN_RELAYING:
+        relay(w, index)
+
+
+# ---------------------------------------------------------------- time
+
+cdef void tick(Worker *w) noexcept nogil:
+    """Every TICK_MS: timeouts, byte counters, snapshot notice, accept resume."""
+    cdef int i
+    cdef Conn *c
+    w.next_tick_ms = w.now_ms + TICK_MS
+    notice_snapshot(w)
+    if w.accepts_paused and w.now_ms >= w.accepts_resume_ms and not w.draining:
+        resume_accepts(w)
+    for i in range(w.max_conns):
+        c = &w.conns[i]
+        if c.state == CONN_FREE:
+            continue
+        if c.state == CONN_CONNECTING and c.backend.fd >= 0 and w.now_ms >= c.connect_deadline_ms:
+            connect_failed(w, i)
+        elif c.state == CONN_RELAYING and w.now_ms - c.last_active_ms >= w.idle_timeout_ms:
+            close_conn(w, i)
+        else:
+            flush_bytes(w, c)
+
+
+cdef void start_drain(Worker *w) noexcept nogil:
+    cdef int slot
+    if w.draining:
+        return
+    # Take what is already queued on our listeners (with SO_REUSEPORT a
+    # closed listener resets its queue), then stop accepting.
+    for slot in range(FLC_MAX_SERVICES):
+        if w.listen_fd[slot] >= 0 and not w.accepts_paused:
+            accept_clients(w, slot)
+        close_listener(w, slot)
+    w.draining = True
+    w.drain_deadline_ms = w.now_ms + w.drain_timeout_ms
+
+
+cdef void on_signal(Worker *w) noexcept nogil:
+    cdef signalfd_siginfo info
+    while read(w.sigfd, &info, sizeof(info)) == sizeof(info):
+        if info.ssi_signo == SIGTERM or info.ssi_signo == SIGINT:
+            start_drain(w)
+
+
+# ---------------------------------------------------------------- loop
+
+cdef int event_loop(Worker *w) noexcept nogil:
+    cdef epoll_event events[256]
+    cdef int n, i, timeout
+    cdef uint64_t data
+    cdef uint32_t kind
+    while True:
+        w.now_ms = monotonic_ms()
+        if w.draining and (w.n_open == 0 or w.now_ms >= w.drain_deadline_ms):
+            return 0
+        if w.now_ms >= w.next_tick_ms:
+            tick(w)
+        timeout = <int>(w.next_tick_ms - w.now_ms) if w.next_tick_ms > w.now_ms else 0
+        if w.n_backlog > 0:
+            timeout = 0
+        n = epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
+        if n < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        w.now_ms = monotonic_ms()
+        for i in range(n):
+            data = events[i].data.u64
+            kind = <uint32_t>(data >> 56)
+            if kind == TOKEN_CLIENT or kind == TOKEN_BACKEND:
+                on_conn_event(w, kind, <uint32_t>(data >> 24), <int>(data & 0xFFFFFF),
+                              events[i].events)
+            elif kind == TOKEN_LISTENER:
+                if not w.draining and not w.accepts_paused:
+                    accept_clients(w, <int>(data & 0xFFFFFF))
+            elif kind == TOKEN_SIGNAL:
+                on_signal(w)
+        if w.n_backlog > 0:
+            run_backlog(w)
+
+
+cdef int setup(Worker *w, const char *path, int index, int max_conns,
+               uint64_t drain_timeout_ms) noexcept nogil:
+    cdef int fd, i
+    cdef sigset_t mask
+    memset(w, 0, sizeof(Worker))
+    w.index = index
+    w.drain_timeout_ms = drain_timeout_ms
+    w.epfd = w.sigfd = -1
+    for i in range(FLC_MAX_SERVICES):
+        w.listen_fd[i] = -1
+    fd = open(path, O_RDWR | O_CLOEXEC)
+    if fd < 0:
+        return -1
+    w.base = mmap(NULL, flc_segment_size(), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0)
+    close(fd)
+    if w.base == MAP_FAILED:
+        return -2
+    w.control = flc_control_of(w.base)
+    if w.control.magic != FLC_MAGIC or w.control.layout_version != FLC_LAYOUT_VERSION:
+        return -3
+    w.counters = flc_counters_of(w.base)
+    w.service_states = flc_service_states_of(w.base)
+    w.me = &flc_workers_of(w.base)[index]
+    w.my_active = flc_worker_active_of(w.base, index)
+    w.max_conns = max_conns
+    w.conns = <Conn *>calloc(max_conns, sizeof(Conn))
+    w.backlog = <int *>calloc(max_conns, sizeof(int))
+    w.scratch = <char *>calloc(1, RW_CHUNK)
+    if w.conns == NULL or w.backlog == NULL or w.scratch == NULL:
+        return -4
+    for i in range(max_conns):
+        w.conns[i].next_free = i + 1 if i + 1 < max_conns else -1
+    w.free_head = 0
+    w.epfd = epoll_create1(EPOLL_CLOEXEC)
+    # Signals arrive as events: a handler cannot run while the loop holds no GIL.
+    sigemptyset(&mask)
+    sigaddset(&mask, SIGTERM)
+    sigaddset(&mask, SIGINT)
+    sigaddset(&mask, SIGHUP)
+    sigaddset(&mask, SIGUSR1)
+    pthread_sigmask(SIG_BLOCK, &mask, NULL)
+    w.sigfd = signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC)
+    if w.epfd < 0 or w.sigfd < 0:
+        return -5
+    epoll_add(w, w.sigfd, EPOLLIN, token(TOKEN_SIGNAL, 0, 0))
+    w.rng = flc_seed(<uint64_t>getpid())
+    w.me.pid = getpid()
+    w.generation = <uint64_t>-1
+    w.now_ms = monotonic_ms()
+    notice_snapshot(w)
+    return 0
+
+
+cdef void teardown(Worker *w) noexcept nogil:
+    cdef int i
+    for i in range(w.max_conns):
+        close_conn(w, i)
+    for i in range(FLC_MAX_SERVICES):
+        close_listener(w, i)
+    for i in range(2 * w.n_spare_pipes):
+        close(w.pipes[i])
+    for i in range(w.n_spare_buffers):
+        free(w.spare_buffers[i])
+    w.me.listening = 0
+    w.me.active = 0
+    free(w.conns)
+    free(w.backlog)
+    free(w.scratch)
+
+
+def run(str segment_path, int index, int max_connections, int drain_timeout_ms,
+        int parent_pid):
+    """Serve until SIGTERM/SIGINT (then drain) or until the agent dies.
+    Returns the process exit status."""
+    cdef Worker w
+    cdef bytes path = segment_path.encode()
+    cdef const char *c_path = path
+    cdef int rc
+    if not 0 <= index < FLC_MAX_WORKERS:
+        raise ValueError(f"worker index {index} out of range")
+    # The agent's death must not leave a worker serving on its own.
+    prctl(PR_SET_PDEATHSIG, SIGTERM, 0, 0, 0)
+    if getppid() != parent_pid:
+        return 1
+    with nogil:
+        rc = setup(&w, c_path, index, max_connections, drain_timeout_ms)
+    if rc != 0:
+        raise OSError(f"worker {index}: setup failed ({rc}) on {segment_path}")
+    # The whole loop runs without the GIL: it touches no Python object, and
+    # signals reach it through signalfd, not Python handlers.
+    with nogil:
+        rc = event_loop(&w)
+        teardown(&w)
+    return 0 if rc == 0 else 1
