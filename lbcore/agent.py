@@ -17,12 +17,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, TextIO
+from typing import TextIO
 
 from lbcore import layout
+from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, load_config, parse_address
-from lbcore.layout import ffi, lib
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config

@@ -11,9 +11,10 @@ import ipaddress
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -217,7 +218,8 @@ def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
         names.add(values["name"])
         listen = parse_address(values["listen"])
         if listen in listens:
-            raise ConfigError(file, f"{where}.listen", f"{values['listen']} is already a listener of another service")
+            raise ConfigError(file, f"{where}.listen",
+                              f"{values['listen']} is already a listener of another service")
         listens.add(listen)
         backends = _read_backends(file, f"{where}.backend", table.get("backend", []))
         total_backends += len(backends)

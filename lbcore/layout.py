@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lbcore._layout import ffi, lib
+from lbcore._layout import lib
 
 MAGIC = lib.FLC_MAGIC
 LAYOUT_VERSION = lib.FLC_LAYOUT_VERSION

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lbcore import layout
-from lbcore.layout import ffi, lib
+from lbcore._layout import ffi, lib
 
 SHM_DIR = "/dev/shm"
 

@@ -3,7 +3,8 @@ across snapshot versions, so a new snapshot neither resets nor misattributes
 the connections already open."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Hashable, Iterable, TypeVar
+from collections.abc import Callable, Hashable, Iterable
+from typing import Generic, TypeVar
 
 Key = TypeVar("Key", bound=Hashable)
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import ipaddress
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from lbcore import layout
+from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
 from lbcore.config import Config, Service, parse_address
-from lbcore.layout import lib
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 
@@ -63,7 +63,7 @@ def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndar
     return zlib.crc32(table.tobytes(), crc)
 
 
-def wrr_schedule(weights: Sequence[int]) -> np.ndarray:
+def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
     """Positions into ``weights``: each i appears weights[i] / g times (g the
     gcd), interleaved smoothly by earliest deadline: the k-th turn of i falls
     at (k + 0.5) / w_i of the cycle, ties by position. O(S log S) in numpy."""

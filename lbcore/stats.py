@@ -46,7 +46,7 @@ def node_stats(segment: Segment) -> dict[str, Any]:
             "backends": backends,
         })
     return {
-        "node": segment.control["node_id"].decode(),
+        "node": bytes(segment.control["node_id"]).decode(),
         "version": image.version,
         "generation": segment.generation(),
         "checksum": image.checksum,

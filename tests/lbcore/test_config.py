@@ -1,0 +1,96 @@
+"""Config parsing: every refusal names the file, the key and the reason."""
+from __future__ import annotations
+
+import pytest
+
+from lbcore.config import ConfigError, load_config, parse_config
+
+GOOD = """
+[node]
+id = "node-1"
+workers = 2
+control = "static"
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:8080"
+algorithm = "wrr"
+
+[[service.backend]]
+id = "web-1"
+address = "127.0.0.1:9001"
+weight = 1
+"""
+
+
+def test_the_documented_shape_parses():
+    config = parse_config(GOOD, "f.toml")
+    assert config.node.id == "node-1" and config.node.workers == 2
+    (service,) = config.services
+    assert service.algorithm == "wrr"
+    assert service.backends[0].address == "127.0.0.1:9001"
+
+
+def test_defaults():
+    config = parse_config('[node]\nid = "n"\n', "f.toml")
+    assert config.node.workers >= 1
+    assert config.node.retries == 3 and config.node.drain_timeout_ms == 10_000
+    assert config.services == ()
+
+
+def refusal(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "f.toml")
+    assert str(info.value).startswith(f"f.toml: {info.value.key}: ")
+    return info.value
+
+
+@pytest.mark.parametrize("change, key, reason", [
+    (("weight = 1", "weight = -1"), "service[0].backend[0].weight", "must be 0..256 (got -1)"),
+    (("weight = 1", "weight = 1\ncolour = 2"), "service[0].backend[0].colour", "unknown key"),
+    (('algorithm = "wrr"', 'algorithm = "random"'), "service[0].algorithm", "unknown algorithm 'random'"),
+    (('address = "127.0.0.1:9001"', 'address = "localhost:9001"'), "service[0].backend[0].address",
+     "not an IPv4 address"),
+    (('address = "127.0.0.1:9001"', 'address = "127.0.0.1:99999"'), "service[0].backend[0].address",
+     "is not 1..65535"),
+    (('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1"'), "service[0].listen", "is not HOST:PORT"),
+    (("workers = 2", "workers = 0"), "node.workers", "must be 1..64"),
+    (("workers = 2", 'workers = "two"'), "node.workers", "must be int, got str"),
+    (("workers = 2", "workers = true"), "node.workers", "must be int, got bool"),
+    (('control = "static"', 'control = "tcp://x:1"'), "node.control", "unsupported control"),
+    (('id = "node-1"', 'id = "bad id"'), "node.id", "is not a name"),
+    (('name = "web"', 'name = ""'), "service[0].name", "is not a name"),
+])
+def test_bad_values_are_refused_with_key_and_reason(change, key, reason):
+    error = refusal(GOOD.replace(*change))
+    assert error.key == key
+    assert reason in error.reason
+
+
+def test_duplicate_service_name():
+    error = refusal(GOOD + '[[service]]\nname = "web"\nlisten = "127.0.0.1:8081"\n')
+    assert (error.key, error.reason) == ("service[1].name", "duplicate service name 'web'")
+
+
+def test_duplicate_backend_id():
+    text = GOOD + '[[service.backend]]\nid = "web-1"\naddress = "127.0.0.1:9002"\n'
+    error = refusal(text)
+    assert (error.key, error.reason) == ("service[0].backend[1].id", "duplicate backend id 'web-1'")
+
+
+def test_duplicate_listener():
+    error = refusal(GOOD + '[[service]]\nname = "api"\nlisten = "127.0.0.1:8080"\n')
+    assert error.key == "service[1].listen"
+
+
+def test_syntax_error_and_unknown_table_and_missing_key():
+    assert refusal("[node\n").key == "(syntax)"
+    assert refusal(GOOD + "[extra]\na = 1\n").key == "extra"
+    assert refusal("[node]\nworkers = 1\n").key == "node.id"
+    assert refusal('[node]\nid = "n"\n[[service]]\nname = "s"\n').key == "service[0].listen"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    assert info.value.key == "(file)"

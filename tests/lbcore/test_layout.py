@@ -1,0 +1,38 @@
+"""The numpy dtypes must have exactly the sizes and offsets of the C header."""
+from __future__ import annotations
+
+import pytest
+from lbcore._layout import ffi
+
+from lbcore import layout
+
+
+@pytest.mark.parametrize("struct", sorted(layout.STRUCTS))
+def test_dtype_matches_c_struct(struct):
+    dtype = layout.STRUCTS[struct]
+    assert dtype.itemsize == ffi.sizeof(struct)
+    c_fields = {name for name, _ in ffi.typeof(struct).fields}
+    assert c_fields == set(dtype.names)
+    for name in dtype.names:
+        assert dtype.fields[name][1] == ffi.offsetof(struct, name), name
+        assert dtype.fields[name][0].itemsize == ffi.sizeof(ffi.typeof(struct).fields[
+            [f for f, _ in ffi.typeof(struct).fields].index(name)][1].type), name
+
+
+def test_region_offsets_match_c():
+    assert layout.OFF_BUFFERS == ffi.sizeof("flc_control") + layout.MAX_BACKENDS * 64 \
+        + layout.MAX_SERVICES * 64 + layout.MAX_WORKERS * 64 + layout.MAX_WORKERS * layout.MAX_BACKENDS * 4
+    assert layout.BUFFER_SIZE == layout.BUF_OFF_TABLE + layout.TABLE_POOL * 4
+    assert layout.SEGMENT_SIZE == layout.OFF_BUFFERS + 2 * layout.BUFFER_SIZE
+
+
+def test_counters_do_not_share_cache_lines():
+    # workers on different cores update different backends' counters
+    assert layout.COUNTER.itemsize == 64
+    assert layout.OFF_COUNTERS % 64 == 0
+    assert layout.WORKER_STATE.itemsize == 64
+
+
+def test_maglev_size_is_prime():
+    n = layout.MAGLEV_SIZE
+    assert n >= 65537 and all(n % d for d in range(2, int(n ** 0.5) + 1))
