@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Weighted least connections over the node-wide shared counters.
 
 The scan reads every worker's connections (counters live in shared memory).

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Power of two choices: two random candidates, the less loaded one wins.
 
 Candidates are drawn uniformly from the WRR schedule, where each backend

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Run the compiled picks from Python, for tests and micro benchmarks.
 
 Picks read a real snapshot in a real segment, exactly as a worker does;

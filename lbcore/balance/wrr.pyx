@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Smooth weighted round robin with an O(1) pick.
 
 The agent precomputes the schedule (``lbcore.snapshot.wrr_schedule``): each
