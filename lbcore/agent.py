@@ -19,6 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from lbcore import layout
@@ -29,6 +30,7 @@ from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
 from lbcore.stats import format_stats, node_stats
 
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
@@ -147,7 +149,9 @@ class NodeAgent:
         node = self.config.node
         command = [sys.executable, "-m", "lbcore.worker_main", self.segment.path, str(index),
                    str(node.max_connections), str(node.drain_timeout_ms), str(os.getpid())]
-        process = subprocess.Popen(command, close_fds=True, stdin=subprocess.DEVNULL)
+        # Run from the directory that holds this very lbcore package, so that
+        # `-m` finds it and not a source tree that happens to be the cwd.
+        process = subprocess.Popen(command, close_fds=True, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT)
         self.workers[index] = WorkerProcess(index, process, time.monotonic(), restarts)
 
     def _release_worker(self, index: int) -> None:
