@@ -27,6 +27,7 @@ from lbcore.layout import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, NAME_LEN
 REQUIRED = object()
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 MAX_WEIGHT = 256
+RELAY_MODES = {"auto": 0, "splice": 1, "copy": 2}  # FLC_RELAY_* in fulcrum_layout.h
 
 
 class ConfigError(Exception):
@@ -70,6 +71,10 @@ def _address(v: str) -> str | None:
     return None
 
 
+def _one_of(choices: dict[str, int]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"{v!r} is not one of: {', '.join(choices)}"
+
+
 def _algorithm(v: str) -> str | None:
     if v in ALGORITHMS:
         return None
@@ -97,6 +102,8 @@ NODE_SETTINGS = [
             "further backends tried after a failed connect"),
     Setting("max_connections", int, 4096, _between(1, 100_000),
             "open client connections per worker"),
+    Setting("relay", str, "auto", _one_of(RELAY_MODES),
+            "auto: read/write, splice once a read fills 16 KiB; splice; copy"),
 ]
 
 SERVICE_SETTINGS = [
@@ -151,6 +158,7 @@ class NodeSettings:
     idle_timeout_ms: int
     retries: int
     max_connections: int
+    relay: str
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from lbcore import layout
 from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
-from lbcore.config import Config, Service, parse_address
+from lbcore.config import RELAY_MODES, Config, Service, parse_address
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 
@@ -33,6 +33,7 @@ class Limits:
     connect_timeout_ms: int
     idle_timeout_ms: int
     retries: int
+    relay_mode: int = 0
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class SnapshotImage:
         """Canonical bytes: equal images, equal bytes."""
         head = np.array(
             [self.version, self.limits.connect_timeout_ms, self.limits.idle_timeout_ms,
-             self.limits.retries, len(self.services), len(self.backends), len(self.table)],
+             self.limits.retries, self.limits.relay_mode,
+             len(self.services), len(self.backends), len(self.table)],
             dtype="<u8",
         )
         return head.tobytes() + self.services.tobytes() + self.backends.tobytes() + self.table.tobytes()
@@ -141,7 +143,7 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
 def snapshot_from_config(config: Config, version: int, service_slots: SlotMap,
                          backend_slots: SlotMap) -> SnapshotImage:
     node = config.node
-    limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries)
+    limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
     return build_snapshot(config.services, limits, version, service_slots, backend_slots)
 
 
@@ -165,6 +167,7 @@ def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
     header["connect_timeout_ms"] = image.limits.connect_timeout_ms
     header["idle_timeout_ms"] = image.limits.idle_timeout_ms
     header["retries"] = image.limits.retries
+    header["relay_mode"] = image.limits.relay_mode
     buf.services[: len(image.services)] = image.services
     buf.backends[: len(image.backends)] = image.backends
     buf.table[: len(image.table)] = image.table
@@ -193,6 +196,6 @@ def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:
         if snapshot_checksum(services, backends, table) != int(header["checksum"]):
             raise SnapshotError("snapshot checksum mismatch")
         limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
-                        int(header["retries"]))
+                        int(header["retries"]), int(header["relay_mode"]))
         return SnapshotImage(int(header["snapshot_version"]), limits, services, backends, table)
     raise SnapshotError("no stable snapshot after repeated reads (publisher too busy?)")

@@ -88,6 +88,7 @@ cdef struct Worker:
     uint32_t connect_timeout_ms
     uint32_t idle_timeout_ms
     uint32_t retries
+    uint32_t relay_mode
     int listen_fd[64]
     uint32_t listen_ip[64]
     uint16_t listen_port[64]

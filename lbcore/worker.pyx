@@ -110,6 +110,7 @@ cdef bint read_listeners(flc_snapshot_header *snap, uint32_t *ips, uint16_t *por
     limits[0] = snap.connect_timeout_ms
     limits[1] = snap.idle_timeout_ms
     limits[2] = snap.retries
+    limits[3] = snap.relay_mode
     return flc_read_validate(snap, seq) and snap.magic == FLC_MAGIC \
         and snap.layout_version == FLC_LAYOUT_VERSION
 
@@ -120,7 +121,7 @@ cdef void notice_snapshot(Worker *w) noexcept nogil:
     cdef flc_snapshot_header *snap
     cdef uint32_t ips[64]
     cdef uint16_t ports[64]
-    cdef uint32_t limits[3]
+    cdef uint32_t limits[4]
     cdef int attempt, slot
     cdef bint complete = True
     if generation == w.generation:
@@ -138,6 +139,7 @@ cdef void notice_snapshot(Worker *w) noexcept nogil:
     w.connect_timeout_ms = limits[0]
     w.idle_timeout_ms = limits[1]
     w.retries = limits[2] if limits[2] < 8 else 7
+    w.relay_mode = limits[3]
     if not w.draining:
         for slot in range(FLC_MAX_SERVICES):
             if w.listen_fd[slot] >= 0 and (ports[slot] == 0 or ips[slot] != w.listen_ip[slot]
@@ -478,6 +480,8 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
     """One read from ``src``, written through to ``dst`` when possible.
     False on a hard error; sets d.eof at end of stream."""
     cdef ssize_t n, m
+    if w.relay_mode == FLC_RELAY_SPLICE:
+        d.splicing = True
     if d.splicing and d.pipe_r < 0 and not take_pipe(w, d):
         d.splicing = False  # no pipe to be had: bulk data takes read/write
     if d.splicing:
@@ -499,7 +503,7 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
         if n < SPLICE_LEAVE:
             d.splicing = False
         return True
-    if n == RW_CHUNK:
+    if n == RW_CHUNK and w.relay_mode == FLC_RELAY_AUTO:
         d.splicing = True
     elif not src.rdhup:
         src.readable = False  # short read: drained; the next edge says when more

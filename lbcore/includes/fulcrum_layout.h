@@ -46,6 +46,10 @@
 #define FLC_ALGO_P2C 2
 #define FLC_ALGO_MAGLEV 3
 
+#define FLC_RELAY_AUTO 0        /* read/write, splice once a read fills the buffer */
+#define FLC_RELAY_SPLICE 1      /* always splice */
+#define FLC_RELAY_COPY 2        /* always read/write */
+
 typedef struct {
     uint32_t magic;
     uint32_t layout_version;
@@ -93,7 +97,7 @@ typedef struct {
     uint32_t connect_timeout_ms;
     uint32_t idle_timeout_ms;
     uint32_t retries;           /* further backends tried after a failed connect */
-    uint32_t pad0;
+    uint32_t relay_mode;        /* FLC_RELAY_*: how bytes are moved */
     uint64_t pad;
 } flc_snapshot_header;
 

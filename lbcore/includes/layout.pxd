@@ -16,6 +16,9 @@ cdef extern from "fulcrum_atomic.h" nogil:
         FLC_ALGO_LEAST_CONN
         FLC_ALGO_P2C
         FLC_ALGO_MAGLEV
+        FLC_RELAY_AUTO
+        FLC_RELAY_SPLICE
+        FLC_RELAY_COPY
 
     ctypedef struct flc_control:
         uint32_t magic
@@ -55,6 +58,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t connect_timeout_ms
         uint32_t idle_timeout_ms
         uint32_t retries
+        uint32_t relay_mode
 
     ctypedef struct flc_service:
         uint8_t name[48]
