@@ -152,11 +152,12 @@ http {{
     return port, process
 
 
-def start_proxy(work: Path, ports: list[int]) -> tuple[int, subprocess.Popen[bytes], Path]:
+def start_proxy(work: Path, ports: list[int], relay: str) -> tuple[int, subprocess.Popen[bytes], Path]:
     port, config, logfile = free_port(), work / "lbproxy.toml", work / "lbproxy.log"
     backends = "".join(f'\n[[service.backend]]\nid = "b{i}"\naddress = "{HOST}:{p}"\nweight = 1\n'
                        for i, p in enumerate(ports, 1))
-    config.write_text(f'[node]\nid = "bench-{os.getpid()}"\nworkers = 1\n\n[[service]]\nname = "web"\n'
+    config.write_text(f'[node]\nid = "bench-{os.getpid()}"\nworkers = 1\nrelay = "{relay}"\n\n'
+                      '[[service]]\nname = "web"\n'
                       f'listen = "{HOST}:{port}"\nalgorithm = "wrr"\n{backends}')
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path}
@@ -242,7 +243,7 @@ def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     backends = [start_backend(work, i) for i in (1, 2, 3)]
     ports = [port for port, _ in backends]
-    proxy_port, proxy, proxy_log = start_proxy(work, ports)
+    proxy_port, proxy, proxy_log = start_proxy(work, ports, args.relay)
     for port in (*ports, proxy_port):
         check_body(port)
     log(f"backends on {ports}, lbproxy (pid {proxy.pid}) on {proxy_port}; 64-byte body checked")
@@ -317,6 +318,8 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="direct+lbproxy pairs (default 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
+    parser.add_argument("--relay", choices=("auto", "splice", "copy"), default="auto",
+                        help="lbproxy node.relay (default auto)")
     args = parser.parse_args()
     if min(args.duration, args.rounds, args.connections) < 1:
         parser.error("--duration, --rounds and --connections must be >= 1")
