@@ -267,6 +267,8 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
     cdef uint8_t algorithm
     for attempt in range(16):
         snap = w.snap
+        if snap == NULL:
+            return -1  # no snapshot adopted yet: nothing is eligible
         seq = flc_read_begin(snap)
         if seq & 1 or c.service_slot >= snap.n_services or c.service_slot >= FLC_MAX_SERVICES:
             notice_snapshot(w)

@@ -9,13 +9,9 @@ table read, plus a short probe when a retry excludes the first choice.
 """
 import hashlib
 
-import numpy as np
-cimport numpy as cnp
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_TABLE_POOL
 from lbcore.balance.pick cimport PickContext, is_excluded
-
-cnp.import_array()
 
 cdef enum:
     PROBES = 64   # bound on the probe after a failed connect excludes rows
@@ -41,6 +37,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
 
 def permutation_seeds(ids, uint32_t size):
     """(offset, skip) per backend id: the permutation is a function of the id."""
+    import numpy as np  # here, not at import: workers load this module too
     offsets = np.empty(len(ids), dtype=np.uint32)
     skips = np.empty(len(ids), dtype=np.uint32)
     for i, backend_id in enumerate(ids):
@@ -56,6 +53,7 @@ def build_table(ids, weights, rows, uint32_t size=65537):
     ``ids``, ``weights`` and ``rows`` describe the eligible backends (weight >
     0); ``size`` must be prime. Returns a uint32 array of rows.
     """
+    import numpy as np
     cdef Py_ssize_t n = len(ids)
     if n == 0:
         return np.empty(0, dtype=np.uint32)
