@@ -499,15 +499,21 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
             return True
         return False
     if d.splicing:
+        # A short splice proves nothing (the pipe may run out of slots before
+        # the socket runs out of bytes): keep reading until EAGAIN.
         d.pipe_len = <uint32_t>n
-        if n < PIPE_CHUNK and not src.rdhup:
-            src.readable = False
         if n < SPLICE_LEAVE:
             d.splicing = False
         return True
-    if n == RW_CHUNK and w.relay_mode == FLC_RELAY_AUTO:
-        d.splicing = True
-    elif not src.rdhup:
+    if n == RW_CHUNK:
+        if w.relay_mode == FLC_RELAY_AUTO:
+            d.splicing = True
+    elif src.rdhup:
+        # The peer's FIN came before this event and a short read emptied the
+        # socket: the next read could only return 0, so skip it.
+        d.eof = True
+        src.readable = False
+    else:
         src.readable = False  # short read: drained; the next edge says when more
     m = 0
     if dst.writable:
@@ -523,7 +529,7 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
     return True
 
 
-cdef int pump(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
+cdef int pump(Worker *w, Direction *d, const Direction *other, Side *src, Side *dst) noexcept nogil:
     """Move bytes from ``src`` to ``dst`` until one side would block.
     Returns PUMP_IDLE, PUMP_MORE (stopped at the round bound with work left:
     no edge will announce it, so the caller queues the connection) or
@@ -544,7 +550,10 @@ cdef int pump(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
                 give_pipe(w, d)
         if d.eof:
             if not d.shut:
-                shutdown(dst.fd, SHUT_WR)
+                # When the other way is finished too, the caller closes both
+                # sockets, and close() sends the FIN: no shutdown needed.
+                if not other.shut:
+                    shutdown(dst.fd, SHUT_WR)
                 d.shut = True
                 give_pipe(w, d)
             return PUMP_IDLE
@@ -557,10 +566,10 @@ cdef int pump(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
 
 cdef void relay(Worker *w, int index) noexcept nogil:
     cdef Conn *c = &w.conns[index]
-    cdef int up = pump(w, &c.up, &c.client, &c.backend)
+    cdef int up = pump(w, &c.up, &c.down, &c.client, &c.backend)
     cdef int down = PUMP_ERROR
     if up != PUMP_ERROR:
-        down = pump(w, &c.down, &c.backend, &c.client)
+        down = pump(w, &c.down, &c.up, &c.backend, &c.client)
     if up == PUMP_ERROR or down == PUMP_ERROR or (c.up.shut and c.down.shut):
         close_conn(w, index)
     elif (up == PUMP_MORE or down == PUMP_MORE) and not c.queued and w.n_backlog < w.max_conns:
