@@ -32,6 +32,7 @@ from lbcore.stats import format_stats, node_stats
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
+RELOAD_ADOPT_TIMEOUT_S = 5.0
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
 
@@ -64,6 +65,16 @@ class Listeners:
 
     @staticmethod
     def _bind(file: str, index: int, address: tuple[str, int]) -> socket.socket:
+        # SO_REUSEPORT would let us share a port with any other process of
+        # this user that set it too (another node): first make sure that
+        # nobody holds the address, with a bind that shares it with no one.
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(file, f"service[{index}].listen",
+                                  f"{address[0]}:{address[1]} cannot be bound: {exc.strerror}") from None
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -79,6 +90,16 @@ class Listeners:
         for sock in self._held.values():
             sock.close()
         self._held.clear()
+
+
+@dataclass(frozen=True)
+class Plan:
+    config: Config
+    image: SnapshotImage
+    service_slots: SlotMap[str]
+    backend_slots: SlotMap[tuple[str, str]]
+    fresh_services: list[int]
+    fresh_backends: list[int]
 
 
 @dataclass
@@ -108,39 +129,46 @@ class NodeAgent:
 
     # ------------------------------------------------------------ snapshots
 
-    def _slot_releasable(self, slot: int) -> bool:
-        """A retired backend slot may be reused once nothing refers to it: no
-        open connection, and every worker past the snapshot that dropped it."""
+    def _workers_current(self) -> bool:
+        """Every worker has noticed the current generation: none still picks
+        from an older buffer."""
         assert self.segment is not None
-        if int(self.segment.counters[slot]["active"]) != 0:
-            return False
         current = self.segment.generation()
         return all(int(self.segment.workers[i]["generation"]) >= current for i in self.workers)
 
-    def _build(self, config: Config) -> SnapshotImage:
-        self.service_slots.assign((s.name for s in config.services), lambda slot: True)
-        keys = [(s.name, b.id) for s in config.services for b in s.backends]
-        before = set(self.backend_slots.retired().values())
-        self.backend_slots.assign(keys, self._slot_releasable)
-        self._reset_reused_slots(before, keys)
-        return snapshot_from_config(config, self.version + 1, self.service_slots, self.backend_slots)
-
-    def _reset_reused_slots(self, retired_before: set[int], keys: list[tuple[str, str]]) -> None:
-        """A slot given to a new backend starts with zeroed totals."""
+    def _backend_slot_releasable(self, slot: int) -> bool:
+        """A retired backend slot may be reused once nothing refers to it: no
+        open connection, and every worker past the snapshot that dropped it."""
         assert self.segment is not None
-        still_retired = set(self.backend_slots.retired().values())
-        for slot in retired_before - still_retired:
-            if slot not in {self.backend_slots.slot_of(k) for k in keys}:
-                continue
-            for field in ("total", "failed", "bytes_to_backend", "bytes_to_client"):
-                self.segment.counters[slot][field] = 0
+        return int(self.segment.counters[slot]["active"]) == 0 and self._workers_current()
 
-    def publish(self, config: Config) -> None:
+    def _plan(self, config: Config) -> Plan:
+        """Everything a publish of ``config`` needs, changing nothing yet:
+        ConfigError when it cannot be built (the node keeps what it has)."""
+        service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
+        try:
+            fresh_services = service_slots.assign((s.name for s in config.services),
+                                                  lambda slot: self._workers_current())
+            fresh_backends = backend_slots.assign(
+                ((s.name, b.id) for s in config.services for b in s.backends),
+                self._backend_slot_releasable)
+        except ValueError as exc:
+            raise ConfigError(config.path, "service", str(exc)) from None
+        image = snapshot_from_config(config, self.version + 1, service_slots, backend_slots)
+        return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
+
+    def _apply(self, plan: Plan) -> None:
+        """Publish a plan. A slot given to a new service or backend starts
+        from zero: nothing refers to it any more (see the slot maps)."""
         assert self.segment is not None
-        image = self._build(config)
-        publish_snapshot(self.segment, image)
-        self.version = image.version
-        self.config = config
+        for slot in plan.fresh_backends:
+            self.segment.counters[slot] = 0
+        for slot in plan.fresh_services:
+            self.segment.service_states[slot] = 0
+        publish_snapshot(self.segment, plan.image)
+        self.service_slots, self.backend_slots = plan.service_slots, plan.backend_slots
+        self.version = plan.image.version
+        self.config = plan.config
 
     # ------------------------------------------------------------ workers
 
@@ -195,18 +223,27 @@ class NodeAgent:
             if index >= wanted and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
 
-    def _wait_ready(self) -> bool:
+    def _wait_adopted(self, timeout: float) -> bool:
+        """Wait until every worker listens on the current snapshot's
+        addresses; False on timeout or when a worker died meanwhile."""
         assert self.segment is not None
-        deadline = time.monotonic() + READY_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         generation = self.segment.generation()
+        for index, worker in self.workers.items():
+            # A worker publishes its pid once SIGUSR1 reaches it as an event
+            # (before that the signal would kill it); a younger one notices
+            # the snapshot as it starts anyway.
+            registered = int(self.segment.workers[index]["pid"]) == worker.process.pid
+            if registered and worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGUSR1)  # notice now, not at the next tick
         while time.monotonic() < deadline:
             states = [self.segment.workers[i] for i in self.workers]
-            if len(states) == self.config.node.workers and all(
+            if len(states) >= self.config.node.workers and all(
                     int(s["listening"]) == 1 and int(s["generation"]) == generation for s in states):
                 return True
             if any(w.process.poll() is not None for w in self.workers.values()):
                 return False
-            time.sleep(0.01)
+            time.sleep(0.005)
         return False
 
     # ------------------------------------------------------------ lifecycle
@@ -217,9 +254,9 @@ class NodeAgent:
         self.listeners.reserve(self.config)
         try:
             self.segment = Segment.create(self.config.node.id)
-            self.publish(self.config)
+            self._apply(self._plan(self.config))
             self._scale_workers()
-            if not self._wait_ready():
+            if not self._wait_adopted(READY_TIMEOUT_S):
                 raise RuntimeError("workers did not come up (see their messages above)")
         except BaseException:
             self._shutdown(drain=False)
@@ -229,17 +266,22 @@ class NodeAgent:
         self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
 
     def reload(self) -> None:
+        """Publish the file as the next version, or refuse it whole."""
         try:
             config = load_config(self.config.path)
             if config.node.id != self.config.node.id:
                 raise ConfigError(config.path, "node.id", "cannot change on reload (restart the node)")
+            plan = self._plan(config)
             self.listeners.reserve(config)
-            self.publish(config)
-        except (ConfigError, ValueError) as exc:
+        except ConfigError as exc:
             self.log(f"reload refused, still serving version {self.version}: {exc}")
             return
+        self._apply(plan)
         self._scale_workers()
-        self.log(f"reloaded: version {self.version}")
+        if self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S):
+            self.log(f"reloaded: version {self.version}")
+        else:
+            self.log(f"reloaded: version {self.version} (some workers have not taken it up yet)")
 
     def _shutdown(self, drain: bool) -> None:
         self._stopping = True

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from lbcore.config import ConfigError, load_config
+from lbcore.config import ConfigError, load_config, read_node_id
 from lbcore.segment import Segment, SegmentError
 from lbcore.snapshot import SnapshotError
 
@@ -51,9 +51,8 @@ def _run(path: str) -> int:
 def _stats(path: str, as_json: bool) -> int:
     from lbcore.stats import format_stats, node_stats
 
-    config = load_config(path)
     try:
-        segment = Segment.attach(config.node.id)
+        segment = Segment.attach(read_node_id(path))
     except SegmentError as exc:
         print(f"lbproxy: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -77,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.config)
         if args.command == "check":
+            from lbcore.snapshot import check_buildable
+
             config = load_config(args.config)
+            check_buildable(config)
             print(f"{args.config}: ok ({len(config.services)} services)")
             return 0
         if args.command == "stats":

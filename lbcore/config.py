@@ -253,6 +253,20 @@ def parse_config(text: str, file: str = "<config>") -> Config:
     return Config(path=file, node=NodeSettings(**node_values), services=services)
 
 
+def read_node_id(path: str | os.PathLike[str]) -> str:
+    """Only ``node.id`` of a config file: enough to find a running node,
+    even while the rest of the file holds an edit not yet applied."""
+    file = str(path)
+    try:
+        document = tomllib.loads(Path(file).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(file, "(file)", str(exc)) from None
+    node = document.get("node")
+    if not isinstance(node, dict) or not isinstance(node.get("id"), str):
+        raise ConfigError(file, "node.id", "required")
+    return node["id"]
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file."""
     file = str(path)

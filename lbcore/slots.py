@@ -25,25 +25,37 @@ class SlotMap(Generic[Key]):
     def slot_of(self, key: Key) -> int:
         return self._slots[key]
 
-    def assign(self, keys: Iterable[Key], releasable: Callable[[int], bool]) -> None:
-        """Make ``keys`` the current set; ValueError if they do not fit."""
+    def copy(self) -> SlotMap[Key]:
+        other: SlotMap[Key] = SlotMap(self.capacity)
+        other._slots, other._retired = dict(self._slots), dict(self._retired)
+        return other
+
+    def assign(self, keys: Iterable[Key], releasable: Callable[[int], bool]) -> list[int]:
+        """Make ``keys`` the current set; ValueError if they do not fit.
+        Returns the slots given to keys that had none: their owner starts
+        afresh there (the caller resets whatever the slot counts)."""
         wanted = list(dict.fromkeys(keys))
-        for key in list(self._slots):
-            if key not in wanted:
-                self._retired[key] = self._slots.pop(key)
+        # Keys retired by an earlier call may be released now; the ones this
+        # call retires are still in the snapshot that workers hold.
         for key in list(self._retired):
             if key in wanted:
                 self._slots[key] = self._retired.pop(key)
             elif releasable(self._retired[key]):
                 del self._retired[key]
+        for key in list(self._slots):
+            if key not in wanted:
+                self._retired[key] = self._slots.pop(key)
         used = set(self._slots.values()) | set(self._retired.values())
         free = (s for s in range(self.capacity) if s not in used)
+        fresh = []
         for key in wanted:
             if key not in self._slots:
                 slot = next(free, None)
                 if slot is None:
                     raise ValueError(f"more than {self.capacity} slots in use")
                 self._slots[key] = slot
+                fresh.append(slot)
+        return fresh
 
     def retired(self) -> dict[Key, int]:
         return dict(self._retired)

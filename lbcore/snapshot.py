@@ -19,13 +19,17 @@ from lbcore import layout
 from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
-from lbcore.config import RELAY_MODES, Config, Service, parse_address
+from lbcore.config import RELAY_MODES, Config, ConfigError, Service, parse_address
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 
 
 class SnapshotError(Exception):
     """A snapshot that cannot be built or read; the message says why."""
+
+    def __init__(self, message: str, service_index: int | None = None) -> None:
+        super().__init__(message)
+        self.service_index = service_index
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
     backend_parts: list[np.ndarray] = []
     table_parts: list[np.ndarray] = []
     next_row = table_used = 0
-    for service in services:
+    for index, service in enumerate(services):
         slot = service_slots.slot_of(service.name)
         rows = _service_rows(service, slot, backend_slots)
         absolute = np.arange(next_row, next_row + len(rows), dtype=np.uint32)
@@ -124,8 +128,9 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
         schedule_offset, maglev_offset = table_used, table_used + len(schedule)
         table_used = maglev_offset + len(maglev)
         if table_used > layout.TABLE_POOL:
-            raise SnapshotError(f"service {service.name!r}: tables exceed {layout.TABLE_POOL} entries "
-                                "(lower the weights)")
+            raise SnapshotError(f"its tables take the node past {layout.TABLE_POOL} entries "
+                                f"(each maglev service takes {layout.MAGLEV_SIZE}, each service the sum "
+                                "of its weights): lower the weights or use fewer maglev services", index)
         ip, port = _ip_port(service.listen)
         service_rows[slot] = (
             service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
@@ -144,7 +149,19 @@ def snapshot_from_config(config: Config, version: int, service_slots: SlotMap,
                          backend_slots: SlotMap) -> SnapshotImage:
     node = config.node
     limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
-    return build_snapshot(config.services, limits, version, service_slots, backend_slots)
+    try:
+        return build_snapshot(config.services, limits, version, service_slots, backend_slots)
+    except SnapshotError as exc:
+        raise ConfigError(config.path, f"service[{exc.service_index}]", str(exc)) from None
+
+
+def check_buildable(config: Config) -> None:
+    """ConfigError if ``config`` is valid but its snapshot cannot be built."""
+    service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
+    backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
+    service_slots.assign((s.name for s in config.services), lambda slot: True)
+    backend_slots.assign(((s.name, b.id) for s in config.services for b in s.backends), lambda slot: True)
+    snapshot_from_config(config, 1, service_slots, backend_slots)
 
 
 def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:

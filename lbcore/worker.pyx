@@ -677,6 +677,8 @@ cdef void on_signal(Worker *w) noexcept nogil:
     while read(w.sigfd, &info, sizeof(info)) == sizeof(info):
         if info.ssi_signo == SIGTERM or info.ssi_signo == SIGINT:
             start_drain(w)
+        elif info.ssi_signo == SIGUSR1:
+            notice_snapshot(w)  # the agent published: take it up now
 
 
 # ---------------------------------------------------------------- loop

@@ -1,0 +1,110 @@
+"""Node limits from the config: idle timeout, connect timeout (failover to
+another backend), max_connections per worker."""
+from __future__ import annotations
+
+import socket
+import time
+from collections import Counter
+
+import pytest
+from e2e_support import Client, free_port, service, wait_until
+
+
+def _closed_by_peer(c: Client, timeout: float) -> bool:
+    """True if the proxy closes ``c`` (EOF or reset) within ``timeout``."""
+    c.sock.settimeout(timeout)
+    try:
+        return c.sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+@pytest.mark.timeout(120)
+def test_idle_connection_is_closed_busy_one_is_not(backends, lbproxy):
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1,
+                   idle_timeout_ms=700)
+    with Client(listen) as idle, Client(listen) as busy:
+        assert idle.ident() == "web-1" and busy.ident() == "web-1"
+        t0 = time.monotonic()
+        # The busy connection talks every 150 ms for 2 s: never idle that long.
+        n = 0
+        while time.monotonic() - t0 < 2.0:
+            assert busy.echo(b"tick %d\n" % n) == b"tick %d\n" % n
+            n += 1
+            time.sleep(0.15)
+        # The idle one was closed meanwhile (700 ms plus a 100 ms tick).
+        assert _closed_by_peer(idle, 1.0), "the idle connection is still open after 2 s"
+        assert busy.echo(b"still open\n") == b"still open\n"
+    wait_until(lambda: node.backend_stats()["web-1"]["active"] == 0, 5)
+
+
+@pytest.mark.timeout(120)
+def test_connect_timeout_fails_over_to_another_backend(backends, lbproxy):
+    b = backends({"live": "127.0.0.1"})
+    # A backend that never completes a handshake: a listener with a full
+    # accept queue drops further SYNs.
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    fillers: list[socket.socket] = []
+    try:
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen(0)
+        for _ in range(4):
+            f = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            f.setblocking(False)
+            try:
+                f.connect(stuck.getsockname())
+            except BlockingIOError:
+                pass
+            fillers.append(f)
+        time.sleep(0.2)
+        stuck_address = "{}:{}".format(*stuck.getsockname())
+        listen = f"127.0.0.1:{free_port()}"
+        node = lbproxy([service("web", listen, [("stuck", stuck_address, 1), ("live", b["live"], 1)])],
+                       workers=1, connect_timeout_ms=300, retries=1)
+        seen: Counter[str] = Counter()
+        slow = 0
+        for n in range(4):
+            t0 = time.monotonic()
+            with Client(listen, timeout=10) as c:
+                seen[c.ident()] += 1
+                assert c.echo(b"x %d\n" % n) == b"x %d\n" % n
+            if time.monotonic() - t0 > 0.25:
+                slow += 1
+        assert dict(seen) == {"live": 4}, dict(seen)
+        assert slow >= 1, "no connect waited for the timeout: the stuck backend was not stuck"
+        stats = node.backend_stats()
+        assert stats["stuck"]["failed"] >= 1 and stats["stuck"]["total"] == 0, stats["stuck"]
+        assert stats["live"]["total"] == 4
+    finally:
+        for f in fillers:
+            f.close()
+        stuck.close()
+
+
+@pytest.mark.timeout(120)
+def test_max_connections_per_worker_refuses_the_excess(backends, lbproxy):
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1,
+                   max_connections=3)
+    held = [Client(listen) for _ in range(3)]
+    try:
+        for c in held:
+            assert c.ident() == "web-1"
+        with Client(listen) as extra:
+            assert _closed_by_peer(extra, 5), "a 4th connection was served with max_connections = 3"
+        # The held ones are unaffected; a freed place is usable again.
+        for n, c in enumerate(held):
+            assert c.echo(b"held %d\n" % n) == b"held %d\n" % n
+        held.pop().close()
+        wait_until(lambda: node.stats()["workers"][0]["active"] == 2, 5)
+        with Client(listen) as again:
+            assert again.ident() == "web-1"
+            assert again.echo(b"again\n") == b"again\n"
+    finally:
+        for c in held:
+            c.close()
