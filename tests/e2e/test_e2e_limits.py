@@ -2,6 +2,7 @@
 another backend), max_connections per worker."""
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections import Counter
@@ -108,3 +109,45 @@ def test_max_connections_per_worker_refuses_the_excess(backends, lbproxy):
     finally:
         for c in held:
             c.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(120)
+def test_out_of_descriptors_pauses_accepts_without_spinning(backends, lbproxy):
+    """EMFILE: the worker stops polling its listener for a while instead of
+    spinning on it, serves what it holds, and takes the queue up again once
+    descriptors are free."""
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1, start=False)
+    node.nofile_limit = 40  # a connection costs the worker 2 descriptors
+    node.start()
+    (worker,) = node.worker_pids().values()
+    clients = []
+    try:
+        for _ in range(40):  # more than fit: the rest wait in the accept queue
+            clients.append(Client(listen, timeout=10))
+        wait_until(lambda: node.stats()["workers"][0]["accept_pauses"] > 0, 10)
+        served = [c for c in clients[:5]]
+        for n, c in enumerate(served):
+            assert c.ident() == "web-1"
+            assert c.echo(b"held %d\n" % n) == b"held %d\n" % n
+        before = _cpu_seconds(worker)
+        time.sleep(1.0)
+        spent = _cpu_seconds(worker) - before
+        assert spent < 0.3, f"worker used {spent:.2f}s of CPU in 1s while out of descriptors"
+        assert node.process is not None and node.process.poll() is None
+        assert node.worker_pids() == {0: worker}, "the worker died or was replaced"
+    finally:
+        for c in clients:
+            c.close()
+    # descriptors free again: new connections are served by the same worker
+    wait_until(lambda: node.stats()["workers"][0]["active"] == 0, 10)
+    with Client(listen) as again:
+        assert again.ident() == "web-1"
+        assert again.echo(b"again\n") == b"again\n"
+    assert node.worker_pids() == {0: worker}
