@@ -10,8 +10,7 @@ table read, plus a short probe when a retry excludes the first choice.
 import hashlib
 
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from lbcore.includes.layout cimport FLC_TABLE_POOL
-from lbcore.balance.pick cimport PickContext, is_excluded
+from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
 
 cdef enum:
     PROBES = 64   # bound on the probe after a failed connect excludes rows
@@ -24,7 +23,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t length = ctx.service.maglev_len
     cdef uint32_t position, row
     cdef int i
-    if length == 0 or offset >= FLC_TABLE_POOL or length > FLC_TABLE_POOL - offset:
+    if not table_in_pool(offset, length):
         return -1
     position = ctx.client_hash % length
     for i in range(PROBES):

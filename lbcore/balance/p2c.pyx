@@ -6,8 +6,8 @@ appears in proportion to its weight, so the draw is weighted in O(1); the
 comparison uses node-wide active counts scaled by weight.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from lbcore.includes.layout cimport FLC_TABLE_POOL, FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.pick cimport PickContext, is_excluded, next_random
+from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
+from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool, next_random
 
 cdef enum:
     DRAWS = 16   # bound on draws when retries exclude most of a small pool
@@ -28,7 +28,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t length = ctx.service.schedule_len
     cdef int a, b
     cdef int64_t load_a, load_b
-    if length == 0 or offset >= FLC_TABLE_POOL or length > FLC_TABLE_POOL - offset:
+    if not table_in_pool(offset, length):
         return -1
     a = draw(ctx, offset, length)
     b = draw(ctx, offset, length)

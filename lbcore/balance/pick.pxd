@@ -9,7 +9,7 @@
 # against its bound before use, and the worker validates the pick afterwards.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport (
-    FLC_MAX_BACKENDS, flc_next_random, flc_snapshot_header, flc_service, flc_backend, flc_counter, flc_service_state,
+    FLC_MAX_BACKENDS, FLC_TABLE_POOL, flc_next_random, flc_snapshot_header, flc_service, flc_backend, flc_counter, flc_service_state,
 )
 
 cdef enum:
@@ -41,6 +41,11 @@ cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogi
         if ctx.excluded[i] == ctx.backends[row].slot:
             return True
     return False
+
+
+cdef inline bint table_in_pool(uint32_t offset, uint32_t length) noexcept nogil:
+    # a torn read may give any offset and length: never index past the pool
+    return length > 0 and offset < FLC_TABLE_POOL and length <= FLC_TABLE_POOL - offset
 
 
 cdef inline uint64_t next_random(PickContext *ctx) noexcept nogil:

@@ -7,8 +7,8 @@ one cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 """
 from libc.stdint cimport uint32_t, uint64_t
-from lbcore.includes.layout cimport FLC_TABLE_POOL, flc_fetch_inc_u64
-from lbcore.balance.pick cimport PickContext, is_excluded
+from lbcore.includes.layout cimport flc_fetch_inc_u64
+from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
 
 
 cdef int pick(PickContext *ctx) noexcept nogil:
@@ -16,7 +16,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t length = ctx.service.schedule_len
     cdef uint32_t tries, row
     cdef uint64_t cursor
-    if length == 0 or offset >= FLC_TABLE_POOL or length > FLC_TABLE_POOL - offset:
+    if not table_in_pool(offset, length):
         return -1
     # A retry skips the rows already tried; a schedule of length L holds every
     # eligible row, so L steps are enough to find any that is left.
