@@ -34,7 +34,7 @@ class SlotMap(Generic[Key]):
         """Make ``keys`` the current set; ValueError if they do not fit.
         Returns the slots given to keys that had none: their owner starts
         afresh there (the caller resets whatever the slot counts)."""
-        wanted = list(dict.fromkeys(keys))
+        wanted = dict.fromkeys(keys)  # ordered, and O(1) membership
         # Keys retired by an earlier call may be released now; the ones this
         # call retires are still in the snapshot that workers hold.
         for key in list(self._retired):

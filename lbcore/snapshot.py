@@ -9,6 +9,7 @@ under its seqlock, then stores the new generation (see fulcrum_layout.h).
 from __future__ import annotations
 
 import ipaddress
+import socket
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -94,14 +95,21 @@ def _ip_port(address: str) -> tuple[int, int]:
 
 
 def _service_rows(service: Service, slot: int, backend_slots: SlotMap) -> np.ndarray:
-    rows = np.zeros(len(service.backends), dtype=layout.BACKEND)
-    for i, backend in enumerate(service.backends):
-        ip, port = _ip_port(backend.address)
-        rows[i] = (
-            backend.id.encode(), ip, port, backend.weight,
-            backend_slots.slot_of((service.name, backend.id)), slot,
-            1 if backend.weight > 0 else 0, (0,) * 7,
-        )
+    """The backend rows of one service, filled a column at a time (a 10,000
+    backend service takes milliseconds, not a Python loop over rows)."""
+    backends = service.backends
+    rows = np.zeros(len(backends), dtype=layout.BACKEND)
+    if not backends:
+        return rows
+    # addresses were validated as dotted IPv4 by the config
+    hosts, _, ports = zip(*(b.address.rpartition(":") for b in backends), strict=True)
+    rows["id"] = [b.id.encode() for b in backends]
+    rows["ip"] = np.frombuffer(b"".join(socket.inet_aton(h) for h in hosts), dtype="<u4")
+    rows["port"] = np.array(ports, dtype=np.int64)
+    rows["weight"] = [b.weight for b in backends]
+    rows["slot"] = [backend_slots.slot_of((service.name, b.id)) for b in backends]
+    rows["service_slot"] = slot
+    rows["eligible"] = rows["weight"] > 0
     return rows
 
 

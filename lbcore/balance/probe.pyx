@@ -66,3 +66,19 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
 def hash_address(uint32_t ip_network_order):
     """The worker's hash of a client address, for tests."""
     return flc_hash_address(ip_network_order)
+
+
+def notice_loop(uintptr_t base, Py_ssize_t n):
+    """What a worker does per accept to notice a new snapshot: an atomic load
+    of the generation and a compare. Returns how many changes it saw."""
+    cdef flc_control *control = flc_control_of(<void *>base)
+    cdef uint64_t held = flc_load_acquire_u64(&control.generation)
+    cdef uint64_t now
+    cdef Py_ssize_t i, changes = 0
+    with nogil:
+        for i in range(n):
+            now = flc_load_acquire_u64(&control.generation)
+            if now != held:
+                held = now
+                changes += 1
+    return changes

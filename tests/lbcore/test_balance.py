@@ -7,10 +7,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from lbcore.balance.maglev import build_table, permutation_seeds
-from lbcore.balance.probe import hash_address, picks
 
 from lbcore import layout
+from lbcore.balance.maglev import build_table, permutation_seeds
+from lbcore.balance.probe import hash_address, picks
 from tests.lbcore import reference
 
 

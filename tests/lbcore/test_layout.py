@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
-from lbcore._layout import ffi
 
 from lbcore import layout
+from lbcore._layout import ffi
 
 
 @pytest.mark.parametrize("struct", sorted(layout.STRUCTS))

@@ -1,0 +1,98 @@
+"""Micro benchmarks of what is not a load run: pick cost per algorithm by
+pool size, snapshot and Maglev table builds, snapshot publish and notice.
+
+    pytest bench/test_micro.py --benchmark-only [--benchmark-save=NAME]
+
+Each benchmark records a per-operation figure in ``extra_info`` (ns per pick,
+ms per build); they never assert on time.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from lbcore import layout
+from lbcore.balance.maglev import build_table
+from lbcore.balance.probe import notice_loop, picks
+from lbcore.config import Backend, Service
+from lbcore.segment import Segment
+from lbcore.slots import SlotMap
+from lbcore.snapshot import Limits, SnapshotImage, build_snapshot, publish_snapshot
+
+PICKS_PER_CALL = 100_000
+LIMITS = Limits(connect_timeout_ms=2000, idle_timeout_ms=300_000, retries=3)
+_ids = itertools.count()
+
+
+def pool(algorithm: str, size: int) -> list[Service]:
+    backends = tuple(Backend(f"b{i}", f"127.{1 + i // 65000}.{(i // 250) % 250}.{1 + i % 250}:80", 1 + i % 3)
+                     for i in range(size))
+    return [Service("svc", "127.0.0.1:8080", algorithm, backends)]
+
+
+def build(services: list[Service], version: int = 1) -> SnapshotImage:
+    service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
+    backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
+    service_slots.assign((s.name for s in services), lambda slot: True)
+    backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), lambda slot: True)
+    return build_snapshot(services, LIMITS, version, service_slots, backend_slots)
+
+
+@pytest.fixture
+def segment() -> Iterator[Segment]:
+    seg = Segment.create(f"bench-{os.getpid()}-{next(_ids)}")
+    try:
+        yield seg
+    finally:
+        seg.unlink()
+        seg.close()
+
+
+@pytest.mark.parametrize("size", [10, 1_000, 10_000])
+@pytest.mark.parametrize("algorithm", ["wrr", "least_conn", "p2c", "maglev"])
+def test_pick_cost(benchmark, segment, algorithm, size):
+    publish_snapshot(segment, build(pool(algorithm, size)))
+    hashes = (np.arange(PICKS_PER_CALL, dtype=np.uint64) * 2654435761 % (1 << 32)).astype(np.uint32)
+    benchmark.pedantic(picks, args=(segment.base_address, 0, PICKS_PER_CALL, hashes),
+                       rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["ns_per_pick"] = benchmark.stats.stats.median / PICKS_PER_CALL * 1e9
+    benchmark.extra_info["backends"] = size
+
+
+def test_snapshot_build_10k_backends_wrr(benchmark):
+    services = pool("wrr", 10_000)
+    benchmark.pedantic(build, args=(services,), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["ms_per_build"] = benchmark.stats.stats.median * 1e3
+
+
+def test_snapshot_build_10k_backends_maglev(benchmark):
+    services = pool("maglev", 10_000)
+    benchmark.pedantic(build, args=(services,), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["ms_per_build"] = benchmark.stats.stats.median * 1e3
+
+
+def test_maglev_table_build_10k_backends(benchmark):
+    ids = [f"b{i}" for i in range(10_000)]
+    weights = [1 + i % 3 for i in range(10_000)]
+    rows = list(range(10_000))
+    benchmark.pedantic(build_table, args=(ids, weights, rows, layout.MAGLEV_SIZE), rounds=5, iterations=1)
+    benchmark.extra_info["ms_per_build"] = benchmark.stats.stats.median * 1e3
+
+
+def test_snapshot_publish_10k_backends(benchmark, segment):
+    image = build(pool("maglev", 10_000))
+    benchmark.pedantic(publish_snapshot, args=(segment, image), rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["ms_per_publish"] = benchmark.stats.stats.median * 1e3
+
+
+def test_snapshot_notice_per_accept(benchmark, segment):
+    """What a worker pays per accept to notice a new version: one atomic
+    load of the generation, compared with the one it holds."""
+    publish_snapshot(segment, build(pool("wrr", 10)))
+    loops = 1_000_000
+    benchmark.pedantic(notice_loop, args=(segment.base_address, loops), rounds=5, iterations=1)
+    benchmark.extra_info["ns_per_notice"] = benchmark.stats.stats.median / loops * 1e9
