@@ -11,6 +11,7 @@ A worker that dies is replaced; its share of the active counts is released.
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import socket
@@ -121,6 +122,8 @@ class NodeAgent:
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
         self.workers: dict[int, WorkerProcess] = {}
         self._respawn_at: dict[int, tuple[float, int]] = {}  # index -> (when, restarts)
+        self._signals: set[int] = set()
+        self._service_retired_since: dict[int, float] = {}
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
@@ -142,13 +145,25 @@ class NodeAgent:
         assert self.segment is not None
         return int(self.segment.counters[slot]["active"]) == 0 and self._workers_current()
 
+    def _service_slot_releasable(self, slot: int) -> bool:
+        """A removed service's slot may serve another service once every
+        worker is past the snapshot that removed it and no connection of the
+        old service can still be between connect retries."""
+        since = self._service_retired_since.setdefault(slot, time.monotonic())
+        node = self.config.node
+        setup_window = node.connect_timeout_ms * (node.retries + 1) / 1000 + 1.0
+        if self._workers_current() and time.monotonic() - since >= setup_window:
+            del self._service_retired_since[slot]
+            return True
+        return False
+
     def _plan(self, config: Config) -> Plan:
         """Everything a publish of ``config`` needs, changing nothing yet:
         ConfigError when it cannot be built (the node keeps what it has)."""
         service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
         try:
             fresh_services = service_slots.assign((s.name for s in config.services),
-                                                  lambda slot: self._workers_current())
+                                                  self._service_slot_releasable)
             fresh_backends = backend_slots.assign(
                 ((s.name, b.id) for s in config.services for b in s.backends),
                 self._backend_slot_releasable)
@@ -259,7 +274,7 @@ class NodeAgent:
             if not self._wait_adopted(READY_TIMEOUT_S):
                 raise RuntimeError("workers did not come up (see their messages above)")
         except BaseException:
-            self._shutdown(drain=False)
+            self.shutdown(drain=False)
             raise
         node = self.config.node
         listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
@@ -283,7 +298,7 @@ class NodeAgent:
         else:
             self.log(f"reloaded: version {self.version} (some workers have not taken it up yet)")
 
-    def _shutdown(self, drain: bool) -> None:
+    def shutdown(self, drain: bool) -> None:
         self._stopping = True
         if self.segment is not None:
             self.segment.control["draining"] = 1
@@ -305,41 +320,59 @@ class NodeAgent:
             self.segment.close()
             self.segment = None
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT. Call after start()."""
-        flags: dict[int, bool] = {}
+    def install_signal_handlers(self) -> None:
+        """Signals only set flags (handled by the loop in run()); installed
+        before start() so that a SIGTERM during start-up is a clean stop."""
 
         def remember(signum: int, _frame: object) -> None:
-            flags[signum] = True
+            self._signals.add(signum)
 
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
             signal.signal(signum, remember)
         signal.set_wakeup_fd(self._wake_w)
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT. Call after start()."""
         while True:
             select.select([self._wake_r], [], [], 0.2)
             try:
                 os.read(self._wake_r, 512)
             except BlockingIOError:
                 pass
-            if flags.pop(signal.SIGTERM, False) or flags.pop(signal.SIGINT, False):
+            received, self._signals = self._signals, set()
+            if received & {signal.SIGTERM, signal.SIGINT}:
                 self.log("stopping: draining open connections")
-                self._shutdown(drain=True)
+                self.shutdown(drain=True)
                 self.log("stopped")
                 return 0
-            if flags.pop(signal.SIGHUP, False):
+            if signal.SIGHUP in received:
                 self.reload()
-            if flags.pop(signal.SIGUSR1, False):
+            if signal.SIGUSR1 in received:
                 assert self.segment is not None
                 print(format_stats(node_stats(self.segment)), file=self._log_file, flush=True)
-            flags.pop(signal.SIGCHLD, None)
             self._reap()
             self._respawn_due()
 
 
 def serve(config: Config, log: TextIO = sys.stderr,
           on_ready: Callable[[NodeAgent], None] | None = None) -> int:
+    """Run a node until it is stopped; whatever happens, nothing it started
+    is left behind (workers, listeners, the shared-memory segment)."""
+    raise_descriptor_limit()
     agent = NodeAgent(config, log)
-    agent.start()
-    if on_ready is not None:
-        on_ready(agent)
-    return agent.run()
+    agent.install_signal_handlers()
+    try:
+        agent.start()
+        if on_ready is not None:
+            on_ready(agent)
+        return agent.run()
+    finally:
+        agent.shutdown(drain=False)
+
+
+def raise_descriptor_limit() -> None:
+    """Workers inherit the limit: each connection costs them two descriptors
+    and a pipe pair in flight, so take the hard limit, not the usual 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

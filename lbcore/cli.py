@@ -38,7 +38,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(path: str) -> int:
     from lbcore.agent import serve
-    from lbcore.segment import SegmentError
 
     config = load_config(path)
     try:

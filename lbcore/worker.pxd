@@ -1,5 +1,6 @@
 # The worker's state: one Worker per process, a fixed pool of Conn.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from lbcore.balance.pick cimport MAX_EXCLUDED
 from lbcore.includes.layout cimport (
     flc_control, flc_counter, flc_service_state, flc_worker_state, flc_snapshot_header,
     FLC_MAX_SERVICES,
@@ -16,6 +17,7 @@ cdef enum:
     MAX_PIPES = 512           # pipes per worker; beyond, bulk data uses read/write
     MAX_SPARE_BUFFERS = 256   # pending-data buffers kept for reuse
     PUMP_ROUNDS = 16          # reads per direction per turn: others get theirs
+    CLAIM_ATTEMPTS = 8        # least_conn compare-and-swap tries before a plain claim
 
 cdef enum PumpResult:
     PUMP_IDLE = 0
@@ -65,7 +67,7 @@ cdef struct Conn:
     uint32_t backend_slot
     bint holds_claim          # counted in the backend's active count
     uint32_t client_hash
-    uint32_t tried[8]
+    uint32_t tried[MAX_EXCLUDED]
     int n_tried
     uint64_t connect_deadline_ms
     uint64_t last_active_ms
@@ -89,20 +91,21 @@ cdef struct Worker:
     uint32_t idle_timeout_ms
     uint32_t retries
     uint32_t relay_mode
-    int listen_fd[64]
-    uint32_t listen_ip[64]
-    uint16_t listen_port[64]
+    int listen_fd[FLC_MAX_SERVICES]
+    uint32_t listen_ip[FLC_MAX_SERVICES]
+    uint16_t listen_port[FLC_MAX_SERVICES]
     Conn *conns
+    int high_water            # connection slots in [high_water, max) were never used
     int *backlog              # connections a bounded pump left with work
     int n_backlog
     int max_conns
     int free_head
     int n_open
     char *scratch
-    int pipes[1024]           # spare pipes: pairs (read end, write end)
+    int pipes[2 * MAX_PIPES]  # spare pipes: pairs (read end, write end)
     int n_spare_pipes
     int n_pipes               # pipes that exist, spare or held
-    char *spare_buffers[256]
+    char *spare_buffers[MAX_SPARE_BUFFERS]
     int n_spare_buffers
     uint32_t next_tag
     uint64_t now_ms
@@ -113,3 +116,4 @@ cdef struct Worker:
     bint accepts_paused
     uint64_t accepts_resume_ms
     uint64_t rng
+    uint64_t tiebreak

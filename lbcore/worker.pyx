@@ -18,7 +18,7 @@ from libc.string cimport memcpy, memmove, memset
 
 from lbcore.includes.system cimport *
 from lbcore.includes.layout cimport *
-from lbcore.balance.pick cimport PickContext
+from lbcore.balance.pick cimport MAX_EXCLUDED, PickContext, row_is_eligible
 from lbcore.balance cimport wrr, least_conn, p2c, maglev
 from lbcore.worker cimport *
 
@@ -62,7 +62,7 @@ cdef bint backend_is_eligible(flc_snapshot_header *snap, uint32_t service_slot,
     if row < 0 or <uint32_t>row >= snap.n_backends or <uint32_t>row >= FLC_MAX_BACKENDS:
         return False
     b = &flc_backends_of(snap)[row]
-    return b.eligible == 1 and b.weight > 0 and b.service_slot == service_slot
+    return row_is_eligible(b) and b.service_slot == service_slot
 
 
 cdef void close_listener(Worker *w, int slot) noexcept nogil:
@@ -119,8 +119,8 @@ cdef void notice_snapshot(Worker *w) noexcept nogil:
     """Adopt a new generation if the agent published one: one atomic load."""
     cdef uint64_t generation = flc_load_acquire_u64(&w.control.generation)
     cdef flc_snapshot_header *snap
-    cdef uint32_t ips[64]
-    cdef uint16_t ports[64]
+    cdef uint32_t ips[FLC_MAX_SERVICES]
+    cdef uint16_t ports[FLC_MAX_SERVICES]
     cdef uint32_t limits[4]
     cdef int attempt, slot
     cdef bint complete = True
@@ -138,7 +138,7 @@ cdef void notice_snapshot(Worker *w) noexcept nogil:
     w.generation = generation
     w.connect_timeout_ms = limits[0]
     w.idle_timeout_ms = limits[1]
-    w.retries = limits[2] if limits[2] < 8 else 7
+    w.retries = limits[2] if limits[2] < MAX_EXCLUDED else MAX_EXCLUDED - 1
     w.relay_mode = limits[3]
     if not w.draining:
         for slot in range(FLC_MAX_SERVICES):
@@ -199,6 +199,17 @@ cdef void give_pipe(Worker *w, Direction *d) noexcept nogil:
         w.n_pipes -= 1
     d.pipe_r = d.pipe_w = -1
     d.pipe_len = 0
+
+
+cdef void release_spares(Worker *w) noexcept nogil:
+    cdef int i
+    for i in range(2 * w.n_spare_pipes):
+        close(w.pipes[i])
+    w.n_pipes -= w.n_spare_pipes
+    w.n_spare_pipes = 0
+    for i in range(w.n_spare_buffers):
+        free(w.spare_buffers[i])
+    w.n_spare_buffers = 0
 
 
 cdef void release_direction(Worker *w, Direction *d) noexcept nogil:
@@ -282,6 +293,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         ctx.service_state = &w.service_states[c.service_slot]
         ctx.client_hash = c.client_hash
         ctx.rng = w.rng
+        ctx.tiebreak = w.tiebreak
         ctx.n_excluded = c.n_tried
         memcpy(ctx.excluded, c.tried, sizeof(c.tried))
         ctx.observed_active = -1
@@ -295,6 +307,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         else:
             row = wrr.pick(&ctx)
         w.rng = ctx.rng
+        w.tiebreak = ctx.tiebreak
         if not service.active or not backend_is_eligible(snap, c.service_slot, row):
             row = -1
         else:
@@ -309,16 +322,18 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             continue
         if row < 0:
             return -1
-        if algorithm == FLC_ALGO_LEAST_CONN:
+        if algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS:
             if not flc_cas_i64(&w.counters[slot].active, ctx.observed_active,
                                ctx.observed_active + 1):
                 continue  # another worker took a connection meanwhile: scan again
         else:
+            # other algorithms, or a claim contended CLAIM_ATTEMPTS times:
+            # serving the client beats an exact least-connections choice
             flc_add_i64(&w.counters[slot].active, 1)
         w.my_active[slot] += 1
         c.backend_slot = slot
         c.holds_claim = True
-        if c.n_tried < 8:
+        if c.n_tried < MAX_EXCLUDED:
             c.tried[c.n_tried] = slot
             c.n_tried += 1
         return 0
@@ -371,20 +386,22 @@ cdef void connected(Worker *w, int index) noexcept nogil:
     flc_add_u64(&w.counters[c.backend_slot].total, 1)
 
 
-cdef void accept_clients(Worker *w, int slot) noexcept nogil:
+cdef bint accept_clients(Worker *w, int slot) noexcept nogil:
+    """Accept up to ACCEPT_BATCH connections; True if the batch ran out
+    before the queue did (more may be waiting)."""
     cdef sockaddr_in sa
     cdef socklen_t length
     cdef int fd, i, index
     cdef Conn *c
     for i in range(ACCEPT_BATCH):
         if w.listen_fd[slot] < 0:
-            return
+            return False
         length = sizeof(sa)
         fd = accept4(w.listen_fd[slot], <sockaddr *>&sa, &length, SOCK_NONBLOCK | SOCK_CLOEXEC)
         if fd < 0:
             if out_of_resources():
                 pause_accepts(w)
-            return  # EAGAIN, or a connection that died in the queue
+            return False  # EAGAIN, or a connection that died in the queue
         notice_snapshot(w)
         if w.free_head < 0:
             close(fd)  # max_connections reached: refuse rather than queue forever
@@ -392,6 +409,8 @@ cdef void accept_clients(Worker *w, int slot) noexcept nogil:
         index = w.free_head
         c = &w.conns[index]
         w.free_head = c.next_free
+        if index >= w.high_water:
+            w.high_water = index + 1
         w.n_open += 1
         w.me.active = w.n_open
         w.me.accepted += 1
@@ -410,6 +429,7 @@ cdef void accept_clients(Worker *w, int slot) noexcept nogil:
                   token(TOKEN_CLIENT, c.client.tag, index))
         if not connect_backend(w, index):
             close_conn(w, index)
+    return True
 
 
 cdef void pause_accepts(Worker *w) noexcept nogil:
@@ -422,6 +442,7 @@ cdef void pause_accepts(Worker *w) noexcept nogil:
     w.accepts_paused = True
     w.accepts_resume_ms = w.now_ms + ACCEPT_PAUSE_MS
     w.me.accept_pauses += 1
+    release_spares(w)  # give descriptors and memory back while short of them
     for slot in range(FLC_MAX_SERVICES):
         if w.listen_fd[slot] >= 0:
             epoll_ctl(w.epfd, EPOLL_CTL_DEL, w.listen_fd[slot], &ev)
@@ -558,6 +579,8 @@ cdef int pump(Worker *w, Direction *d, const Direction *other, Side *src, Side *
                 give_pipe(w, d)
             return PUMP_IDLE
         if not src.readable:
+            if d.pipe_len == 0:
+                give_pipe(w, d)  # nothing in flight: the pipe goes back to the pool
             return PUMP_IDLE
         if not read_some(w, d, src, dst):
             return PUMP_ERROR
@@ -583,9 +606,9 @@ cdef void run_backlog(Worker *w) noexcept nogil:
     again for the next one."""
     cdef int n = w.n_backlog
     cdef int i, index
-    cdef int batch[256]
-    if n > 256:
-        n = 256
+    cdef int batch[MAX_EVENTS]
+    if n > MAX_EVENTS:
+        n = MAX_EVENTS
     memcpy(batch, w.backlog, n * sizeof(int))
     memmove(w.backlog, w.backlog + n, (w.n_backlog - n) * sizeof(int))
     w.n_backlog -= n
@@ -643,10 +666,12 @@ cdef void tick(Worker *w) noexcept nogil:
     cdef int i
     cdef Conn *c
     w.next_tick_ms = w.now_ms + TICK_MS
+    if w.me.listening == 0 and not w.draining:
+        w.generation = <uint64_t>-1  # a listener failed to open: try again
     notice_snapshot(w)
     if w.accepts_paused and w.now_ms >= w.accepts_resume_ms and not w.draining:
         resume_accepts(w)
-    for i in range(w.max_conns):
+    for i in range(w.high_water):
         c = &w.conns[i]
         if c.state == CONN_FREE:
             continue
@@ -659,14 +684,15 @@ cdef void tick(Worker *w) noexcept nogil:
 
 
 cdef void start_drain(Worker *w) noexcept nogil:
-    cdef int slot
+    cdef int slot, batch
     if w.draining:
         return
     # Take what is already queued on our listeners (with SO_REUSEPORT a
     # closed listener resets its queue), then stop accepting.
     for slot in range(FLC_MAX_SERVICES):
-        if w.listen_fd[slot] >= 0 and not w.accepts_paused:
-            accept_clients(w, slot)
+        for batch in range(w.max_conns // ACCEPT_BATCH + 1):
+            if w.listen_fd[slot] < 0 or not accept_clients(w, slot):
+                break
         close_listener(w, slot)
     w.draining = True
     w.drain_deadline_ms = w.now_ms + w.drain_timeout_ms
@@ -684,7 +710,7 @@ cdef void on_signal(Worker *w) noexcept nogil:
 # ---------------------------------------------------------------- loop
 
 cdef int event_loop(Worker *w) noexcept nogil:
-    cdef epoll_event events[256]
+    cdef epoll_event events[MAX_EVENTS]
     cdef int n, i, timeout
     cdef uint64_t data
     cdef uint32_t kind
@@ -753,6 +779,8 @@ cdef int setup(Worker *w, const char *path, int index, int max_conns,
     w.free_head = 0
     w.epfd = epoll_create1(EPOLL_CLOEXEC)
     # Signals arrive as events: a handler cannot run while the loop holds no GIL.
+    # A peer that resets while we write must cost an EPIPE, not the process.
+    signal(SIGPIPE, SIG_IGN)
     sigemptyset(&mask)
     sigaddset(&mask, SIGTERM)
     sigaddset(&mask, SIGINT)
@@ -777,10 +805,7 @@ cdef void teardown(Worker *w) noexcept nogil:
         close_conn(w, i)
     for i in range(FLC_MAX_SERVICES):
         close_listener(w, i)
-    for i in range(2 * w.n_spare_pipes):
-        close(w.pipes[i])
-    for i in range(w.n_spare_buffers):
-        free(w.spare_buffers[i])
+    release_spares(w)
     w.me.listening = 0
     w.me.active = 0
     free(w.conns)

@@ -3,42 +3,45 @@
 
 Candidates are drawn uniformly from the WRR schedule, where each backend
 appears in proportion to its weight, so the draw is weighted in O(1); the
-comparison uses node-wide active counts scaled by weight.
+comparison uses node-wide active counts scaled by weight. The second draw
+avoids the first backend, so there is a real choice whenever two exist.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool, next_random
+from lbcore.balance.pick cimport PickContext, is_excluded, next_random, scan_for_any, table_in_pool
 
 cdef enum:
     DRAWS = 16   # bound on draws when retries exclude most of a small pool
 
 
-cdef inline int draw(PickContext *ctx, uint32_t offset, uint32_t length) noexcept nogil:
+cdef inline int draw(PickContext *ctx, uint32_t offset, uint32_t length, int other) noexcept nogil:
     cdef int i
     cdef uint32_t row
     for i in range(DRAWS):
         row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
-        if not is_excluded(ctx, row):
+        if <int>row != other and not is_excluded(ctx, row):
             return <int>row
     return -1
+
+
+cdef inline int64_t load_of(PickContext *ctx, int row) noexcept nogil:
+    cdef int64_t active = flc_load_i64(&ctx.counters[ctx.backends[row].slot % FLC_MAX_BACKENDS].active)
+    return active if active > 0 else 0
 
 
 cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t offset = ctx.service.schedule_offset
     cdef uint32_t length = ctx.service.schedule_len
     cdef int a, b
-    cdef int64_t load_a, load_b
     if not table_in_pool(offset, length):
         return -1
-    a = draw(ctx, offset, length)
-    b = draw(ctx, offset, length)
+    a = draw(ctx, offset, length, -1)
     if a < 0:
-        return b
-    if b < 0 or a == b:
+        return scan_for_any(ctx, <uint32_t>next_random(ctx))
+    b = draw(ctx, offset, length, a)
+    if b < 0:
         return a
-    # (active_a + 1) / w_a < (active_b + 1) / w_b, without division
-    load_a = (flc_load_i64(&ctx.counters[ctx.backends[a].slot % FLC_MAX_BACKENDS].active) + 1) \
-        * ctx.backends[b].weight
-    load_b = (flc_load_i64(&ctx.counters[ctx.backends[b].slot % FLC_MAX_BACKENDS].active) + 1) \
-        * ctx.backends[a].weight
-    return a if load_a <= load_b else b
+    # (active_a + 1) / w_a <= (active_b + 1) / w_b, without division
+    if (load_of(ctx, a) + 1) * ctx.backends[b].weight <= (load_of(ctx, b) + 1) * ctx.backends[a].weight:
+        return a
+    return b

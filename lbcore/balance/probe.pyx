@@ -8,7 +8,7 @@ so least-connections sees its own earlier picks.
 import numpy as np
 from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
-from lbcore.balance.pick cimport PickContext
+from lbcore.balance.pick cimport MAX_EXCLUDED, PickContext
 from lbcore.balance cimport wrr, least_conn, p2c, maglev
 
 
@@ -49,8 +49,9 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
     ctx.counters = counters
     ctx.service_state = &flc_service_states_of(segment)[service_slot]
     ctx.rng = seed | 1
-    ctx.n_excluded = len(excluded_slots)
-    for i, slot in enumerate(excluded_slots[:8]):
+    ctx.tiebreak = 0
+    ctx.n_excluded = min(len(excluded_slots), MAX_EXCLUDED)
+    for i, slot in enumerate(excluded_slots[:MAX_EXCLUDED]):
         ctx.excluded[i] = slot
     with nogil:
         for i in range(n):

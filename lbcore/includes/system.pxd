@@ -146,6 +146,9 @@ cdef extern from "<signal.h>" nogil:
     int sigemptyset(sigset_t *s)
     int sigaddset(sigset_t *s, int signo)
     int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
+    ctypedef void (*sighandler_t)(int)
+    sighandler_t SIG_IGN
+    sighandler_t signal(int signo, sighandler_t handler)
     enum:
         SIG_BLOCK
         SIGTERM

@@ -60,8 +60,9 @@ def xorshift64star(state: int) -> tuple[int, int]:
 
 
 def p2c_picks(weights: list[int], n: int, seed: int) -> list[int]:
-    """Two candidates drawn uniformly from the WRR schedule, less loaded by
-    (active + 1) / weight wins (the first drawn on ties); picks stay open."""
+    """Two distinct candidates drawn uniformly from the WRR schedule, less
+    loaded by (active + 1) / weight wins (the first drawn on ties); picks stay
+    open."""
     schedule = wrr_schedule(weights)
     active = [0] * len(weights)
     state = seed | 1
@@ -69,9 +70,13 @@ def p2c_picks(weights: list[int], n: int, seed: int) -> list[int]:
     for _ in range(n):
         state, r = xorshift64star(state)
         a = schedule[r % len(schedule)]
-        state, r = xorshift64star(state)
-        b = schedule[r % len(schedule)]
-        if a != b and (active[a] + 1) * weights[b] > (active[b] + 1) * weights[a]:
+        b = None
+        for _draw in range(16):  # the second candidate is another backend, if one turns up
+            state, r = xorshift64star(state)
+            if schedule[r % len(schedule)] != a:
+                b = schedule[r % len(schedule)]
+                break
+        if b is not None and (active[a] + 1) * weights[b] > (active[b] + 1) * weights[a]:
             a = b
         picks.append(a)
         active[a] += 1
