@@ -6,7 +6,7 @@ Picks read a real snapshot in a real segment, exactly as a worker does;
 so least-connections sees its own earlier picks.
 """
 import numpy as np
-from libc.stdint cimport uint32_t, uint64_t, int64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
 from lbcore.balance.pick cimport MAX_EXCLUDED, PickContext
 from lbcore.balance cimport wrr, least_conn, p2c, maglev
@@ -83,3 +83,31 @@ def notice_loop(uintptr_t base, Py_ssize_t n):
                 held = now
                 changes += 1
     return changes
+
+
+def read_backends_under_seqlock(uintptr_t base, Py_ssize_t reads, uint8_t[:, ::1] out):
+    """Read the current buffer's backend table ``reads`` times the way a
+    worker reads a snapshot: seqlock begin, copy, validate. The buffer pointer
+    is taken once per read, so a publisher that laps the reader rewrites the
+    very bytes being copied. Copies that validated go to ``out`` (one row each,
+    the first ``out.shape[1]`` bytes of the table). Returns (validated, torn)."""
+    cdef void *segment = <void *>base
+    cdef flc_control *control = flc_control_of(segment)
+    cdef flc_snapshot_header *snap
+    cdef const uint8_t *rows
+    cdef uint64_t seq
+    cdef Py_ssize_t i, j, width = out.shape[1], validated = 0, torn = 0
+    with nogil:
+        for i in range(reads):
+            snap = flc_buffer_of(segment, flc_load_acquire_u64(&control.generation))
+            seq = flc_read_begin(snap)
+            rows = <const uint8_t *>flc_backends_of(snap)
+            for j in range(width):
+                out[validated, j] = rows[j]
+            if flc_read_validate(snap, seq):
+                validated += 1
+            else:
+                torn += 1
+            if validated == out.shape[0]:
+                break
+    return validated, torn

@@ -86,7 +86,7 @@ def test_least_conn_spreads_held_connections_evenly(backends, lbproxy, opening):
         assert active == {i: 5 for i in ids}, f"stats active: {active}"
         # Both workers took part (otherwise node-wide sharing was not exercised).
         accepted = [w["accepted"] for w in node.stats()["workers"]]
-        assert len(accepted) == 2 and sum(accepted) == 20
+        assert len(accepted) == 2 and sum(accepted) == 20 and min(accepted) > 0, accepted
     finally:
         for c in clients:
             c.close()
@@ -120,3 +120,28 @@ def test_maglev_keeps_a_client_address_on_one_backend(backends, lbproxy):
     assert not unstable, f"sources that changed backend: {unstable}"
     spread = Counter(next(iter(v)) for v in by_source.values())
     assert set(spread) == set(ids), f"60 sources over backends: {dict(spread)}"
+
+
+@pytest.mark.timeout(120)
+def test_least_conn_serves_when_a_count_dipped_below_zero(backends, lbproxy):
+    """A worker killed between its two counter updates can leave a count at
+    -1; least_conn must still claim backends, not refuse clients."""
+    from lbcore.segment import Segment
+
+    ids = ["web-1", "web-2"]
+    b = backends({i: "127.0.0.1" for i in ids})
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [(i, b[i], 1) for i in ids], algorithm="least_conn")],
+                   workers=2)
+    slot = node.backend_stats()["web-1"]["slot"]
+    segment = Segment.attach(node.node_id)
+    try:
+        segment.counters[slot]["active"] = -1
+    finally:
+        segment.close()
+    seen: Counter[str] = Counter()
+    for n in range(20):
+        with Client(listen) as c:
+            seen[c.ident()] += 1
+            assert c.echo(b"n %d\n" % n) == b"n %d\n" % n
+    assert sum(seen.values()) == 20 and set(seen) == set(ids), dict(seen)

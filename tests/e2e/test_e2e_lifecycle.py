@@ -406,3 +406,33 @@ def test_reload_new_service_starts_with_zero_accepted(backends, lbproxy):
     wait_until(serve_one, 5, interval=0.02, message=f"3 connections served by {api}")
     wait_until(lambda: node.stats()["services"][0]["accepted"] == served, 5,
                message=lambda: f"accepted == {served}: {node.stats()['services']}")
+
+
+@pytest.mark.timeout(120)
+def test_stop_serves_connections_already_queued(backends, lbproxy):
+    """Connections the kernel queued on a worker's listener before SIGTERM are
+    accepted and served during the drain, not reset with the listener."""
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1)
+    (worker,) = node.worker_pids().values()
+    os.kill(worker, signal.SIGSTOP)  # the queue fills while the worker cannot accept
+    clients = []
+    try:
+        for _ in range(100):
+            clients.append(Client(listen, timeout=20))
+        node.send(signal.SIGTERM)
+        node.wait_log("stopping")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    try:
+        served = 0
+        for n, c in enumerate(clients):
+            assert c.ident() == "web-1", f"queued connection {n} was not served"
+            assert c.echo(b"queued %d\n" % n) == b"queued %d\n" % n
+            served += 1
+    finally:
+        for c in clients:
+            c.close()
+    assert served == 100
+    assert node.process is not None and node.process.wait(15) == 0

@@ -126,6 +126,13 @@ def test_maglev_moves_about_one_nth_when_one_leaves(n):
     assert others.mean() < 0.005
 
 
+def test_p2c_compares_two_different_backends(published):
+    image = published.publish_text([service("p2c", [1, 1])])
+    published.segment.counters[int(image.backends["slot"][0])]["active"] = 1000
+    got = positions(published, picks(published.segment.base_address, 0, 500))
+    assert set(got) == {1}, "a pick compared a backend with itself and took the loaded one"
+
+
 def test_maglev_keeps_keys_when_a_backend_joins_elsewhere_in_the_list():
     # Permutations come from ids, not positions: renumbering rows changes nothing.
     a = build_table(["x", "y", "z"], [1, 1, 1], [0, 1, 2])
@@ -134,13 +141,20 @@ def test_maglev_keeps_keys_when_a_backend_joins_elsewhere_in_the_list():
 
 
 @pytest.mark.parametrize("algorithm", ["wrr", "least_conn", "p2c", "maglev"])
-def test_excluded_backends_are_never_picked(published, algorithm):
-    image = published.publish_text([service(algorithm, [1, 1, 1, 1])])
-    excluded = [int(image.backends["slot"][1]), int(image.backends["slot"][2])]
-    hashes = np.arange(200, dtype=np.uint32) * 2654435761
-    got = positions(published, picks(published.segment.base_address, 0, 200, client_hashes=hashes,
+@pytest.mark.parametrize("weights, excluded_positions", [
+    ([1, 1, 1, 1], [1, 2]),
+    ([256, 1, 1], [0]),         # the heavy one failed: its entries fill the tables
+    ([50, 1, 1, 50], [0, 3]),
+])
+def test_a_retry_always_finds_a_backend_left(published, algorithm, weights, excluded_positions):
+    image = published.publish_text([service(algorithm, weights)])
+    excluded = [int(image.backends["slot"][p]) for p in excluded_positions]
+    hashes = (np.arange(2000, dtype=np.uint64) * 2654435761 % (1 << 32)).astype(np.uint32)
+    got = positions(published, picks(published.segment.base_address, 0, 2000, client_hashes=hashes,
                                      excluded_slots=excluded))
-    assert set(got) <= {0, 3} and -1 not in got
+    left = {i for i in range(len(weights)) if i not in excluded_positions}
+    assert -1 not in got, "a retry found no backend although some are left"
+    assert set(got) <= left
 
 
 @pytest.mark.parametrize("algorithm", ["wrr", "least_conn", "p2c", "maglev"])
