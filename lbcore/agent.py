@@ -291,7 +291,12 @@ class NodeAgent:
         except ConfigError as exc:
             self.log(f"reload refused, still serving version {self.version}: {exc}")
             return
+        before = self.config.node
         self._apply(plan)
+        if (before.max_connections, before.drain_timeout_ms) != (
+                config.node.max_connections, config.node.drain_timeout_ms):
+            self.log("node.max_connections and node.drain_timeout_ms apply to workers started "
+                     "from now on; running workers keep theirs until restarted")
         self._scale_workers()
         if self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S):
             self.log(f"reloaded: version {self.version}")

@@ -49,6 +49,7 @@ def node_stats(segment: Segment) -> dict[str, Any]:
         "node": bytes(segment.control["node_id"]).decode(),
         "version": image.version,
         "generation": segment.generation(),
+        "draining": bool(segment.control["draining"]),
         "checksum": image.checksum,
         "workers": workers,
         "services": services,
