@@ -8,7 +8,7 @@ from lbcore.includes.layout cimport (
 
 cdef enum:
     RW_CHUNK = 16384          # read/write path: one read of at most this
-    PIPE_CHUNK = 65536        # splice path: one pipe's default capacity
+    PIPE_SIZE = 1048576       # splice path: a pipe's capacity (F_SETPIPE_SZ), moved per call
     SPLICE_LEAVE = 4096       # a splice read smaller than this returns to read/write
     MAX_EVENTS = 256
     ACCEPT_BATCH = 32         # accepts per listener event, so relays are not starved

@@ -179,6 +179,9 @@ cdef bint take_pipe(Worker *w, Direction *d) noexcept nogil:
         return True
     if w.n_pipes >= MAX_PIPES or pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
         return False
+    # Fewer, larger splices per megabyte; if the system refuses the size the
+    # pipe keeps its default and the splices are just smaller.
+    fcntl(fds[1], F_SETPIPE_SZ, <int>PIPE_SIZE)
     w.n_pipes += 1
     d.pipe_r = fds[0]
     d.pipe_w = fds[1]
@@ -508,7 +511,7 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
     if d.splicing and d.pipe_r < 0 and not take_pipe(w, d):
         d.splicing = False  # no pipe to be had: bulk data takes read/write
     if d.splicing:
-        n = splice(src.fd, NULL, d.pipe_w, NULL, PIPE_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        n = splice(src.fd, NULL, d.pipe_w, NULL, PIPE_SIZE, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
     else:
         n = read(src.fd, w.scratch, RW_CHUNK)
     if n == 0:
