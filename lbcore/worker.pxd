@@ -42,6 +42,7 @@ cdef struct Side:
     bint readable             # edge-triggered: ready until read says otherwise
     bint writable
     bint rdhup                # peer sent FIN: read until 0 even after a short read
+    bint nodelay              # TCP_NODELAY set (once bulk data flows towards it)
 
 
 cdef struct Direction:

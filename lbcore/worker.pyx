@@ -362,7 +362,7 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             w.next_tag += 1
             c.backend.fd = fd
             c.backend.tag = w.next_tag
-            c.backend.readable = c.backend.writable = c.backend.rdhup = False
+            c.backend.readable = c.backend.writable = c.backend.rdhup = c.backend.nodelay = False
             c.state = CONN_CONNECTING
             c.connect_deadline_ms = w.now_ms + w.connect_timeout_ms
             epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
@@ -502,12 +502,20 @@ cdef bint hold_rest(Worker *w, Direction *d, const char *data, uint32_t length) 
     return True
 
 
+cdef void set_nodelay(Side *s) noexcept nogil:
+    cdef int one = 1
+    setsockopt(s.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+    s.nodelay = True
+
+
 cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogil:
     """One read from ``src``, written through to ``dst`` when possible.
     False on a hard error; sets d.eof at end of stream."""
     cdef ssize_t n, m
     if w.relay_mode == FLC_RELAY_SPLICE:
         d.splicing = True
+        if not dst.nodelay:
+            set_nodelay(dst)
     if d.splicing and d.pipe_r < 0 and not take_pipe(w, d):
         d.splicing = False  # no pipe to be had: bulk data takes read/write
     if d.splicing:
@@ -532,6 +540,11 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
     if n == RW_CHUNK:
         if w.relay_mode == FLC_RELAY_AUTO:
             d.splicing = True
+        if not dst.nodelay:
+            # Bulk data ends in a short segment that Nagle would hold until
+            # the peer's delayed ACK (tens of ms); small exchanges are one
+            # segment each and need no extra system call.
+            set_nodelay(dst)
     elif src.rdhup:
         # The peer's FIN came before this event and a short read emptied the
         # socket: the next read could only return 0, so skip it.

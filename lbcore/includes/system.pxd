@@ -96,6 +96,11 @@ cdef extern from "<netinet/in.h>" nogil:
     enum:
         IPPROTO_TCP
 
+
+cdef extern from "<netinet/tcp.h>" nogil:
+    enum:
+        TCP_NODELAY
+
     uint16_t htons(uint16_t)
     uint16_t ntohs(uint16_t)
 
