@@ -169,3 +169,9 @@ def test_zero_weight_is_never_picked(published, algorithm):
 def test_no_eligible_backend_picks_nothing(published, algorithm):
     published.publish_text([service(algorithm, [0, 0])])
     assert set(picks(published.segment.base_address, 0, 10).tolist()) == {-1}
+
+
+def test_maglev_table_shares_follow_weights():
+    table = build_table(["a", "b", "c"], [1, 2, 3], [0, 1, 2])
+    shares = np.bincount(table, minlength=3) / len(table)
+    assert np.allclose(shares, [1 / 6, 2 / 6, 3 / 6], atol=0.005), shares
