@@ -307,7 +307,9 @@ http {{
 def start_lbproxy(fleet: Fleet, name: str, workers: int, ports: list[int], relay: str = "auto") -> Target:
     """lbproxy (``python -m lbcore.cli -c CONFIG``), wrr over ``ports``; ready when its log says so."""
     port = fleet.port()
-    config, log = fleet.work / f"{name}.toml", fleet.work / f"{name}.log"
+    # per worker count: a log left by an earlier run must not read as "ready"
+    config, log = fleet.work / f"{name}-{workers}w.toml", fleet.work / f"{name}-{workers}w.log"
+    log.unlink(missing_ok=True)
     backends = "".join(f'\n[[service.backend]]\nid = "b{i}"\naddress = "{HOST}:{p}"\n'
                        for i, p in enumerate(ports, 1))
     config.write_text(f'[node]\nid = "bench-{os.getpid()}-{name}"\nworkers = {workers}\nrelay = "{relay}"\n\n'
@@ -357,7 +359,7 @@ def start_nginx_stream(fleet: Fleet, name: str, workers: int, ports: list[int]) 
     if nginx is None or not STREAM_MODULE.exists():
         raise MissingToolError("nginx with the stream module (libnginx-mod-stream) is not installed")
     port = fleet.port()
-    prefix = fleet.work / name
+    prefix = fleet.work / f"{name}-{workers}w"
     (prefix / "logs").mkdir(parents=True)
     config, log = prefix / "nginx.conf", prefix / "error.log"
     servers = "".join(f"        server {HOST}:{p};\n" for p in ports)
