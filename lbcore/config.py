@@ -55,7 +55,7 @@ def _between(low: int, high: int) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be {low}..{high} (got {v})"
 
 
-def _name(v: str) -> str | None:
+def check_name(v: str) -> str | None:
     if len(v.encode()) >= NAME_LEN:
         return f"must be shorter than {NAME_LEN} bytes"
     if not NAME_PATTERN.match(v):
@@ -88,7 +88,7 @@ def _control(v: str) -> str | None:
 
 
 NODE_SETTINGS = [
-    Setting("id", str, REQUIRED, _name, "node name; names the shared-memory segment"),
+    Setting("id", str, REQUIRED, check_name, "node name; names the shared-memory segment"),
     Setting("workers", int, None, _between(1, MAX_WORKERS),
             "worker processes (default: number of cores)"),
     Setting("control", str, "static", _control, "where services come from"),
@@ -107,13 +107,13 @@ NODE_SETTINGS = [
 ]
 
 SERVICE_SETTINGS = [
-    Setting("name", str, REQUIRED, _name, "service name, unique on the node"),
+    Setting("name", str, REQUIRED, check_name, "service name, unique on the node"),
     Setting("listen", str, REQUIRED, _address, "IPv4 address:port clients connect to"),
     Setting("algorithm", str, "wrr", _algorithm, "wrr | least_conn | p2c | maglev"),
 ]
 
 BACKEND_SETTINGS = [
-    Setting("id", str, REQUIRED, _name, "backend id, unique in its service"),
+    Setting("id", str, REQUIRED, check_name, "backend id, unique in its service"),
     Setting("address", str, REQUIRED, _address, "IPv4 address:port of the backend"),
     Setting("weight", int, 1, _between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
 ]
@@ -243,6 +243,13 @@ def parse_config(text: str, file: str = "<config>") -> Config:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(file, "(syntax)", str(exc)) from None
+    return parse_document(document, file)
+
+
+def parse_document(document: dict[str, Any], file: str) -> Config:
+    """Validate a decoded document (TOML, or a snapshot off the wire)."""
+    if not isinstance(document, dict):
+        raise ConfigError(file, "(document)", "must be a table")
     for key in document:
         if key not in ("node", "service"):
             raise ConfigError(file, key, "unknown table (known: node, service)")

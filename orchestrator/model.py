@@ -1,0 +1,60 @@
+"""The primary state of the control plane, as plain immutable records.
+
+BackendMembership moves active -> draining -> removed (one record per
+service + backend, I3); HealthState is overwritten only by a newer
+observation revision (I4); LoadBalancingPolicy versions strictly increase
+(I5). RoutingState is derived, never stored (see derive.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Membership(str, Enum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    REMOVED = "removed"
+
+
+# Allowed membership transitions; a removed backend may be added again.
+TRANSITIONS: dict[Membership, frozenset[Membership]] = {
+    Membership.ACTIVE: frozenset({Membership.DRAINING, Membership.REMOVED}),
+    Membership.DRAINING: frozenset({Membership.ACTIVE, Membership.REMOVED}),
+    Membership.REMOVED: frozenset({Membership.ACTIVE}),
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    service: str
+    id: str
+    address: str
+    weight: int
+    state: Membership
+    version: int        # per record, for compare-and-swap
+
+
+@dataclass(frozen=True)
+class Health:
+    backend_id: str
+    up: bool
+    revision: int       # observation revision; only a newer one applies
+
+
+@dataclass(frozen=True)
+class Policy:
+    service: str
+    listen: str
+    algorithm: str
+    version: int        # strictly increasing per service
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the store holds, read in one transaction."""
+
+    version: int                     # global config version: +1 per mutation
+    policies: tuple[Policy, ...]     # sorted by service
+    backends: tuple[Backend, ...]    # sorted by (service, id)
+    health: tuple[Health, ...]       # sorted by backend_id

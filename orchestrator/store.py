@@ -1,0 +1,236 @@
+"""The authoritative store: one interface, SQLite by default.
+
+Every mutation is one transaction that also advances the global config
+version; a caller learns the new version only after the commit, so an
+acknowledged write survives a crash (WAL, synchronous=FULL: I8). The
+compare-and-swap rules live here and only here:
+
+- membership (I3): one record per service + backend; a write names the
+  record version it expects (``0`` on add: only if no record exists);
+- health (I4): an observation applies only with a revision newer than the
+  stored one, else it changes nothing;
+- policy (I5): versions strictly increase; a stale expected version is
+  refused with the current one in the error.
+"""
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from lbcore.balance import ALGORITHMS
+from lbcore.config import MAX_WEIGHT, check_name, parse_address
+from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
+from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy, State
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('config_version', 0);
+CREATE TABLE IF NOT EXISTS policy (
+    service TEXT PRIMARY KEY, listen TEXT NOT NULL, algorithm TEXT NOT NULL,
+    version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS backend (
+    service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT NULL,
+    weight INTEGER NOT NULL, state TEXT NOT NULL, version INTEGER NOT NULL,
+    PRIMARY KEY (service, id));
+CREATE TABLE IF NOT EXISTS health (
+    backend_id TEXT PRIMARY KEY, up INTEGER NOT NULL, revision INTEGER NOT NULL);
+"""
+
+
+class Store(Protocol):
+    """What the control plane needs of a store; every write returns the
+    global config version after its commit."""
+
+    def read(self) -> State: ...
+    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int: ...
+    def add_backend(self, service: str, backend_id: str, address: str, weight: int,
+                    expected_version: int | None) -> int: ...
+    def set_membership(self, service: str, backend_id: str, state: Membership,
+                       expected_version: int | None) -> int: ...
+    def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
+    def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]: ...
+    def close(self) -> None: ...
+
+
+def _check_weight(weight: int) -> None:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
+        raise BadRequestError(f"weight must be an integer 0..{MAX_WEIGHT} (got {weight!r})")
+
+
+def _check_name(what: str, value: str) -> None:
+    problem = check_name(value) if isinstance(value, str) else "must be a string"
+    if problem:
+        raise BadRequestError(f"{what}: {problem}")
+
+
+def _check_address(value: str) -> None:
+    try:
+        parse_address(value)
+    except (ValueError, AttributeError) as exc:
+        raise BadRequestError(f"address: {exc}") from None
+
+
+def _check_expected(expected: int | None) -> None:
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
+        raise BadRequestError(f"expected version must be an integer >= 0 (got {expected!r})")
+
+
+class SqliteStore:
+    """The embedded store: one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------ reads
+
+    def read(self) -> State:
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+            policies = tuple(Policy(*row) for row in db.execute(
+                "SELECT service, listen, algorithm, version FROM policy ORDER BY service"))
+            backends = tuple(
+                Backend(s, i, a, w, Membership(st), v) for s, i, a, w, st, v in db.execute(
+                    "SELECT service, id, address, weight, state, version FROM backend ORDER BY service, id"))
+            health = tuple(Health(b, bool(up), r) for b, up, r in db.execute(
+                "SELECT backend_id, up, revision FROM health ORDER BY backend_id"))
+        finally:
+            db.execute("COMMIT")
+        return State(version, policies, backends, health)
+
+    # ------------------------------------------------------------ writes
+
+    def _mutate(self, change: Callable[[sqlite3.Connection], bool | None]) -> tuple[bool, int]:
+        """Run ``change(db)`` and, unless it returns False (nothing to do),
+        advance the config version, in one transaction. Returns (changed,
+        the version after the commit)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            changed = change(db) is not False
+            if changed:
+                db.execute("UPDATE meta SET value = value + 1 WHERE key = 'config_version'")
+            version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return changed, int(version)
+
+    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int:
+        _check_name("service", service)
+        _check_address(listen)
+        _check_expected(expected_version)
+        if algorithm not in ALGORITHMS:
+            raise BadRequestError(f"unknown algorithm {algorithm!r} (one of: {', '.join(ALGORITHMS)})")
+
+        def change(db: sqlite3.Connection) -> None:
+            row = db.execute("SELECT version FROM policy WHERE service = ?", (service,)).fetchone()
+            current = row[0] if row else 0
+            if expected_version is not None and expected_version != current:
+                raise VersionConflictError(f"policy of {service!r}", expected_version, current)
+            clash = db.execute("SELECT service FROM policy WHERE listen = ? AND service != ?",
+                               (listen, service)).fetchone()
+            if clash:
+                raise BadRequestError(f"listen {listen} is already used by service {clash[0]!r}")
+            db.execute("INSERT INTO policy (service, listen, algorithm, version) VALUES (?, ?, ?, ?) "
+                       "ON CONFLICT (service) DO UPDATE SET listen = excluded.listen, "
+                       "algorithm = excluded.algorithm, version = excluded.version",
+                       (service, listen, algorithm, current + 1))
+
+        return self._mutate(change)[1]
+
+    def _backend(self, db: sqlite3.Connection, service: str, backend_id: str) -> tuple[str, int] | None:
+        row = db.execute("SELECT state, version FROM backend WHERE service = ? AND id = ?",
+                         (service, backend_id)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def add_backend(self, service: str, backend_id: str, address: str, weight: int,
+                    expected_version: int | None) -> int:
+        _check_name("backend", backend_id)
+        _check_address(address)
+        _check_weight(weight)
+        _check_expected(expected_version)
+
+        def change(db: sqlite3.Connection) -> None:
+            if not db.execute("SELECT 1 FROM policy WHERE service = ?", (service,)).fetchone():
+                raise NotFoundError(f"no service {service!r}")
+            record = self._backend(db, service, backend_id)
+            current = record[1] if record else 0
+            if expected_version is not None and expected_version != current:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, current)
+            if record and record[0] != Membership.REMOVED.value:
+                raise BadRequestError(f"backend {service}/{backend_id} exists ({record[0]}); "
+                                 "use set-weight, or remove it first")
+            db.execute("INSERT INTO backend (service, id, address, weight, state, version) "
+                       "VALUES (?, ?, ?, ?, 'active', ?) ON CONFLICT (service, id) DO UPDATE SET "
+                       "address = excluded.address, weight = excluded.weight, state = 'active', "
+                       "version = excluded.version",
+                       (service, backend_id, address, weight, current + 1))
+
+        return self._mutate(change)[1]
+
+    def set_membership(self, service: str, backend_id: str, state: Membership,
+                       expected_version: int | None) -> int:
+        _check_expected(expected_version)
+        state = Membership(state)
+
+        def change(db: sqlite3.Connection) -> None:
+            record = self._backend(db, service, backend_id)
+            if record is None:
+                raise NotFoundError(f"no backend {service}/{backend_id}")
+            if expected_version is not None and expected_version != record[1]:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
+            if state not in TRANSITIONS[Membership(record[0])]:
+                raise BadRequestError(f"backend {service}/{backend_id} is {record[0]}; "
+                                      f"cannot become {state.value}")
+            db.execute("UPDATE backend SET state = ?, version = version + 1 WHERE service = ? AND id = ?",
+                       (state.value, service, backend_id))
+
+        return self._mutate(change)[1]
+
+    def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int:
+        _check_weight(weight)
+        _check_expected(expected_version)
+
+        def change(db: sqlite3.Connection) -> None:
+            record = self._backend(db, service, backend_id)
+            if record is None or record[0] == Membership.REMOVED.value:
+                raise NotFoundError(f"no backend {service}/{backend_id}")
+            if expected_version is not None and expected_version != record[1]:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
+            db.execute("UPDATE backend SET weight = ?, version = version + 1 WHERE service = ? AND id = ?",
+                       (weight, service, backend_id))
+
+        return self._mutate(change)[1]
+
+    def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]:
+        """(applied, config version). An observation not newer than the
+        stored one is ignored and the version does not move (I4)."""
+        _check_name("backend", backend_id)
+        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
+            raise BadRequestError(f"revision must be an integer >= 0 (got {revision!r})")
+        if not isinstance(up, bool):
+            raise BadRequestError(f"up must be a boolean (got {up!r})")
+
+        def change(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT revision FROM health WHERE backend_id = ?", (backend_id,)).fetchone()
+            if row and row[0] >= revision:
+                return False
+            db.execute("INSERT INTO health (backend_id, up, revision) VALUES (?, ?, ?) "
+                       "ON CONFLICT (backend_id) DO UPDATE SET "
+                       "up = excluded.up, revision = excluded.revision",
+                       (backend_id, int(up), revision))
+            return True
+
+        return self._mutate(change)

@@ -1,0 +1,144 @@
+"""Random sequences of register / remove / health / policy writes against the
+store, checked after every step against a small reference model (I2-I5)."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from lbcore.config import Backend, Service
+from lbcore.wire import encode_snapshot
+from orchestrator.derive import routing_snapshot
+from orchestrator.errors import ControlError
+from orchestrator.model import TRANSITIONS, Membership
+from orchestrator.store import SqliteStore
+
+SERVICES = ["web", "api"]
+BACKENDS = ["b1", "b2", "b3"]
+ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
+LISTEN = {"web": "127.0.0.1:8080", "api": "127.0.0.1:8081"}
+# How a write names the version it expects: not at all, the current one, or a
+# stale one (resolved against the model, so most writes go through and the
+# machine reaches deep states, while conflicts are still exercised).
+versions = st.sampled_from(["none", "current", "stale"])
+
+
+def expected_of(choice: str, current: int) -> int | None:
+    return {"none": None, "current": current, "stale": current + 1 if current == 0 else current - 1}[choice]
+
+
+class StoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory(prefix="fulcrum-model-")
+        self.store = SqliteStore(Path(self.dir.name) / "state.db")
+        self.version = 0
+        self.policies: dict[str, tuple[str, int]] = {}              # service -> (algorithm, version)
+        self.backends: dict[tuple[str, str], list] = {}             # key -> [address, weight, state, version]
+        self.health: dict[str, tuple[bool, int]] = {}               # backend id -> (up, revision)
+
+    @initialize(algorithms=st.tuples(st.sampled_from(ALGORITHMS), st.sampled_from(ALGORITHMS)))
+    def services(self, algorithms):
+        for service, algorithm in zip(SERVICES, algorithms, strict=True):
+            self.put_policy(service, algorithm, "current")
+
+    def teardown(self) -> None:
+        self.store.close()
+        self.dir.cleanup()
+
+    def attempt(self, call, allowed: bool) -> bool:
+        """Run a store write; it must succeed exactly when the model says so."""
+        try:
+            call()
+        except ControlError:
+            assert not allowed, "the store refused a write the model allows"
+            return False
+        assert allowed, "the store applied a write the model refuses"
+        self.version += 1
+        return True
+
+    @rule(service=st.sampled_from(SERVICES), algorithm=st.sampled_from(ALGORITHMS), expected=versions)
+    def put_policy(self, service, algorithm, expected):
+        current = self.policies.get(service, (None, 0))[1]
+        expected = expected_of(expected, current)
+        allowed = expected is None or expected == current
+        listen = LISTEN[service]
+        if self.attempt(lambda: self.store.put_policy(service, listen, algorithm, expected), allowed):
+            self.policies[service] = (algorithm, current + 1)
+
+    @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
+          weight=st.integers(0, 5), port=st.integers(9000, 9003), expected=versions)
+    def add_backend(self, service, backend, weight, port, expected):
+        record = self.backends.get((service, backend))
+        current = record[3] if record else 0
+        expected = expected_of(expected, current)
+        allowed = (service in self.policies and (expected is None or expected == current)
+                   and (record is None or record[2] is Membership.REMOVED))
+        address = f"127.0.0.1:{port}"
+        if self.attempt(lambda: self.store.add_backend(service, backend, address, weight, expected), allowed):
+            self.backends[(service, backend)] = [address, weight, Membership.ACTIVE, current + 1]
+
+    @precondition(lambda self: self.backends)
+    @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
+          state=st.sampled_from(list(Membership)), expected=versions)
+    def set_membership(self, service, backend, state, expected):
+        record = self.backends.get((service, backend))
+        expected = expected_of(expected, record[3] if record else 0)
+        allowed = (record is not None and (expected is None or expected == record[3])
+                   and state in TRANSITIONS[record[2]])
+        if self.attempt(lambda: self.store.set_membership(service, backend, state, expected), allowed):
+            record[2], record[3] = state, record[3] + 1
+
+    @precondition(lambda self: self.backends)
+    @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
+          weight=st.integers(0, 5), expected=versions)
+    def set_weight(self, service, backend, weight, expected):
+        record = self.backends.get((service, backend))
+        expected = expected_of(expected, record[3] if record else 0)
+        allowed = (record is not None and record[2] is not Membership.REMOVED
+                   and (expected is None or expected == record[3]))
+        if self.attempt(lambda: self.store.set_weight(service, backend, weight, expected), allowed):
+            record[1], record[3] = weight, record[3] + 1
+
+    @rule(backend=st.sampled_from(BACKENDS), up=st.booleans(), revision=st.integers(0, 8))
+    def record_health(self, backend, up, revision):
+        stored = self.health.get(backend)
+        newer = stored is None or revision > stored[1]
+        applied, version = self.store.record_health(backend, up, revision)
+        assert applied == newer  # I4
+        if newer:
+            self.version += 1
+            self.health[backend] = (up, revision)
+        assert version == self.version
+
+    @invariant()
+    def store_equals_model(self):
+        state = self.store.read()
+        assert state.version == self.version
+        keys = [(b.service, b.id) for b in state.backends]
+        assert len(keys) == len(set(keys))  # I3
+        assert {(b.service, b.id): [b.address, b.weight, b.state, b.version] for b in state.backends} \
+            == self.backends
+        assert {p.service: (p.algorithm, p.version) for p in state.policies} == self.policies  # I5
+        assert {h.backend_id: (h.up, h.revision) for h in state.health} == self.health  # I4
+
+    @invariant()
+    def routing_state_is_derived(self):
+        """I2: the published snapshot is eligible(membership, health, policy)."""
+        expected = [
+            Service(service, LISTEN[service], algorithm, tuple(
+                Backend(backend, address, weight)
+                for (s, backend), (address, weight, state, _) in sorted(self.backends.items())
+                if s == service and state is Membership.ACTIVE and weight > 0
+                and self.health.get(backend, (True, 0))[0]))
+            for service, (algorithm, _) in sorted(self.policies.items())]
+        assert routing_snapshot(self.store.read()) == encode_snapshot(self.version, expected)
+
+
+StoreMachine.TestCase.settings = settings(
+    max_examples=80, stateful_step_count=40, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow])
+test_store_against_model = StoreMachine.TestCase
