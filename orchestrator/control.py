@@ -1,0 +1,148 @@
+"""The admin API of the control plane: ctl verbs over one request/reply
+message each. ``lbctl`` speaks it; the ZeroMQ server carries it.
+
+Wire format (one ZeroMQ frame each way, UTF-8 JSON, at most MAX_REQUEST bytes):
+
+    request  {"verb": "backend.add", "args": {"service": "web", "id": "w4",
+              "address": "127.0.0.1:9004", "weight": 1, "expected_version": 0}}
+    reply    {"ok": true, "result": {...}}
+             {"ok": false, "error": {"code": CODE, "message": TEXT,
+                                     "expected": N, "current": N}}
+
+CODE is bad_request, not_found, version_conflict (with expected/current) or
+error. Verbs and their arguments are the table VERBS below; every write
+takes an optional ``expected_version`` (the record's version; 0 on add:
+only if absent) and answers the new global config version. A malformed or
+unknown request gets a bad_request reply and changes nothing.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
+from orchestrator.model import Membership, State
+from orchestrator.store import Store
+
+MAX_REQUEST = 64 * 1024
+
+# verb -> (required args, optional args)
+VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
+    "backend.add": (frozenset({"service", "id", "address"}), frozenset({"weight", "expected_version"})),
+    "backend.remove": (frozenset({"service", "id"}), frozenset({"expected_version"})),
+    "backend.set_weight": (frozenset({"service", "id", "weight"}), frozenset({"expected_version"})),
+    "backend.list": (frozenset(), frozenset({"service"})),
+    "policy.get": (frozenset({"service"}), frozenset()),
+    "policy.set": (frozenset({"service", "algorithm"}), frozenset({"listen", "expected_version"})),
+    "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
+    "health.show": (frozenset(), frozenset()),
+    "version": (frozenset(), frozenset()),
+}
+
+
+def _reply_error(error: ControlError) -> dict[str, Any]:
+    body: dict[str, Any] = {"code": error.code, "message": str(error)}
+    if isinstance(error, VersionConflictError):
+        body.update(expected=error.expected, current=error.current)
+    return {"ok": False, "error": body}
+
+
+def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
+    """(verb, args), or BadRequestError saying what is wrong."""
+    if len(raw) > MAX_REQUEST:
+        raise BadRequestError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
+    try:
+        request = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadRequestError(f"request is not JSON: {exc}") from None
+    if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
+        raise BadRequestError('request must be {"verb": ..., "args": {...}}')
+    verb, args = request["verb"], request.get("args", {})
+    if not isinstance(verb, str) or verb not in VERBS:
+        raise BadRequestError(f"unknown verb {verb!r} (known: {', '.join(sorted(VERBS))})")
+    if not isinstance(args, dict):
+        raise BadRequestError("args must be an object")
+    required, optional = VERBS[verb]
+    missing, unknown = required - set(args), set(args) - required - optional
+    if missing:
+        raise BadRequestError(f"{verb}: missing {', '.join(sorted(missing))}")
+    if unknown:
+        raise BadRequestError(f"{verb}: unknown argument {', '.join(sorted(unknown))}")
+    for key in ("service", "id", "address", "algorithm", "listen", "backend"):
+        if key in args and not isinstance(args[key], str):
+            raise BadRequestError(f"{verb}: {key} must be a string")
+    return verb, args
+
+
+class ControlPlane:
+    """Answers ctl requests against a store. ``on_change`` is called after
+    every committed write (the recompute trigger)."""
+
+    def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
+        self.store = store
+        self.on_change = on_change
+
+    def handle(self, raw: bytes) -> bytes:
+        """One request to one reply; never raises for bad input."""
+        try:
+            verb, args = parse_request(raw)
+            reply = {"ok": True, "result": self._dispatch(verb, args)}
+        except ControlError as exc:
+            reply = _reply_error(exc)
+        return json.dumps(reply, sort_keys=True).encode()
+
+    def _write(self, commit: Callable[[], int]) -> dict[str, Any]:
+        version = commit()
+        self.on_change()
+        return {"version": version}
+
+    def _dispatch(self, verb: str, args: dict[str, Any]) -> Any:
+        store, expected = self.store, args.get("expected_version")
+        service, backend_id = args.get("service", ""), args.get("id", "")
+        if verb == "backend.add":
+            return self._write(lambda: store.add_backend(args["service"], args["id"], args["address"],
+                                                         args.get("weight", 1), expected))
+        if verb == "backend.remove":
+            return self._write(lambda: store.set_membership(args["service"], args["id"],
+                                                            Membership.DRAINING, expected))
+        if verb == "backend.set_weight":
+            return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected))
+        if verb == "policy.set":
+            listen = self._listen(args)
+            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected))
+        if verb == "health.report":
+            applied, version = store.record_health(args["backend"], args["up"], args["revision"])
+            if applied:
+                self.on_change()
+            return {"version": version, "applied": applied}
+        state = store.read()
+        if verb == "backend.list":
+            return [_backend(b) for b in state.backends if args.get("service") in (None, b.service)]
+        if verb == "policy.get":
+            return self._policy(state, args["service"])
+        if verb == "health.show":
+            return [asdict(h) for h in state.health]
+        return {"version": state.version}
+
+    def _listen(self, args: dict[str, Any]) -> str:
+        if "listen" in args:
+            return str(args["listen"])
+        for policy in self.store.read().policies:
+            if policy.service == args["service"]:
+                return policy.listen
+        raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address")
+
+    @staticmethod
+    def _policy(state: State, service: str) -> dict[str, Any]:
+        for policy in state.policies:
+            if policy.service == service:
+                return asdict(policy)
+        raise NotFoundError(f"no service {service!r}")
+
+
+def _backend(b: Any) -> dict[str, Any]:
+    record = asdict(b)
+    record["state"] = b.state.value
+    return record
