@@ -25,6 +25,8 @@ from lbcore.balance import ALGORITHMS
 from lbcore.layout import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, NAME_LEN
 
 REQUIRED = object()
+# [orchestrator] is read by the control plane (orchestrator.settings)
+TOP_LEVEL_TABLES = ("node", "service", "orchestrator")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
 MAX_WEIGHT = 256
 RELAY_MODES = {"auto": 0, "splice": 1, "copy": 2}  # FLC_RELAY_* in fulcrum_layout.h
@@ -168,7 +170,7 @@ class Config:
     services: tuple[Service, ...] = field(default=())
 
 
-def _read_table(file: str, where: str, table: Any, settings: list[Setting],
+def read_table(file: str, where: str, table: Any, settings: list[Setting],
                 nested: tuple[str, ...] = ()) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(file, where, "must be a table")
@@ -201,7 +203,7 @@ def _read_backends(file: str, where: str, raw: Any) -> tuple[Backend, ...]:
     backends: list[Backend] = []
     seen: set[str] = set()
     for j, table in enumerate(raw):
-        values = _read_table(file, f"{where}[{j}]", table, BACKEND_SETTINGS)
+        values = read_table(file, f"{where}[{j}]", table, BACKEND_SETTINGS)
         if values["id"] in seen:
             raise ConfigError(file, f"{where}[{j}].id", f"duplicate backend id {values['id']!r}")
         seen.add(values["id"])
@@ -220,7 +222,7 @@ def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
     total_backends = 0
     for i, table in enumerate(raw):
         where = f"service[{i}]"
-        values = _read_table(file, where, table, SERVICE_SETTINGS, nested=("backend",))
+        values = read_table(file, where, table, SERVICE_SETTINGS, nested=("backend",))
         if values["name"] in names:
             raise ConfigError(file, f"{where}.name", f"duplicate service name {values['name']!r}")
         names.add(values["name"])
@@ -251,9 +253,9 @@ def parse_document(document: dict[str, Any], file: str) -> Config:
     if not isinstance(document, dict):
         raise ConfigError(file, "(document)", "must be a table")
     for key in document:
-        if key not in ("node", "service"):
-            raise ConfigError(file, key, "unknown table (known: node, service)")
-    node_values = _read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
+        if key not in TOP_LEVEL_TABLES:
+            raise ConfigError(file, key, f"unknown table (known: {', '.join(TOP_LEVEL_TABLES)})")
+    node_values = read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
     if node_values["workers"] is None:
         node_values["workers"] = min(os.cpu_count() or 1, MAX_WORKERS)
     services = _read_services(file, document.get("service", []))

@@ -39,6 +39,7 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
     "health.show": (frozenset(), frozenset()),
     "version": (frozenset(), frozenset()),
+    "snapshot.get": (frozenset(), frozenset()),   # answered by the server (extra_verbs)
 }
 
 
@@ -83,6 +84,8 @@ class ControlPlane:
     def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
         self.store = store
         self.on_change = on_change
+        # verbs answered by whoever runs this plane (the server's snapshot fetch)
+        self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     def handle(self, raw: bytes) -> bytes:
         """One request to one reply; never raises for bad input."""
@@ -99,6 +102,8 @@ class ControlPlane:
         return {"version": version}
 
     def _dispatch(self, verb: str, args: dict[str, Any]) -> Any:
+        if verb in self.extra_verbs:
+            return self.extra_verbs[verb](args)
         store, expected = self.store, args.get("expected_version")
         service, backend_id = args.get("service", ""), args.get("id", "")
         if verb == "backend.add":

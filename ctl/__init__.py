@@ -1,0 +1,1 @@
+"""``lbctl``: the admin CLI of the control plane."""

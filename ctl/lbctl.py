@@ -1,0 +1,180 @@
+"""``lbctl``: talk to the control plane over ZeroMQ (the admin API of
+orchestrator.control).
+
+    lbctl [--control tcp://HOST:PORT] [--timeout S] [-c FILE] GROUP VERB ...
+
+The endpoint comes from --control, else $LBCTL_CONTROL, else the
+[orchestrator] table of -c FILE, else tcp://127.0.0.1:7700. Every write takes
+--expected-version and answers the new version; every read takes --json.
+Exit status: 0 ok, 1 error (including no answer within --timeout), 2 usage,
+3 version conflict (the message names expected and current).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import zmq
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 3
+DEFAULT_CONTROL = "tcp://127.0.0.1:7700"
+
+
+class CtlError(Exception):
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def request(endpoint: str, verb: str, args: dict[str, Any], timeout: float) -> Any:
+    """One request, one reply; CtlError on refusal or silence."""
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send(json.dumps({"verb": verb, "args": args}).encode())
+        if not sock.poll(int(timeout * 1000)):
+            raise CtlError(f"no answer from {endpoint} within {timeout:g} s (is the control plane running?)")
+        reply = json.loads(sock.recv())
+    except zmq.ZMQError as exc:
+        raise CtlError(f"{endpoint}: {exc}") from None
+    finally:
+        sock.close(0)
+    if reply.get("ok"):
+        return reply["result"]
+    error = reply.get("error", {})
+    status = EXIT_CONFLICT if error.get("code") == "version_conflict" else EXIT_ERROR
+    raise CtlError(error.get("message", "refused"), status)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbctl", description="Fulcrum admin CLI")
+    parser.add_argument("--control",
+                        help=f"control endpoint (default: $LBCTL_CONTROL, -c FILE, {DEFAULT_CONTROL})")
+    parser.add_argument("-c", "--config", help="config file whose [orchestrator].control to use")
+    parser.add_argument("--timeout", type=float, default=3.0,
+                        help="seconds to wait for an answer (default 3)")
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    def command(group: Any, name: str, write: bool = False) -> argparse.ArgumentParser:
+        sub = group.add_parser(name)
+        if write:
+            sub.add_argument("--expected-version", type=int, default=None,
+                             help="apply only if the record is at this version (0 on add: only if absent)")
+        else:
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        return sub
+
+    backend = groups.add_parser("backend").add_subparsers(dest="verb", required=True)
+    add = command(backend, "add", write=True)
+    add.add_argument("service")
+    add.add_argument("id")
+    add.add_argument("address")
+    add.add_argument("--weight", type=int, default=1)
+    remove = command(backend, "remove", write=True)
+    remove.add_argument("service")
+    remove.add_argument("id")
+    weight = command(backend, "set-weight", write=True)
+    weight.add_argument("service")
+    weight.add_argument("id")
+    weight.add_argument("weight", type=int)
+    command(backend, "list").add_argument("service", nargs="?")
+
+    policy = groups.add_parser("policy").add_subparsers(dest="verb", required=True)
+    command(policy, "get").add_argument("service")
+    pset = command(policy, "set", write=True)
+    pset.add_argument("service")
+    pset.add_argument("--algorithm", required=True, choices=("wrr", "least_conn", "p2c", "maglev"))
+    pset.add_argument("--listen", help="address:port (required for a new service)")
+
+    health = groups.add_parser("health").add_subparsers(dest="verb", required=True)
+    report = command(health, "report")
+    report.add_argument("backend")
+    report.add_argument("status", choices=("up", "down"))
+    report.add_argument("--revision", type=int, required=True)
+    command(health, "show")
+
+    snapshot = groups.add_parser("snapshot").add_subparsers(dest="verb", required=True)
+    command(snapshot, "show")
+    return parser
+
+
+def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The API verb and arguments of a parsed command line."""
+    expected = {"expected_version": args.expected_version} if getattr(args, "expected_version", None) \
+        is not None else {}
+    key = (args.group, args.verb)
+    if key == ("backend", "add"):
+        return "backend.add", {"service": args.service, "id": args.id, "address": args.address,
+                               "weight": args.weight, **expected}
+    if key == ("backend", "remove"):
+        return "backend.remove", {"service": args.service, "id": args.id, **expected}
+    if key == ("backend", "set-weight"):
+        return "backend.set_weight", {"service": args.service, "id": args.id, "weight": args.weight,
+                                      **expected}
+    if key == ("backend", "list"):
+        return "backend.list", {"service": args.service} if args.service else {}
+    if key == ("policy", "get"):
+        return "policy.get", {"service": args.service}
+    if key == ("policy", "set"):
+        listen = {"listen": args.listen} if args.listen else {}
+        return "policy.set", {"service": args.service, "algorithm": args.algorithm, **listen, **expected}
+    if key == ("health", "report"):
+        return "health.report", {"backend": args.backend, "up": args.status == "up",
+                                 "revision": args.revision}
+    if key == ("health", "show"):
+        return "health.show", {}
+    return "snapshot.get", {}
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    if args.control:
+        return str(args.control)
+    if os.environ.get("LBCTL_CONTROL"):
+        return os.environ["LBCTL_CONTROL"]
+    if args.config:
+        from orchestrator.settings import load_orchestrator_config
+
+        return load_orchestrator_config(args.config).endpoints.control
+    return DEFAULT_CONTROL
+
+
+def _show(result: Any, as_json: bool) -> str:
+    if as_json:
+        return json.dumps(result, indent=2, sort_keys=True)
+    if isinstance(result, dict) and "snapshot" in result:
+        return json.dumps(json.loads(result["snapshot"]), indent=2, sort_keys=True)
+    if isinstance(result, list):
+        if not result:
+            return "(none)"
+        keys = list(result[0])
+        rows = [keys] + [[str(r[k]) for k in keys] for r in result]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(keys))]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                         for row in rows)
+    if isinstance(result, dict) and set(result) <= {"version", "applied"}:
+        applied = "" if result.get("applied", True) else " (not applied: revision not newer)"
+        return f"ok: version {result['version']}{applied}"
+    return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    verb, call_args = _call(args)
+    try:
+        result = request(_endpoint(args), verb, call_args, args.timeout)
+    except CtlError as exc:
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return exc.status
+    except Exception as exc:  # a bad -c FILE, say: said plainly, not as a traceback
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(_show(result, getattr(args, "json", False)))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

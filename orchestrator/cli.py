@@ -1,0 +1,56 @@
+"""``lborch -c FILE``: run the control plane on its own.
+
+The [orchestrator] table names the store and the endpoints; the file's
+services and backends seed the store on first start only: after that the
+store is the truth (change it with lbctl). Exit status: 0 ok, 1 runtime
+error, 2 bad configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import zmq
+
+from lbcore.config import Config, ConfigError
+from orchestrator.server import Orchestrator
+from orchestrator.settings import load_orchestrator_config
+from orchestrator.store import SqliteStore, Store
+
+
+def seed(store: Store, config: Config) -> bool:
+    """Write the file's services into an empty store; False if not empty."""
+    if store.read().version != 0:
+        return False
+    for service in config.services:
+        store.put_policy(service.name, service.listen, service.algorithm, expected_version=0)
+        for backend in service.backends:
+            store.add_backend(service.name, backend.id, backend.address, backend.weight, expected_version=0)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lborch", description="Fulcrum control plane")
+    parser.add_argument("-c", "--config", required=True, help="TOML config file")
+    args = parser.parse_args(argv)
+    try:
+        settings = load_orchestrator_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    store = SqliteStore(settings.store_path)
+    try:
+        if seed(store, settings.config):
+            print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
+        try:
+            orchestrator = Orchestrator(store, settings.endpoints)
+        except zmq.ZMQError as exc:
+            print(f"lborch: cannot bind: {exc}", file=sys.stderr)
+            return 1
+        return orchestrator.run()
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""``lborch``: the control plane as a daemon.
+
+Sockets (ZeroMQ, addresses from the [orchestrator] table):
+
+- control (ROUTER): ctl requests from lbctl (REQ/DEALER), answered with the
+  admin API of control.py; nodes use the same socket to fetch the current
+  snapshot (verb ``snapshot.get``) and to report what they applied.
+- publish (PUB): ``[b"snapshot", SNAPSHOT]`` whenever the routing state
+  changes (SNAPSHOT in the wire format of lbcore.wire, carrying its version),
+  and ``[b"heartbeat", {"version": N}]`` every heartbeat_ms, so that a node
+  that missed a snapshot sees the gap and fetches it.
+
+Recompute is single-writer and coalesced: writes only mark the state dirty;
+the loop derives and publishes at most once per COALESCE_MS, so a burst of
+changes gives few snapshots.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from orchestrator.control import ControlPlane
+from orchestrator.derive import routing_snapshot
+from orchestrator.store import Store
+
+COALESCE_MS = 2
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    control: str
+    publish: str
+    heartbeat_ms: int
+
+
+class Orchestrator:
+    def __init__(self, store: Store, endpoints: Endpoints, log: Any = sys.stderr) -> None:
+        self.store = store
+        self.endpoints = endpoints
+        self._log_file = log
+        self.plane = ControlPlane(store, on_change=self._mark_dirty)
+        self.plane.extra_verbs["snapshot.get"] = self._snapshot_get
+        self._dirty_since: float | None = time.monotonic()  # publish once at start
+        self.published_version = -1
+        self.snapshot = b""
+        self._stop = False
+        self._context = zmq.Context()
+        self.control = self._context.socket(zmq.ROUTER)
+        self.publisher = self._context.socket(zmq.PUB)
+        for sock in (self.control, self.publisher):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.control.bind(endpoints.control)
+        self.publisher.bind(endpoints.publish)
+
+    def log(self, message: str) -> None:
+        print(f"lborch: {message}", file=self._log_file, flush=True)
+
+    def _mark_dirty(self) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+
+    def _snapshot_get(self, args: dict[str, Any]) -> Any:
+        self._publish_if_dirty(force=True)
+        return {"snapshot": self.snapshot.decode()}
+
+    def _publish_if_dirty(self, force: bool = False) -> None:
+        """The single writer of published state: derive, check, publish."""
+        if self._dirty_since is None:
+            return
+        if not force and (time.monotonic() - self._dirty_since) * 1000 < COALESCE_MS:
+            return
+        self._dirty_since = None
+        state = self.store.read()
+        if state.version == self.published_version:
+            return
+        self.snapshot = routing_snapshot(state)
+        self.published_version = state.version
+        self.publisher.send_multipart([b"snapshot", self.snapshot])
+
+    def _heartbeat(self) -> None:
+        body = json.dumps({"version": self.published_version}).encode()
+        self.publisher.send_multipart([b"heartbeat", body])
+
+    def _answer(self) -> None:
+        frames = self.control.recv_multipart()
+        # REQ puts an empty delimiter between the identity and the body
+        envelope, body = frames[:-1], frames[-1]
+        self.control.send_multipart([*envelope, self.plane.handle(body)])
+
+    def stop(self, *_args: object) -> None:
+        self._stop = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        heartbeat_s = self.endpoints.heartbeat_ms / 1000
+        next_heartbeat = time.monotonic()
+        self.log(f"ready: control {self.endpoints.control}, publish {self.endpoints.publish}, "
+                 f"version {self.store.read().version}")
+        try:
+            while not self._stop:
+                timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+                if self._dirty_since is not None:
+                    timeout_ms = min(timeout_ms, COALESCE_MS)
+                if dict(poller.poll(timeout_ms)).get(self.control):
+                    for _ in range(256):  # answer what is queued, then publish once
+                        self._answer()
+                        if not self.control.poll(0):
+                            break
+                self._publish_if_dirty()
+                if time.monotonic() >= next_heartbeat:
+                    self._heartbeat()
+                    next_heartbeat = time.monotonic() + heartbeat_s
+        finally:
+            self.close()
+        self.log("stopped")
+        return 0
+
+    def close(self) -> None:
+        self.control.close(0)
+        self.publisher.close(0)
+        self._context.term()
