@@ -99,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
 
     snapshot = groups.add_parser("snapshot").add_subparsers(dest="verb", required=True)
     command(snapshot, "show")
+    status = command(groups, "status")
+    status.set_defaults(verb="status")
     return parser
 
 
@@ -107,6 +109,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     expected = {"expected_version": args.expected_version} if getattr(args, "expected_version", None) \
         is not None else {}
     key = (args.group, args.verb)
+    if args.group == "status":
+        return "status", {}
     if key == ("backend", "add"):
         return "backend.add", {"service": args.service, "id": args.id, "address": args.address,
                                "weight": args.weight, **expected}
@@ -145,6 +149,16 @@ def _endpoint(args: argparse.Namespace) -> str:
 def _show(result: Any, as_json: bool) -> str:
     if as_json:
         return json.dumps(result, indent=2, sort_keys=True)
+    if isinstance(result, dict) and "nodes" in result:
+        lines = [f"control plane version {result['version']}, {len(result['nodes'])} nodes"]
+        for n in result["nodes"]:
+            lines.append(f"  {n['node']}: applied {n['applied_version']} (lag {n['lag']}), "
+                         f"staleness {n['staleness_ms']} ms, reported {n['last_report_ms']} ms ago")
+            for service, backends in sorted(n["counters"].items()):
+                for backend, c in sorted(backends.items()):
+                    lines.append(f"    {service}/{backend}: active {c['active']} total {c['total']} "
+                                 f"failed {c['failed']}")
+        return "\n".join(lines)
     if isinstance(result, dict) and "snapshot" in result:
         return json.dumps(json.loads(result["snapshot"]), indent=2, sort_keys=True)
     if isinstance(result, list):

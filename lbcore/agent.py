@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import resource
-import select
 import signal
 import socket
 import subprocess
@@ -21,11 +20,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import zmq
 
 from lbcore import layout
 from lbcore._layout import ffi, lib
-from lbcore.config import Config, ConfigError, load_config, parse_address
+from lbcore.config import Config, ConfigError, Service, load_config, parse_address
+from lbcore.remote import Remote, localize
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
@@ -126,6 +128,7 @@ class NodeAgent:
         self._service_retired_since: dict[int, float] = {}
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.remote: Remote | None = None  # services from a control plane
 
     def log(self, message: str) -> None:
         print(f"lbproxy[{self.config.node.id}]: {message}", file=self._log_file, flush=True)
@@ -157,7 +160,7 @@ class NodeAgent:
             return True
         return False
 
-    def _plan(self, config: Config) -> Plan:
+    def _plan(self, config: Config, version: int | None = None) -> Plan:
         """Everything a publish of ``config`` needs, changing nothing yet:
         ConfigError when it cannot be built (the node keeps what it has)."""
         service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
@@ -169,7 +172,8 @@ class NodeAgent:
                 self._backend_slot_releasable)
         except ValueError as exc:
             raise ConfigError(config.path, "service", str(exc)) from None
-        image = snapshot_from_config(config, self.version + 1, service_slots, backend_slots)
+        version = self.version + 1 if version is None else version
+        image = snapshot_from_config(config, version, service_slots, backend_slots)
         return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
 
     def _apply(self, plan: Plan) -> None:
@@ -266,8 +270,13 @@ class NodeAgent:
     def start(self) -> None:
         """Reserve listeners, create the segment, publish, start workers.
         Raises ConfigError / SegmentError / RuntimeError; leaves nothing behind."""
+        if self.config.node.control != "static":
+            # services come from the control plane: start with none
+            self.config = localize(self.config, ())
         self.listeners.reserve(self.config)
         try:
+            if self.config.node.control != "static":
+                self.remote = Remote(self.config, self.log)
             self.segment = Segment.create(self.config.node.id)
             self._apply(self._plan(self.config))
             self._scale_workers()
@@ -280,8 +289,33 @@ class NodeAgent:
         listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
         self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
 
+    def apply_remote(self, version: int, services: tuple[Service, ...]) -> None:
+        """Apply a snapshot from the control plane (newer than the applied
+        one: see ControlLink), or refuse it and keep serving the old one."""
+        assert self.remote is not None
+        config = localize(self.config, services)
+        try:
+            plan = self._plan(config, version)
+            self.listeners.reserve(config)
+        except ConfigError as exc:
+            self.log(f"snapshot version {version} refused, still serving version {self.version}: {exc}")
+            return
+        self._apply(plan)
+        self.remote.applied(version)
+        self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)
+        self.log(f"applied: version {version}")
+
+    def _remote_counters(self) -> dict[str, Any]:
+        assert self.segment is not None
+        stats = node_stats(self.segment)
+        return {s["name"]: {b["id"]: {k: b[k] for k in ("active", "total", "failed")} for b in s["backends"]}
+                for s in stats["services"]}
+
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""
+        if self.config.node.control != "static":
+            self.log("SIGHUP ignored: services come from the control plane (use lbctl)")
+            return
         try:
             config = load_config(self.config.path)
             if config.node.id != self.config.node.id:
@@ -320,6 +354,9 @@ class NodeAgent:
                 worker.process.wait()
         self.workers.clear()
         self.listeners.close()
+        if self.remote is not None:
+            self.remote.close()
+            self.remote = None
         if self.segment is not None:
             self.segment.unlink()
             self.segment.close()
@@ -338,8 +375,12 @@ class NodeAgent:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT. Call after start()."""
+        poller = zmq.Poller()
+        poller.register(self._wake_r, zmq.POLLIN)
+        if self.remote is not None:
+            poller.register(self.remote.poll_fd(), zmq.POLLIN)
         while True:
-            select.select([self._wake_r], [], [], 0.2)
+            poller.poll(200)
             try:
                 os.read(self._wake_r, 512)
             except BlockingIOError:
@@ -357,6 +398,12 @@ class NodeAgent:
                 print(format_stats(node_stats(self.segment)), file=self._log_file, flush=True)
             self._reap()
             self._respawn_due()
+            if self.remote is not None:
+                update = self.remote.next_snapshot()
+                if update is not None:
+                    self.apply_remote(*update)
+                self.remote.supervise()
+                self.remote.tick(self._remote_counters)
 
 
 def serve(config: Config, log: TextIO = sys.stderr,

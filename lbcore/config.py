@@ -84,16 +84,35 @@ def _algorithm(v: str) -> str | None:
 
 
 def _control(v: str) -> str | None:
-    if v == "static":
+    if v in ("static", "embedded") or v.startswith("tcp://"):
         return None
-    return f"unsupported control {v!r}: this version runs only \"static\" (services from this file)"
+    return f"{v!r}: one of \"static\" (services from this file), \"embedded\", tcp://HOST:PORT"
+
+
+def _subscribe(v: str) -> str | None:
+    return None if v == "" or v.startswith("tcp://") else f"{v!r} is not tcp://HOST:PORT"
+
+
+def _optional_ip(v: str) -> str | None:
+    if v == "":
+        return None
+    try:
+        ipaddress.IPv4Address(v)
+    except ValueError:
+        return f"{v!r} is not an IPv4 address"
+    return None
 
 
 NODE_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "node name; names the shared-memory segment"),
     Setting("workers", int, None, _between(1, MAX_WORKERS),
             "worker processes (default: number of cores)"),
-    Setting("control", str, "static", _control, "where services come from"),
+    Setting("control", str, "static", _control,
+            "static (this file), embedded (a control plane in this process tree), or tcp://HOST:PORT"),
+    Setting("subscribe", str, "", _subscribe, "tcp://HOST:PORT of the control plane's snapshot PUB"),
+    Setting("max_staleness_ms", int, 5_000, _at_least(1),
+            "past this without word from the control plane the node says so (and keeps serving)"),
+    Setting("address", str, "", _optional_ip, "local address for every listener (replaces each listen host)"),
     Setting("drain_timeout_ms", int, 10_000, _at_least(0),
             "on SIGTERM, how long open connections may finish"),
     Setting("connect_timeout_ms", int, 2_000, _at_least(1),
@@ -161,6 +180,9 @@ class NodeSettings:
     retries: int
     max_connections: int
     relay: str
+    subscribe: str
+    max_staleness_ms: int
+    address: str
 
 
 @dataclass(frozen=True)
@@ -256,6 +278,8 @@ def parse_document(document: dict[str, Any], file: str) -> Config:
         if key not in TOP_LEVEL_TABLES:
             raise ConfigError(file, key, f"unknown table (known: {', '.join(TOP_LEVEL_TABLES)})")
     node_values = read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
+    if node_values["control"].startswith("tcp://") and not node_values["subscribe"]:
+        raise ConfigError(file, "node.subscribe", "required when node.control is tcp://HOST:PORT")
     if node_values["workers"] is None:
         node_values["workers"] = min(os.cpu_count() or 1, MAX_WORKERS)
     services = _read_services(file, document.get("service", []))

@@ -18,6 +18,21 @@ from typing import Any
 
 from lbcore.config import ConfigError, Service, parse_document
 
+# What a node sends on the control plane's ROUTER socket (one JSON frame
+# each, answered by {"ok": true, "result": ...}):
+#   {"verb": "snapshot.get", "args": {}}           -> {"snapshot": SNAPSHOT (text)}
+#   {"verb": "node.report", "args": {"node": ID, "version": APPLIED,
+#        "staleness_ms": MS, "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}
+# and what it receives on the PUB socket (two frames each):
+#   [b"snapshot", SNAPSHOT]  a full snapshot, applied only if newer (I6)
+#   [b"heartbeat", {"version": N}]  N newer than applied: a gap, so fetch
+FETCH_REQUEST = b'{"args": {}, "verb": "snapshot.get"}'
+
+
+def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any]) -> bytes:
+    args = {"node": node, "version": version, "staleness_ms": staleness_ms, "counters": counters}
+    return json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+
 
 class WireError(ValueError):
     """A snapshot that cannot be applied; the message says what and where."""

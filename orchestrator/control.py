@@ -39,7 +39,10 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
     "health.show": (frozenset(), frozenset()),
     "version": (frozenset(), frozenset()),
-    "snapshot.get": (frozenset(), frozenset()),   # answered by the server (extra_verbs)
+    # answered by the server (extra_verbs): node traffic and the fleet view
+    "snapshot.get": (frozenset(), frozenset()),
+    "node.report": (frozenset({"node", "version", "staleness_ms"}), frozenset({"counters"})),
+    "status": (frozenset(), frozenset()),
 }
 
 
@@ -71,7 +74,7 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequestError(f"{verb}: missing {', '.join(sorted(missing))}")
     if unknown:
         raise BadRequestError(f"{verb}: unknown argument {', '.join(sorted(unknown))}")
-    for key in ("service", "id", "address", "algorithm", "listen", "backend"):
+    for key in ("service", "id", "address", "algorithm", "listen", "backend", "node"):
         if key in args and not isinstance(args[key], str):
             raise BadRequestError(f"{verb}: {key} must be a string")
     return verb, args

@@ -27,6 +27,7 @@ import zmq
 
 from orchestrator.control import ControlPlane
 from orchestrator.derive import routing_snapshot
+from orchestrator.errors import BadRequestError
 from orchestrator.store import Store
 
 COALESCE_MS = 2
@@ -46,6 +47,9 @@ class Orchestrator:
         self._log_file = log
         self.plane = ControlPlane(store, on_change=self._mark_dirty)
         self.plane.extra_verbs["snapshot.get"] = self._snapshot_get
+        self.plane.extra_verbs["node.report"] = self._node_report
+        self.plane.extra_verbs["status"] = self._status
+        self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._dirty_since: float | None = time.monotonic()  # publish once at start
         self.published_version = -1
         self.snapshot = b""
@@ -68,6 +72,29 @@ class Orchestrator:
     def _snapshot_get(self, args: dict[str, Any]) -> Any:
         self._publish_if_dirty(force=True)
         return {"snapshot": self.snapshot.decode()}
+
+    def _node_report(self, args: dict[str, Any]) -> Any:
+        version, staleness = args["version"], args["staleness_ms"]
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
+            raise BadRequestError("node.report: version and staleness_ms must be integers")
+        counters = args.get("counters", {})
+        if not isinstance(counters, dict):
+            raise BadRequestError("node.report: counters must be an object")
+        self.nodes[args["node"]] = {"version": version, "staleness_ms": staleness, "counters": counters,
+                                    "reported": time.monotonic()}
+        return {}
+
+    def _status(self, args: dict[str, Any]) -> Any:
+        now = time.monotonic()
+        return {
+            "version": self.published_version,
+            "nodes": [{"node": name, "applied_version": n["version"],
+                       "lag": self.published_version - n["version"],
+                       "staleness_ms": n["staleness_ms"],
+                       "last_report_ms": int((now - n["reported"]) * 1000),
+                       "counters": n["counters"]}
+                      for name, n in sorted(self.nodes.items())],
+        }
 
     def _publish_if_dirty(self, force: bool = False) -> None:
         """The single writer of published state: derive, check, publish."""

@@ -57,7 +57,9 @@ def refusal(text: str) -> ConfigError:
     (("workers = 2", "workers = 0"), "node.workers", "must be 1..64"),
     (("workers = 2", 'workers = "two"'), "node.workers", "must be int, got str"),
     (("workers = 2", "workers = true"), "node.workers", "must be int, got bool"),
-    (('control = "static"', 'control = "tcp://x:1"'), "node.control", "unsupported control"),
+    (('control = "static"', 'control = "udp://x:1"'), "node.control", "one of"),
+    (('control = "static"', 'control = "tcp://127.0.0.1:7700"'), "node.subscribe", "required"),
+    (('control = "static"', 'address = "localhost"'), "node.address", "not an IPv4 address"),
     (('id = "node-1"', 'id = "bad id"'), "node.id", "is not a name"),
     (('name = "web"', 'name = ""'), "service[0].name", "is not a name"),
 ])

@@ -1,0 +1,114 @@
+"""A node whose services come from a control plane (node.control = tcp://…
+or "embedded"): applying snapshots, reporting, staleness (I7).
+
+In embedded mode the node starts the control plane as a child process
+(``python -m orchestrator.cli -c FILE``, the same file) rather than importing
+it, so one command runs exactly the processes of a real deployment; the node
+restarts it if it dies, and serves its last snapshot meanwhile.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lbcore.config import Config, ConfigError, Service, parse_address, tomllib
+from lbcore.link import ControlLink
+
+REPORT_INTERVAL_S = 0.5
+PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def endpoints(config: Config) -> tuple[str, str]:
+    """(control, subscribe) of a node that has a control plane."""
+    node = config.node
+    if node.control != "embedded":
+        return node.control, node.subscribe
+    document = tomllib.loads(Path(config.path).read_text())
+    table = document.get("orchestrator")
+    if not isinstance(table, dict) or not isinstance(table.get("control"), str) \
+            or not isinstance(table.get("publish"), str):
+        raise ConfigError(config.path, "orchestrator",
+                          'control = "embedded" needs an [orchestrator] table with control and publish')
+    return table["control"], table["publish"]
+
+
+def localize(config: Config, services: tuple[Service, ...]) -> Config:
+    """The node's config with ``services``, listeners moved to node.address."""
+    address = config.node.address
+    if address:
+        services = tuple(dataclasses.replace(s, listen=f"{address}:{parse_address(s.listen)[1]}")
+                         for s in services)
+    return dataclasses.replace(config, services=services)
+
+
+class Remote:
+    """The agent's side of the control plane: link, staleness, embedded child."""
+
+    def __init__(self, config: Config, log: Callable[[str], None]) -> None:
+        self.config = config
+        self.log = log
+        control, subscribe = endpoints(config)
+        self.child: subprocess.Popen[bytes] | None = None
+        self._child_started = 0.0
+        if config.node.control == "embedded":
+            self._start_child()
+        self.link = ControlLink(control, subscribe, log)
+        self._stale = False
+        self._next_report = 0.0
+
+    def _start_child(self) -> None:
+        command = [sys.executable, "-m", "orchestrator.cli", "-c", self.config.path]
+        self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT)
+        self._child_started = time.monotonic()
+
+    def supervise(self) -> None:
+        """Restart an embedded control plane that died (at most once a second)."""
+        if self.child is not None and self.child.poll() is not None \
+                and time.monotonic() - self._child_started > 1.0:
+            self.log(f"embedded control plane exited with status {self.child.returncode}; restarting")
+            self._start_child()
+
+    def poll_fd(self) -> Any:
+        return self.link.sub
+
+    def next_snapshot(self) -> tuple[int, tuple[Service, ...]] | None:
+        return self.link.receive()
+
+    def applied(self, version: int) -> None:
+        self.link.applied = version
+
+    def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
+        """Report what is applied, and say loudly when the control plane has
+        been silent past max_staleness_ms (the node keeps serving: fail-static)."""
+        staleness = self.link.staleness_ms()
+        limit = self.config.node.max_staleness_ms
+        if staleness > limit and not self._stale:
+            self._stale = True
+            self.log(f"STALE: no word from the control plane for {staleness} ms (limit {limit} ms); "
+                     f"serving version {self.link.applied} unchanged")
+        elif staleness <= limit and self._stale:
+            self._stale = False
+            self.log(f"control plane heard again; serving version {self.link.applied}")
+        if time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + REPORT_INTERVAL_S
+            self.link.report(self.config.node.id, counters())
+
+    @property
+    def stale(self) -> bool:
+        return self._stale
+
+    def close(self) -> None:
+        self.link.close()
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            try:
+                self.child.wait(10)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()

@@ -1,0 +1,199 @@
+"""Nodes fed by a control plane: lborch + several lbproxy nodes on distinct
+loopback addresses + lbctl, all real processes."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from e2e_support import ROOT, Client, child_env, free_port, pid_alive, render_config, service, wait_until
+
+
+class Orchestrator:
+    def __init__(self, workdir: Path, services: list[dict]) -> None:
+        self.control, self.publish = free_port(), free_port()
+        self.config = workdir / "orch.toml"
+        table = (f'\n[orchestrator]\nstore = "sqlite:///{workdir / "state.db"}"\n'
+                 f'control = "tcp://127.0.0.1:{self.control}"\npublish = "tcp://127.0.0.1:{self.publish}"\n'
+                 "heartbeat_ms = 100\n")
+        self.config.write_text(render_config({"id": "orch"}, services) + table)
+        self.log = workdir / "orch.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.control}"
+
+    def start(self) -> None:
+        self.starts += 1
+        command = [sys.executable, "-m", "orchestrator.cli", "-c", str(self.config)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env=child_env())
+        wait_until(lambda: self.log.read_text().count("ready:") >= self.starts, 15)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+
+    def lbctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ctl.lbctl", "--control", self.endpoint, *args],
+                              capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=30)
+
+
+@pytest.fixture
+def control_plane(workdir):
+    made: list[Orchestrator] = []
+
+    def start(services: list[dict]) -> Orchestrator:
+        orch = Orchestrator(workdir, services)
+        orch.start()
+        made.append(orch)
+        return orch
+
+    yield start
+    for orch in made:
+        orch.stop()
+
+
+def start_nodes(lbproxy, orch: Orchestrator, count: int, **settings) -> list:
+    nodes = []
+    for i in range(count):
+        node = lbproxy([], start=False, workers=1, control=f"tcp://127.0.0.1:{orch.control}",
+                       subscribe=f"tcp://127.0.0.1:{orch.publish}", address=f"127.0.0.{i + 2}",
+                       max_staleness_ms=1000, **settings)
+        node.launch()
+        nodes.append(node)
+    for node in nodes:
+        node.wait_ready_or_exit()
+        node.wait_log("applied: version")
+    return nodes
+
+
+def applied_version(node) -> int:
+    return int(node.stats()["version"])
+
+
+@pytest.mark.timeout(180)
+def test_add_and_remove_propagate_to_every_node(backends, lbproxy, control_plane):
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    nodes = start_nodes(lbproxy, orch, 3)
+    for i in range(3):
+        with Client(f"127.0.0.{i + 2}:{port}") as c:
+            assert c.ident() == "w1"
+
+    t0 = time.monotonic()
+    added = orch.lbctl("backend", "add", "web", "w2", b["w2"], "--expected-version", "0")
+    assert added.returncode == 0, added.stderr
+    version = int(added.stdout.split()[-1])
+    wait_until(lambda: all(applied_version(n) >= version for n in nodes), 10)
+    print(f"\npropagation commit -> applied on 3 nodes: {(time.monotonic() - t0) * 1000:.0f} ms")
+    for i in range(3):
+        seen = Counter()
+        for _ in range(6):
+            with Client(f"127.0.0.{i + 2}:{port}") as c:
+                seen[c.ident()] += 1
+        assert seen == {"w1": 3, "w2": 3}, (i, seen)
+
+    removed = orch.lbctl("backend", "remove", "web", "w1")
+    assert removed.returncode == 0, removed.stderr
+    version = int(removed.stdout.split()[-1])
+    wait_until(lambda: all(applied_version(n) >= version for n in nodes), 10)
+    for i in range(3):
+        for _ in range(6):
+            with Client(f"127.0.0.{i + 2}:{port}") as c:
+                assert c.ident() == "w2"
+
+    def converged() -> bool:
+        status = json.loads(orch.lbctl("status", "--json").stdout)
+        applied = {n["applied_version"] for n in status["nodes"]}
+        return len(status["nodes"]) == 3 and applied == {status["version"]}
+
+    wait_until(converged, 10)
+
+
+@pytest.mark.timeout(180)
+def test_maglev_sends_one_client_address_to_one_backend_through_every_node(backends, lbproxy, control_plane):
+    ids = ["m1", "m2", "m3", "m4"]
+    b = backends({i: "127.0.0.1" for i in ids})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [(i, b[i], 1) for i in ids],
+                                  algorithm="maglev")])
+    start_nodes(lbproxy, orch, 3)
+    for source in ("127.0.5.1", "127.0.5.2", "127.0.5.3"):
+        chosen = set()
+        for i in range(3):
+            with Client(f"127.0.0.{i + 2}:{port}", source=source) as c:
+                chosen.add(c.ident())
+        assert len(chosen) == 1, (source, chosen)
+
+
+@pytest.mark.timeout(180)
+def test_nodes_serve_through_a_control_plane_outage_and_converge_after(backends, lbproxy, control_plane):
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    nodes = start_nodes(lbproxy, orch, 2)
+    acknowledged = orch.lbctl("backend", "add", "web", "w2", b["w2"])
+    assert acknowledged.returncode == 0
+    version = int(acknowledged.stdout.split()[-1])
+    orch.stop(signal.SIGKILL)  # right after an acknowledged write
+    failures = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:  # past max_staleness_ms: fail-static
+        for i in range(2):
+            try:
+                with Client(f"127.0.0.{i + 2}:{port}", timeout=5) as c:
+                    c.ident()
+            except OSError:
+                failures += 1
+        time.sleep(0.05)
+    assert failures == 0
+    for node in nodes:
+        node.wait_log("STALE")
+    orch.start()
+    listed = json.loads(orch.lbctl("backend", "list", "--json").stdout)
+    assert "w2" in {x["id"] for x in listed}  # the acknowledged write survived kill -9
+    wait_until(lambda: all(applied_version(n) >= version for n in nodes), 15)
+    for node in nodes:
+        node.wait_log("control plane heard again")
+
+
+@pytest.mark.timeout(180)
+def test_embedded_mode_runs_the_control_plane_in_the_node_tree(backends, lbproxy, workdir):
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port, control, publish = free_port(), free_port(), free_port()
+    node = lbproxy([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])], start=False,
+                   workers=1, control="embedded")
+    node.write_config_text(node.config_path.read_text() + (
+        f'\n[orchestrator]\nstore = "sqlite:///{workdir / "embedded.db"}"\n'
+        f'control = "tcp://127.0.0.1:{control}"\npublish = "tcp://127.0.0.1:{publish}"\n'
+        "heartbeat_ms = 100\n"))
+    node.start()
+    node.wait_log("applied: version")
+    with Client(f"127.0.0.1:{port}") as c:
+        assert c.ident() == "w1"
+    endpoint = f"tcp://127.0.0.1:{control}"
+    command = [sys.executable, "-m", "ctl.lbctl", "--control", endpoint,
+               "backend", "add", "web", "w2", b["w2"]]
+    added = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=30)
+    assert added.returncode == 0, added.stderr
+    version = int(added.stdout.split()[-1])
+    wait_until(lambda: int(node.stats()["version"]) >= version, 10)
+    seen = Counter()
+    for _ in range(4):
+        with Client(f"127.0.0.1:{port}") as c:
+            seen[c.ident()] += 1
+    assert seen == {"w1": 2, "w2": 2}
+    child_pids = node.remember_pids()
+    assert node.stop() == 0
+    assert not any(pid_alive(p) for p in child_pids)
