@@ -101,6 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     command(snapshot, "show")
     status = command(groups, "status")
     status.set_defaults(verb="status")
+    apply = groups.add_parser("apply", help="make services and backends those of a file (diff, then CAS)")
+    apply.add_argument("-f", "--file", required=True, help="TOML file with [[service]] tables")
+    apply.add_argument("--dry-run", action="store_true", help="show the diff only")
+    apply.set_defaults(verb="apply")
     return parser
 
 
@@ -175,8 +179,31 @@ def _show(result: Any, as_json: bool) -> str:
     return "\n".join(f"{k}: {v}" for k, v in result.items())
 
 
+def _apply(args: argparse.Namespace) -> int:
+    from ctl.apply import apply_file
+    from lbcore.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.file)
+        endpoint = _endpoint(args)
+        apply_file(config, lambda verb, call_args: request(endpoint, verb, call_args, args.timeout),
+                   args.dry_run, print)
+    except ConfigError as exc:
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CtlError as exc:
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return exc.status
+    except ValueError as exc:
+        print(f"lbctl: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.group == "apply":
+        return _apply(args)
     verb, call_args = _call(args)
     try:
         result = request(_endpoint(args), verb, call_args, args.timeout)

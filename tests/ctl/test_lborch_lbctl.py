@@ -185,3 +185,46 @@ def test_snapshots_and_heartbeats_are_published(orch):
         print(f"\ncommit-to-published (incl. lbctl start-up): {(time.monotonic() - t0) * 1000:.0f} ms")
     finally:
         sub.close(0)
+
+
+def test_apply_shows_the_diff_and_applies_it(orch, tmp_path):
+    desired = tmp_path / "desired.toml"
+    desired.write_text("""
+[node]
+id = "x"
+
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+algorithm = "maglev"
+
+[[service.backend]]
+id = "w1"
+address = "127.0.0.1:9001"
+weight = 3
+
+[[service.backend]]
+id = "w2"
+address = "127.0.0.1:9002"
+""")
+    before = lbctl(orch, "backend", "list", "--json").stdout
+    dry = lbctl(orch, "apply", "-f", str(desired), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        "~ service web listen 127.0.0.1:18080 algorithm maglev",
+        "~ backend web/w1 weight 1 -> 3",
+        "+ backend web/w2 127.0.0.1:9002 weight 1",
+    ]
+    assert lbctl(orch, "backend", "list", "--json").stdout == before  # a dry run changes nothing
+    applied = lbctl(orch, "apply", "-f", str(desired))
+    assert applied.returncode == 0 and "ok: 3 changes" in applied.stdout, applied
+    listed = {b["id"]: b for b in json.loads(lbctl(orch, "backend", "list", "--json").stdout)}
+    assert (listed["w1"]["weight"], listed["w2"]["state"]) == (3, "active")
+    assert json.loads(lbctl(orch, "policy", "get", "web", "--json").stdout)["algorithm"] == "maglev"
+    again = lbctl(orch, "apply", "-f", str(desired))
+    assert again.stdout.strip() == "no changes"
+    # dropping w1 from the file drains it
+    desired.write_text(desired.read_text().replace('id = "w1"\naddress = "127.0.0.1:9001"\nweight = 3\n', "")
+                       .replace("[[service.backend]]\n\n[[service.backend]]", "[[service.backend]]"))
+    drained = lbctl(orch, "apply", "-f", str(desired))
+    assert "- backend web/w1 (drained)" in drained.stdout, drained

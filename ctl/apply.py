@@ -1,0 +1,87 @@
+"""``lbctl apply -f FILE``: make the control plane's services and backends
+those of FILE. Shows the diff, then applies it change by change, each a
+compare-and-swap on the version read when the diff was made, so a change
+made by someone else meanwhile is refused (exit 3), not overwritten.
+
+Backends the file no longer lists are removed (drained); an address cannot
+change in place (remove the backend, add it under a new id).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lbcore.config import Config
+
+
+@dataclass(frozen=True)
+class Change:
+    text: str                  # the diff line shown
+    verb: str
+    args: dict[str, Any]
+
+
+def plan_changes(config: Config, policies: dict[str, dict[str, Any]],
+                 backends: list[dict[str, Any]]) -> list[Change]:
+    """The changes that turn the current state into ``config``'s."""
+    changes: list[Change] = []
+    current = {(b["service"], b["id"]): b for b in backends}
+    for service in config.services:
+        policy = policies.get(service.name)
+        if policy is None or (policy["algorithm"], policy["listen"]) != (service.algorithm, service.listen):
+            version = policy["version"] if policy else 0
+            sign = "+" if policy is None else "~"
+            changes.append(Change(f"{sign} service {service.name} listen {service.listen} "
+                                  f"algorithm {service.algorithm}", "policy.set",
+                                  {"service": service.name, "algorithm": service.algorithm,
+                                   "listen": service.listen, "expected_version": version}))
+        for backend in service.backends:
+            record = current.get((service.name, backend.id))
+            where = f"{service.name}/{backend.id}"
+            if record is None or record["state"] == "removed":
+                changes.append(Change(f"+ backend {where} {backend.address} weight {backend.weight}",
+                                      "backend.add",
+                                      {"service": service.name, "id": backend.id, "address": backend.address,
+                                       "weight": backend.weight,
+                                       "expected_version": record["version"] if record else 0}))
+            elif record["address"] != backend.address:
+                raise ValueError(f"backend {where}: address {record['address']} -> {backend.address} "
+                                 "cannot change in place; remove it and add it under a new id")
+            elif record["weight"] != backend.weight:
+                changes.append(Change(f"~ backend {where} weight {record['weight']} -> {backend.weight}",
+                                      "backend.set_weight",
+                                      {"service": service.name, "id": backend.id, "weight": backend.weight,
+                                       "expected_version": record["version"]}))
+    wanted = {(s.name, b.id) for s in config.services for b in s.backends}
+    for key, record in sorted(current.items()):
+        if key not in wanted and record["state"] == "active":
+            changes.append(Change(f"- backend {key[0]}/{key[1]} (drained)", "backend.remove",
+                                  {"service": key[0], "id": key[1], "expected_version": record["version"]}))
+    return changes
+
+
+def apply_file(config: Config, call: Callable[[str, dict[str, Any]], Any], dry_run: bool,
+               out: Callable[[str], None]) -> int:
+    """Show and apply the diff; returns how many changes were applied."""
+    backends = call("backend.list", {})
+    policies = {}
+    for name in {s.name for s in config.services} | {b["service"] for b in backends}:
+        try:
+            policies[name] = call("policy.get", {"service": name})
+        except Exception as exc:  # a service not yet in the store
+            if "no service" not in str(exc):
+                raise
+    changes = plan_changes(config, policies, backends)
+    if not changes:
+        out("no changes")
+        return 0
+    for change in changes:
+        out(change.text)
+    if dry_run:
+        return 0
+    version = None
+    for change in changes:
+        version = call(change.verb, change.args)["version"]
+    out(f"ok: {len(changes)} changes, version {version}")
+    return len(changes)
