@@ -2,11 +2,14 @@
 
 The backends (127.0.0.1:9001-9003, threads of this process) answer
 ``hello from web-N``; the node listens on 127.0.0.1:PORT with weighted round
-robin, so repeated ``curl http://127.0.0.1:8080/`` rotate through them.
+robin, so repeated ``curl http://127.0.0.1:8080/`` rotate through them. The
+node runs in embedded mode: its control plane (a child lborch on a SQLite file
+in a temporary directory, control tcp://127.0.0.1:7700) takes lbctl commands.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,7 +22,13 @@ BACKEND_PORTS = (9001, 9002, 9003)
 CONFIG = """\
 [node]
 id = "quickstart"
+control = "embedded"
 {workers}
+
+[orchestrator]
+store = "sqlite:///{store}"
+control = "tcp://127.0.0.1:7700"
+publish = "tcp://127.0.0.1:7701"
 
 [[service]]
 name = "web"
@@ -59,22 +68,25 @@ def demo_backend(name: str, port: int) -> ThreadingHTTPServer:
 def quickstart(port: int, workers: int | None) -> int:
     servers = [demo_backend(f"web-{n}", p) for n, p in enumerate(BACKEND_PORTS, 1)]
     text = CONFIG.format(
+        store="{store}",
         port=port,
         workers=f"workers = {workers}" if workers else "",
         backends="".join(BACKEND.format(n=n, port=p) for n, p in enumerate(BACKEND_PORTS, 1)),
     )
-    fd, path = tempfile.mkstemp(prefix="fulcrum-quickstart-", suffix=".toml")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
+    work = tempfile.mkdtemp(prefix="fulcrum-quickstart-")
+    path = os.path.join(work, "quickstart.toml")
+    with open(path, "w") as f:
+        f.write(text.replace("{store}", os.path.join(work, "state.db")))
     try:
         config = load_config(path)
 
         def announce(_agent: object) -> None:
-            print(f"quickstart: try  curl http://127.0.0.1:{port}/  (Ctrl-C stops)", flush=True)
+            print(f"quickstart: try  curl http://127.0.0.1:{port}/  and  "
+                  "lbctl backend set-weight web web-1 3  (Ctrl-C stops)", flush=True)
 
         return serve(config, on_ready=announce)
     finally:
-        os.unlink(path)
+        shutil.rmtree(work, ignore_errors=True)
         for server in servers:
             server.shutdown()
             server.server_close()
