@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Control-plane propagation: from an acknowledged lbctl-style write to the
+new version applied in every node's shared memory.
+
+    python3 bench/propagation.py [--nodes 1 3 10] [--backends 10 1000 10000] [--trials 40]
+
+For each (nodes, backends) it starts one lborch and N lbproxy nodes (1 worker
+each, on 127.0.0.2, .3, …), then repeats: set a backend's weight through the
+control socket, and time until every node's segment shows that version
+(p50/p99). Also prints the full snapshot size and sustained writes per second.
+Every process it starts is stopped by PID at the end; only 127.0.0.0/8 is used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from fixtures import Fleet  # noqa: E402
+
+from lbcore.segment import Segment  # noqa: E402
+
+
+def wait_text(path: Path, text: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{path}: no {text!r} after {seconds}s:\n{path.read_text(errors='replace')[-2000:]}")
+
+
+def request(sock: zmq.Socket[bytes], verb: str, **args: object) -> dict:
+    sock.send(json.dumps({"verb": verb, "args": args}).encode())
+    if not sock.poll(10_000):
+        raise RuntimeError(f"no answer to {verb}")
+    reply = json.loads(sock.recv())
+    if not reply["ok"]:
+        raise RuntimeError(reply["error"]["message"])
+    return reply["result"]
+
+
+def applied(segment: Segment) -> int:
+    return int(segment.buffer(segment.generation()).header[0]["snapshot_version"])
+
+
+def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
+    work = fleet.work / f"p-{nodes}-{backends}"
+    work.mkdir()
+    control, publish, listen = fleet.ports(3, low=20_000)
+    rows = "".join(f'\n[[service.backend]]\nid = "b{i}"\naddress = "127.0.{1 + i // 250 % 250}.{1 + i % 250}:'
+                   f'{1000 + i // 62500}"\n' for i in range(backends))
+    (work / "orch.toml").write_text(
+        f'[node]\nid = "orch"\n[orchestrator]\nstore = "sqlite:///{work / "state.db"}"\n'
+        f'control = "tcp://127.0.0.1:{control}"\npublish = "tcp://127.0.0.1:{publish}"\nheartbeat_ms = 200\n'
+        f'[[service]]\nname = "web"\nlisten = "127.0.0.1:{listen}"\nalgorithm = "wrr"\n{rows}')
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    fleet.spawn([sys.executable, "-m", "orchestrator.cli", "-c", str(work / "orch.toml")], work / "orch.log",
+                cwd=ROOT, env=env)
+    wait_text(work / "orch.log", "ready:", 120)
+    ids = []
+    for n in range(nodes):
+        node_id = f"prop-{os.getpid()}-{nodes}-{backends}-{n}"
+        ids.append(node_id)
+        (work / f"n{n}.toml").write_text(
+            f'[node]\nid = "{node_id}"\nworkers = 1\ncontrol = "tcp://127.0.0.1:{control}"\n'
+            f'subscribe = "tcp://127.0.0.1:{publish}"\naddress = "127.0.0.{n + 2}"\n')
+        fleet.spawn([sys.executable, "-m", "lbcore.cli", "-c", str(work / f"n{n}.toml")], work / f"n{n}.log",
+                    cwd=ROOT, env=env)
+    for n in range(nodes):
+        wait_text(work / f"n{n}.log", "applied: version", 120)
+    segments = [Segment.attach(i) for i in ids]
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://127.0.0.1:{control}")
+    try:
+        size = len(request(sock, "snapshot.get")["snapshot"])
+        times = []
+        for trial in range(trials):
+            weight = 1 + trial % 5
+            version = request(sock, "backend.set_weight", service="web", id="b0", weight=weight)["version"]
+            t0 = time.perf_counter()
+            deadline = time.monotonic() + 30
+            while any(applied(s) < version for s in segments):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"version {version} not applied everywhere after 30 s")
+                time.sleep(0.0002)
+            times.append((time.perf_counter() - t0) * 1000)
+        t0, writes = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 3:
+            request(sock, "backend.set_weight", service="web", id="b1", weight=1 + writes % 5)
+            writes += 1
+        rate = writes / (time.perf_counter() - t0)
+    finally:
+        sock.close(0)
+        for s in segments:
+            s.close()
+    times.sort()
+    return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "trials": trials,
+            "p50_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
+            "max_ms": times[-1], "writes_per_s": rate}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 3, 10])
+    parser.add_argument("--backends", type=int, nargs="+", default=[10, 1000, 10000])
+    parser.add_argument("--trials", type=int, default=40)
+    args = parser.parse_args()
+    results = []
+    print(f"{'nodes':>5} {'backends':>8} {'snapshot B':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'writes/s':>9}", flush=True)
+    for backends in args.backends:
+        for nodes in args.nodes:
+            fleet = Fleet()
+            try:
+                r = run(fleet, nodes, backends, args.trials)
+            finally:
+                fleet.close()
+            results.append(r)
+            print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>11,} {r['p50_ms']:>8.2f} "
+                  f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['writes_per_s']:>9.0f}", flush=True)
+    out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-propagation.json"
+    out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+    print(f"saved {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
