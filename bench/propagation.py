@@ -7,7 +7,8 @@ new version applied in every node's shared memory.
 For each (nodes, backends) it starts one lborch and N lbproxy nodes (1 worker
 each, on 127.0.0.2, .3, …), then repeats: set a backend's weight through the
 control socket, and time until every node's segment shows that version
-(p50/p99). Also prints the full snapshot size and sustained writes per second.
+(p50/p99). Also prints the sizes of the full snapshot and of a one-weight
+delta, and sustained writes per second.
 Every process it starts is stopped by PID at the end; only 127.0.0.0/8 is used.
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
                     raise RuntimeError(f"version {version} not applied everywhere after 30 s")
                 time.sleep(0.0002)
             times.append((time.perf_counter() - t0) * 1000)
+        delta = request(sock, "status")["last_delta_bytes"]  # the last trial's: one weight change
         t0, writes = time.perf_counter(), 0
         while time.perf_counter() - t0 < 3:
             request(sock, "backend.set_weight", service="web", id="b1", weight=1 + writes % 5)
@@ -105,7 +107,8 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
         for s in segments:
             s.close()
     times.sort()
-    return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "trials": trials,
+    return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "delta_bytes": delta,
+            "trials": trials,
             "p50_ms": statistics.median(times), "p99_ms": times[min(len(times) - 1, int(len(times) * 0.99))],
             "max_ms": times[-1], "writes_per_s": rate}
 
@@ -117,8 +120,8 @@ def main() -> int:
     parser.add_argument("--trials", type=int, default=40)
     args = parser.parse_args()
     results = []
-    print(f"{'nodes':>5} {'backends':>8} {'snapshot B':>11} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'writes/s':>9}", flush=True)
+    print(f"{'nodes':>5} {'backends':>8} {'full B':>9} {'delta B':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'max ms':>8} {'writes/s':>9}", flush=True)
     for backends in args.backends:
         for nodes in args.nodes:
             fleet = Fleet()
@@ -127,7 +130,8 @@ def main() -> int:
             finally:
                 fleet.close()
             results.append(r)
-            print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>11,} {r['p50_ms']:>8.2f} "
+            print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>9,} {r['delta_bytes']:>8,} "
+                  f"{r['p50_ms']:>8.2f} "
                   f"{r['p99_ms']:>8.2f} {r['max_ms']:>8.2f} {r['writes_per_s']:>9.0f}", flush=True)
     out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-propagation.json"
     out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))

@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     command(health, "show")
 
     snapshot = groups.add_parser("snapshot").add_subparsers(dest="verb", required=True)
-    command(snapshot, "show")
+    command(snapshot, "show").add_argument("--node", help="what this node applied, audited")
     status = command(groups, "status")
     status.set_defaults(verb="status")
     apply = groups.add_parser("apply", help="make services and backends those of a file (diff, then CAS)")
@@ -135,6 +135,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
                                  "revision": args.revision}
     if key == ("health", "show"):
         return "health.show", {}
+    if getattr(args, "node", None):
+        return "snapshot.node", {"node": args.node}
     return "snapshot.get", {}
 
 
@@ -163,6 +165,11 @@ def _show(result: Any, as_json: bool) -> str:
                     lines.append(f"    {service}/{backend}: active {c['active']} total {c['total']} "
                                  f"failed {c['failed']}")
         return "\n".join(lines)
+    if isinstance(result, dict) and "applied_version" in result:
+        verdict = "consistent with" if result["consistent"] else "DIFFERENT from" if result["current"] \
+            else "behind"
+        return (f"node {result['node']}: applied version {result['applied_version']}, "
+                f"{verdict} the control plane")
     if isinstance(result, dict) and "snapshot" in result:
         return json.dumps(json.loads(result["snapshot"]), indent=2, sort_keys=True)
     if isinstance(result, list):

@@ -301,7 +301,7 @@ class NodeAgent:
             self.log(f"snapshot version {version} refused, still serving version {self.version}: {exc}")
             return
         self._apply(plan)
-        self.remote.applied(version)
+        self.remote.applied(version, services)
         self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)
         self.log(f"applied: version {version}")
 

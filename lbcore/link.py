@@ -16,7 +16,15 @@ from typing import Any
 import zmq
 
 from lbcore.config import Service
-from lbcore.wire import FETCH_REQUEST, WireError, decode_snapshot, report_request
+from lbcore.wire import (
+    FETCH_REQUEST,
+    WireError,
+    apply_delta,
+    decode_snapshot,
+    encode_snapshot,
+    report_request,
+    snapshot_digest,
+)
 
 FETCH_TIMEOUT_S = 2.0
 
@@ -26,6 +34,7 @@ class ControlLink:
         self.control_endpoint = control
         self.log = log
         self.applied = -1
+        self.services: tuple[Service, ...] = ()  # what ``applied`` holds: the base of a delta
         self.last_heard = time.monotonic()  # start: staleness counts from now
         self._context = zmq.Context()
         self.sub = self._context.socket(zmq.SUB)
@@ -82,6 +91,20 @@ class ControlLink:
                     self.log("malformed heartbeat ignored")
                     continue
                 gap = gap or announced > max(self.applied, newest[0] if newest else -1)
+            elif kind == b"delta":
+                held = newest if newest else (self.applied, self.services)
+                try:
+                    version, base, services = apply_delta(body, held[1])
+                except WireError as exc:
+                    self.log(f"delta refused: {exc}")
+                    gap = True  # what it would have changed must come from a full fetch
+                    continue
+                if version <= held[0]:
+                    continue  # old news
+                if base != held[0]:
+                    gap = True  # its base is not what we hold: fetch in full (I6)
+                    continue
+                newest = (version, services)
             elif kind == b"snapshot":
                 try:
                     version, services = decode_snapshot(body)
@@ -98,7 +121,8 @@ class ControlLink:
 
     def report(self, node: str, counters: dict[str, Any]) -> None:
         """Tell the control plane what is applied (fire and forget)."""
-        message = report_request(node, self.applied, self.staleness_ms(), counters)
+        digest = snapshot_digest(encode_snapshot(self.applied, self.services)) if self.applied >= 0 else ""
+        message = report_request(node, self.applied, self.staleness_ms(), counters, digest)
         try:
             self.dealer.send_multipart([b"", message], zmq.NOBLOCK)
         except zmq.Again:

@@ -80,8 +80,9 @@ class Remote:
     def next_snapshot(self) -> tuple[int, tuple[Service, ...]] | None:
         return self.link.receive()
 
-    def applied(self, version: int) -> None:
+    def applied(self, version: int, services: tuple[Service, ...]) -> None:
         self.link.applied = version
+        self.link.services = services
 
     def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
         """Report what is applied, and say loudly when the control plane has

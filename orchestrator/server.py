@@ -5,10 +5,12 @@ Sockets (ZeroMQ, addresses from the [orchestrator] table):
 - control (ROUTER): ctl requests from lbctl (REQ/DEALER), answered with the
   admin API of control.py; nodes use the same socket to fetch the current
   snapshot (verb ``snapshot.get``) and to report what they applied.
-- publish (PUB): ``[b"snapshot", SNAPSHOT]`` whenever the routing state
-  changes (SNAPSHOT in the wire format of lbcore.wire, carrying its version),
-  and ``[b"heartbeat", {"version": N}]`` every heartbeat_ms, so that a node
-  that missed a snapshot sees the gap and fetches it.
+- publish (PUB): ``[b"delta", DELTA]`` whenever the routing state changes
+  (what changed since the previous version; a full ``[b"snapshot",
+  SNAPSHOT]`` instead for the first one, every FULL_EVERY versions, and
+  whenever the full one is smaller), formats in lbcore.wire; and
+  ``[b"heartbeat", {"version": N}]`` every heartbeat_ms, so that a node that
+  missed a message sees the gap and fetches the full snapshot.
 
 Recompute is single-writer and coalesced: writes only mark the state dirty;
 the loop derives and publishes at most once per COALESCE_MS, so a burst of
@@ -25,12 +27,15 @@ from typing import Any
 
 import zmq
 
+from lbcore.config import Service
+from lbcore.wire import encode_delta, snapshot_digest
 from orchestrator.control import ControlPlane
-from orchestrator.derive import routing_snapshot
-from orchestrator.errors import BadRequestError
+from orchestrator.derive import eligible, routing_snapshot
+from orchestrator.errors import BadRequestError, NotFoundError
 from orchestrator.store import Store
 
 COALESCE_MS = 2
+FULL_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,13 @@ class Orchestrator:
         self.plane.extra_verbs["snapshot.get"] = self._snapshot_get
         self.plane.extra_verbs["node.report"] = self._node_report
         self.plane.extra_verbs["status"] = self._status
+        self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._dirty_since: float | None = time.monotonic()  # publish once at start
         self.published_version = -1
         self.snapshot = b""
+        self.services: tuple[Service, ...] = ()
+        self.last_delta_bytes = 0
         self._stop = False
         self._context = zmq.Context()
         self.control = self._context.socket(zmq.ROUTER)
@@ -81,13 +89,27 @@ class Orchestrator:
         if not isinstance(counters, dict):
             raise BadRequestError("node.report: counters must be an object")
         self.nodes[args["node"]] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                                    "reported": time.monotonic()}
+                                    "digest": str(args.get("digest", "")), "reported": time.monotonic()}
         return {}
+
+    def _snapshot_node(self, args: dict[str, Any]) -> Any:
+        """What a node reported applying, audited against the control
+        plane's own snapshot of that version (I2: same inputs, same bytes)."""
+        node = self.nodes.get(args["node"])
+        if node is None:
+            raise NotFoundError(f"no report from node {args['node']!r}")
+        current = node["version"] == self.published_version
+        return {"node": args["node"], "applied_version": node["version"], "digest": node["digest"],
+                "current": current,
+                "consistent": current and node["digest"] == snapshot_digest(self.snapshot),
+                "snapshot": self.snapshot.decode() if current else None}
 
     def _status(self, args: dict[str, Any]) -> Any:
         now = time.monotonic()
         return {
             "version": self.published_version,
+            "snapshot_bytes": len(self.snapshot),
+            "last_delta_bytes": self.last_delta_bytes,
             "nodes": [{"node": name, "applied_version": n["version"],
                        "lag": self.published_version - n["version"],
                        "staleness_ms": n["staleness_ms"],
@@ -106,9 +128,15 @@ class Orchestrator:
         state = self.store.read()
         if state.version == self.published_version:
             return
-        self.snapshot = routing_snapshot(state)
-        self.published_version = state.version
-        self.publisher.send_multipart([b"snapshot", self.snapshot])
+        snapshot = routing_snapshot(state)
+        services = eligible(state)
+        delta = encode_delta(self.published_version, self.services, state.version, services)
+        if self.published_version < 0 or state.version % FULL_EVERY == 0 or len(delta) >= len(snapshot):
+            self.publisher.send_multipart([b"snapshot", snapshot])
+        else:
+            self.publisher.send_multipart([b"delta", delta])
+        self.last_delta_bytes = len(delta)
+        self.snapshot, self.services, self.published_version = snapshot, services, state.version
 
     def _heartbeat(self) -> None:
         body = json.dumps({"version": self.published_version}).encode()

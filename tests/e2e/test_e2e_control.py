@@ -119,6 +119,9 @@ def test_add_and_remove_propagate_to_every_node(backends, lbproxy, control_plane
         return len(status["nodes"]) == 3 and applied == {status["version"]}
 
     wait_until(converged, 10)
+    for node in nodes:  # I2 audit: each node's applied snapshot hashes like the control plane's
+        shown = json.loads(orch.lbctl("snapshot", "show", "--node", node.node_id, "--json").stdout)
+        assert shown["current"] and shown["consistent"], shown
 
 
 @pytest.mark.timeout(180)

@@ -88,3 +88,58 @@ def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbprox
     finally:
         pub.close(0)
         router.close(0)
+
+
+@pytest.mark.timeout(120)
+def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(backends, lbproxy):
+    from lbcore.wire import encode_delta
+
+    b = backends({"a": "127.0.0.1", "b": "127.0.0.1", "c": "127.0.0.1"})
+    port, control, publish = free_port(), free_port(), free_port()
+    v1 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("a", b["a"], 1),))]
+    v2 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("b", b["b"], 1),))]
+    v4 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("c", b["c"], 1),))]
+    context = zmq.Context.instance()
+    pub, router = context.socket(zmq.PUB), context.socket(zmq.ROUTER)
+    for sock in (pub, router):
+        sock.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{publish}")
+    router.bind(f"tcp://127.0.0.1:{control}")
+    answer = {"snapshot": encode_snapshot(1, v1)}
+
+    def serve(seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if router.poll(20):
+                *envelope, body = router.recv_multipart()
+                verb = json.loads(body)["verb"]
+                result = {"snapshot": answer["snapshot"].decode()} if verb == "snapshot.get" else {}
+                router.send_multipart([*envelope, json.dumps({"ok": True, "result": result}).encode()])
+
+    def until(text: str, heartbeat: int, message: list[bytes] | None = None) -> None:
+        deadline = time.monotonic() + 15
+        while text not in node.log() and time.monotonic() < deadline:
+            if message:
+                pub.send_multipart(message)
+            pub.send_multipart([b"heartbeat", json.dumps({"version": heartbeat}).encode()])
+            serve(0.1)
+        assert text in node.log(), node.log()
+
+    try:
+        node = lbproxy([], start=False, workers=1, control=f"tcp://127.0.0.1:{control}",
+                       subscribe=f"tcp://127.0.0.1:{publish}")
+        node.launch()
+        until("applied: version 1", 1)
+        # a delta on the version held applies without a fetch
+        until("applied: version 2", 1, [b"delta", encode_delta(1, v1, 2, v2)])
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.ident() == "b"
+        # a delta whose base (3) is not what the node holds (2): fetch in full
+        # (heartbeats still say 2, so only the delta's base can cause the fetch)
+        answer["snapshot"] = encode_snapshot(4, v4)
+        until("applied: version 4", 2, [b"delta", encode_delta(3, v2, 4, v4)])
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.ident() == "c"
+    finally:
+        pub.close(0)
+        router.close(0)

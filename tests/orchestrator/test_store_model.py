@@ -2,6 +2,7 @@
 store, checked after every step against a small reference model (I2-I5)."""
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.policies: dict[str, tuple[str, int]] = {}              # service -> (algorithm, version)
         self.backends: dict[tuple[str, str], list] = {}             # key -> [address, weight, state, version]
         self.health: dict[str, tuple[bool, int]] = {}               # backend id -> (up, revision)
+        self.published: list[int] = []                              # snapshot versions seen
 
     @initialize(algorithms=st.tuples(st.sampled_from(ALGORITHMS), st.sampled_from(ALGORITHMS)))
     def services(self, algorithms):
@@ -124,6 +126,16 @@ class StoreMachine(RuleBasedStateMachine):
             == self.backends
         assert {p.service: (p.algorithm, p.version) for p in state.policies} == self.policies  # I5
         assert {h.backend_id: (h.up, h.revision) for h in state.health} == self.health  # I4
+
+    @invariant()
+    def snapshot_versions_only_increase(self):
+        """I6 at the source: a new snapshot carries a strictly newer version
+        exactly when a write was applied."""
+        version = json.loads(routing_snapshot(self.store.read()))["version"]
+        if self.published:
+            assert version >= self.published[-1]
+            assert (version > self.published[-1]) == (self.version > self.published[-1])
+        self.published.append(version)
 
     @invariant()
     def routing_state_is_derived(self):

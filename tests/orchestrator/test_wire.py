@@ -6,7 +6,7 @@ import json
 import pytest
 
 from lbcore.config import Backend, Service
-from lbcore.wire import WireError, decode_snapshot, encode_snapshot
+from lbcore.wire import WireError, apply_delta, decode_snapshot, encode_delta, encode_snapshot
 
 SERVICES = (
     Service("web", "127.0.0.1:8080", "wrr",
@@ -41,3 +41,45 @@ def test_malformed_snapshots_are_refused_with_where(data, where):
     with pytest.raises(WireError, match=None) as info:
         decode_snapshot(data)
     assert where in str(info.value)
+
+
+def svc(name: str, listen: str, algorithm: str, **weights: int) -> Service:
+    rows = enumerate(sorted(weights.items()))
+    backends = tuple(Backend(i, f"127.0.0.1:{9000 + n}", w) for n, (i, w) in rows)
+    return Service(name, listen, algorithm, backends)
+
+
+@pytest.mark.parametrize("old, new", [
+    ((), (svc("web", "127.0.0.1:80", "wrr", a=1),)),
+    ((svc("web", "127.0.0.1:80", "wrr", a=1, b=2),), (svc("web", "127.0.0.1:80", "wrr", a=1, b=3),)),
+    ((svc("web", "127.0.0.1:80", "wrr", a=1, b=2),), (svc("web", "127.0.0.1:80", "maglev", b=2),)),
+    ((svc("web", "127.0.0.1:80", "wrr", a=1), svc("api", "127.0.0.2:80", "p2c", x=1)),
+     (svc("api", "127.0.0.2:80", "p2c", x=1, y=4),)),
+    ((svc("web", "127.0.0.1:80", "wrr", a=1),), ()),
+])
+def test_a_delta_applied_to_its_base_gives_the_new_snapshot(old, new):
+    delta = encode_delta(4, old, 5, new)
+    version, base, services = apply_delta(delta, old)
+    assert (version, base) == (5, 4)
+    assert encode_snapshot(5, services) == encode_snapshot(5, new)
+    assert len(delta) <= len(encode_snapshot(5, new)) + 120
+
+
+def test_a_one_weight_change_delta_is_small_whatever_the_pool():
+    many = svc("web", "127.0.0.1:80", "wrr", **{f"b{i}": 1 for i in range(1000)})
+    changed = Service(many.name, many.listen, many.algorithm,
+                      (Backend("b0", many.backends[0].address, 2), *many.backends[1:]))
+    delta = encode_delta(1, (many,), 2, (changed,))
+    assert len(delta) < 300 < len(encode_snapshot(2, (changed,)))
+
+
+@pytest.mark.parametrize("data", [
+    b"{}", b"not json",
+    b'{"version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
+    b'[{"service": "ghost", "id": "a", "address": "127.0.0.1:1", "weight": 1}], "removed_backends": []}',
+    b'{"version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
+    b'[{"service": "web", "id": "a", "address": "nowhere", "weight": 1}], "removed_backends": []}',
+])
+def test_malformed_deltas_are_refused(data):
+    with pytest.raises(WireError):
+        apply_delta(data, (svc("web", "127.0.0.1:80", "wrr", a=1),))
