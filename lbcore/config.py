@@ -7,6 +7,7 @@ path such as ``service[0].backend[1].weight``) and the reason.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -57,6 +58,7 @@ def _between(low: int, high: int) -> Callable[[Any], str | None]:
     return lambda v: None if low <= v <= high else f"must be {low}..{high} (got {v})"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def check_name(v: str) -> str | None:
     if len(v.encode()) >= NAME_LEN:
         return f"must be shorter than {NAME_LEN} bytes"
@@ -140,8 +142,11 @@ BACKEND_SETTINGS = [
 ]
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def parse_address(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``, or ValueError."""
+    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``, or ValueError.
+    Cached: every snapshot from the control plane repeats the addresses of
+    the one before, and re-validating them dominated applying it."""
     host, sep, port = text.rpartition(":")
     if not sep or not host:
         raise ValueError(f"{text!r} is not HOST:PORT")
