@@ -36,6 +36,7 @@ from lbcore.stats import format_stats, node_stats
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
+REPORT_BACKENDS = 500  # beyond, a node's report sums its counters per service
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
 
@@ -306,8 +307,14 @@ class NodeAgent:
         self.log(f"applied: version {version}")
 
     def _remote_counters(self) -> dict[str, Any]:
+        """Per-backend counters for the control plane's status view; a pool
+        too large for one report message is summarised per service."""
         assert self.segment is not None
         stats = node_stats(self.segment)
+        if sum(len(s["backends"]) for s in stats["services"]) > REPORT_BACKENDS:
+            fields = ("active", "total", "failed")
+            return {s["name"]: {"(all)": {k: sum(b[k] for b in s["backends"]) for k in fields}}
+                    for s in stats["services"]}
         return {s["name"]: {b["id"]: {k: b[k] for k in ("active", "total", "failed")} for b in s["backends"]}
                 for s in stats["services"]}
 

@@ -63,7 +63,8 @@ class Remote:
         self._next_report = 0.0
 
     def _start_child(self) -> None:
-        command = [sys.executable, "-m", "orchestrator.cli", "-c", self.config.path]
+        # absolute: the child runs from the package's directory, not ours
+        command = [sys.executable, "-m", "orchestrator.cli", "-c", str(Path(self.config.path).resolve())]
         self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT)
         self._child_started = time.monotonic()
 

@@ -60,8 +60,8 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequestError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
     try:
         request = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequestError(f"request is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequestError(f"request is not JSON: {exc.__class__.__name__}: {exc}") from None
     if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
         raise BadRequestError('request must be {"verb": ..., "args": {...}}')
     verb, args = request["verb"], request.get("args", {})
@@ -92,12 +92,16 @@ class ControlPlane:
         self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
     def handle(self, raw: bytes) -> bytes:
-        """One request to one reply; never raises for bad input."""
+        """One request to one reply; never raises, whatever the request."""
         try:
             verb, args = parse_request(raw)
             reply = {"ok": True, "result": self._dispatch(verb, args)}
         except ControlError as exc:
             reply = _reply_error(exc)
+        except (RecursionError, OverflowError, ValueError, TypeError) as exc:
+            reply = _reply_error(BadRequestError(f"request refused: {exc.__class__.__name__}: {exc}"))
+        except Exception as exc:  # the store failed (disk, lock): the daemon answers and goes on
+            reply = _reply_error(ControlError(f"{exc.__class__.__name__}: {exc}"))
         return json.dumps(reply, sort_keys=True).encode()
 
     def _write(self, commit: Callable[[], int]) -> dict[str, Any]:

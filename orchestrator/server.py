@@ -30,7 +30,7 @@ import zmq
 from lbcore.config import Service
 from lbcore.wire import encode_delta, snapshot_digest
 from orchestrator.control import ControlPlane
-from orchestrator.derive import eligible, routing_snapshot
+from orchestrator.derive import InconsistentSnapshotError, eligible, routing_snapshot
 from orchestrator.errors import BadRequestError, NotFoundError
 from orchestrator.store import Store
 
@@ -128,7 +128,12 @@ class Orchestrator:
         state = self.store.read()
         if state.version == self.published_version:
             return
-        snapshot = routing_snapshot(state)
+        try:
+            snapshot = routing_snapshot(state)
+        except InconsistentSnapshotError as exc:
+            # never publish what fails its check; nodes keep the last good one
+            self.log(f"version {state.version} not published: {exc}")
+            return
         services = eligible(state)
         delta = encode_delta(self.published_version, self.services, state.version, services)
         if self.published_version < 0 or state.version % FULL_EVERY == 0 or len(delta) >= len(snapshot):

@@ -21,6 +21,7 @@ from typing import Protocol
 
 from lbcore.balance import ALGORITHMS
 from lbcore.config import MAX_WEIGHT, check_name, parse_address
+from lbcore.layout import MAX_BACKENDS, MAX_SERVICES
 from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
 from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy, State
 
@@ -54,6 +55,9 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+MAX_INTEGER = (1 << 62)  # versions and revisions: SQLite stores signed 64-bit
+
+
 def _check_weight(weight: int) -> None:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
         raise BadRequestError(f"weight must be an integer 0..{MAX_WEIGHT} (got {weight!r})")
@@ -65,15 +69,18 @@ def _check_name(what: str, value: str) -> None:
         raise BadRequestError(f"{what}: {problem}")
 
 
-def _check_address(value: str) -> None:
+def _canonical_address(value: str) -> str:
+    """One spelling per address, so that equal addresses compare equal."""
     try:
-        parse_address(value)
-    except (ValueError, AttributeError) as exc:
+        host, port = parse_address(value)
+    except (ValueError, AttributeError, TypeError) as exc:
         raise BadRequestError(f"address: {exc}") from None
+    return f"{host}:{port}"
 
 
 def _check_expected(expected: int | None) -> None:
-    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int) or expected < 0):
+    if expected is not None and (isinstance(expected, bool) or not isinstance(expected, int)
+                                 or not 0 <= expected < MAX_INTEGER):
         raise BadRequestError(f"expected version must be an integer >= 0 (got {expected!r})")
 
 
@@ -121,15 +128,16 @@ class SqliteStore:
             if changed:
                 db.execute("UPDATE meta SET value = value + 1 WHERE key = 'config_version'")
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        db.execute("COMMIT")
         return changed, int(version)
 
     def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int:
         _check_name("service", service)
-        _check_address(listen)
+        listen = _canonical_address(listen)
         _check_expected(expected_version)
         if algorithm not in ALGORITHMS:
             raise BadRequestError(f"unknown algorithm {algorithm!r} (one of: {', '.join(ALGORITHMS)})")
@@ -139,6 +147,8 @@ class SqliteStore:
             current = row[0] if row else 0
             if expected_version is not None and expected_version != current:
                 raise VersionConflictError(f"policy of {service!r}", expected_version, current)
+            if current == 0 and db.execute("SELECT COUNT(*) FROM policy").fetchone()[0] >= MAX_SERVICES:
+                raise BadRequestError(f"at most {MAX_SERVICES} services (a node's limit)")
             clash = db.execute("SELECT service FROM policy WHERE listen = ? AND service != ?",
                                (listen, service)).fetchone()
             if clash:
@@ -158,7 +168,7 @@ class SqliteStore:
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
                     expected_version: int | None) -> int:
         _check_name("backend", backend_id)
-        _check_address(address)
+        address = _canonical_address(address)
         _check_weight(weight)
         _check_expected(expected_version)
 
@@ -166,12 +176,14 @@ class SqliteStore:
             if not db.execute("SELECT 1 FROM policy WHERE service = ?", (service,)).fetchone():
                 raise NotFoundError(f"no service {service!r}")
             record = self._backend(db, service, backend_id)
+            if record is None and db.execute("SELECT COUNT(*) FROM backend").fetchone()[0] >= MAX_BACKENDS:
+                raise BadRequestError(f"at most {MAX_BACKENDS} backends (a node's limit)")
             current = record[1] if record else 0
             if expected_version is not None and expected_version != current:
                 raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, current)
-            if record and record[0] != Membership.REMOVED.value:
-                raise BadRequestError(f"backend {service}/{backend_id} exists ({record[0]}); "
-                                 "use set-weight, or remove it first")
+            if record and record[0] == Membership.ACTIVE.value:
+                raise BadRequestError(f"backend {service}/{backend_id} is active; use set-weight, "
+                                      "or remove it first")
             db.execute("INSERT INTO backend (service, id, address, weight, state, version) "
                        "VALUES (?, ?, ?, ?, 'active', ?) ON CONFLICT (service, id) DO UPDATE SET "
                        "address = excluded.address, weight = excluded.weight, state = 'active', "
@@ -218,12 +230,14 @@ class SqliteStore:
         """(applied, config version). An observation not newer than the
         stored one is ignored and the version does not move (I4)."""
         _check_name("backend", backend_id)
-        if isinstance(revision, bool) or not isinstance(revision, int) or revision < 0:
-            raise BadRequestError(f"revision must be an integer >= 0 (got {revision!r})")
+        if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision < MAX_INTEGER:
+            raise BadRequestError(f"revision must be an integer 0..2**62 (got {revision!r})")
         if not isinstance(up, bool):
             raise BadRequestError(f"up must be a boolean (got {up!r})")
 
         def change(db: sqlite3.Connection) -> bool:
+            if not db.execute("SELECT 1 FROM backend WHERE id = ? LIMIT 1", (backend_id,)).fetchone():
+                raise NotFoundError(f"no backend {backend_id!r} in any service")
             row = db.execute("SELECT revision FROM health WHERE backend_id = ?", (backend_id,)).fetchone()
             if row and row[0] >= revision:
                 return False

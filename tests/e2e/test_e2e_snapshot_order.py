@@ -137,7 +137,8 @@ def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(back
         # a delta whose base (3) is not what the node holds (2): fetch in full
         # (heartbeats still say 2, so only the delta's base can cause the fetch)
         answer["snapshot"] = encode_snapshot(4, v4)
-        until("applied: version 4", 2, [b"delta", encode_delta(3, v2, 4, v4)])
+        # the delta itself would route to "a": applying it would fail the check below
+        until("applied: version 4", 2, [b"delta", encode_delta(3, v2, 4, v1)])
         with Client(f"127.0.0.1:{port}") as c:
             assert c.ident() == "c"
     finally:

@@ -50,6 +50,8 @@ def test_conflict_names_expected_and_current(plane):
 
 
 def test_stale_health_changes_nothing(plane):
+    call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")
+    call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001")
     assert call(plane, "health.report", backend="w1", up=False, revision=3)["result"]["applied"] is True
     before = len(plane.changes)
     assert call(plane, "health.report", backend="w1", up=True, revision=2)["result"]["applied"] is False
@@ -70,6 +72,12 @@ def test_stale_health_changes_nothing(plane):
     (b'{"verb": "health.report", "args": {"backend": "w1", "up": "yes", "revision": 1}}', "up must be"),
     (b'{"verb": "policy.get", "args": {"service": "nope"}}', "no service"),
     (b"x" * (MAX_REQUEST + 1), "exceeds"),
+    (b"[" * 5000, "request"),                       # nested past the parser's recursion limit
+    (b'{"verb": "health.report", "args": {"backend": "w1", "up": true, "revision": 18446744073709551616}}',
+     "revision"),
+    (b'{"verb": "health.report", "args": {"backend": "ghost", "up": true, "revision": 1}}', "no backend"),
+    (b'{"verb": "policy.set", "args": {"service": "api", "algorithm": "wrr", "listen": "127.0.0.1:08080"}}',
+     "already used"),                               # the same address spelled otherwise
 ])
 def test_bad_requests_get_a_clear_error_and_change_nothing(plane, raw, fragment):
     call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")

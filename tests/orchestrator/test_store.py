@@ -115,3 +115,23 @@ def test_acknowledged_writes_and_version_survive_a_reopen(tmp_path):
         assert again.add_backend("web", "w2", "127.0.0.1:9002", 1, 0) == acknowledged + 1
     finally:
         again.close()
+
+
+def test_a_node_limit_is_refused_by_the_store(tmp_path):
+    """A write the nodes could not apply is refused before it is acknowledged."""
+    store = SqliteStore(tmp_path / "limits.db")
+    try:
+        for i in range(64):
+            store.put_policy(f"s{i}", f"127.0.1.{i + 1}:80", "wrr", 0)
+        with pytest.raises(BadRequestError, match="at most 64 services"):
+            store.put_policy("s64", "127.0.2.1:80", "wrr", 0)
+    finally:
+        store.close()
+
+
+def test_a_drained_backend_can_be_added_again(store):
+    seeded(store)
+    store.set_membership("web", "w1", Membership.DRAINING, None)
+    store.add_backend("web", "w1", "127.0.0.1:9001", 2, expected_version=2)
+    (backend,) = store.read().backends
+    assert (backend.state, backend.weight) == (Membership.ACTIVE, 2)

@@ -7,13 +7,14 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lbcore.config import Backend, Service
 from lbcore.wire import encode_snapshot
 from orchestrator.derive import routing_snapshot
-from orchestrator.errors import ControlError
+from orchestrator.errors import ControlError, NotFoundError
 from orchestrator.model import TRANSITIONS, Membership
 from orchestrator.store import SqliteStore
 
@@ -78,7 +79,7 @@ class StoreMachine(RuleBasedStateMachine):
         current = record[3] if record else 0
         expected = expected_of(expected, current)
         allowed = (service in self.policies and (expected is None or expected == current)
-                   and (record is None or record[2] is Membership.REMOVED))
+                   and (record is None or record[2] is not Membership.ACTIVE))
         address = f"127.0.0.1:{port}"
         if self.attempt(lambda: self.store.add_backend(service, backend, address, weight, expected), allowed):
             self.backends[(service, backend)] = [address, weight, Membership.ACTIVE, current + 1]
@@ -109,6 +110,10 @@ class StoreMachine(RuleBasedStateMachine):
     def record_health(self, backend, up, revision):
         stored = self.health.get(backend)
         newer = stored is None or revision > stored[1]
+        if not any(b == backend for _, b in self.backends):
+            with pytest.raises(NotFoundError):  # health of a backend no service has
+                self.store.record_health(backend, up, revision)
+            return
         applied, version = self.store.record_health(backend, up, revision)
         assert applied == newer  # I4
         if newer:
