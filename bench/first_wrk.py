@@ -15,7 +15,6 @@ import datetime as dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import socket
@@ -28,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from measure import parse_wrk  # noqa: E402  (one parser for wrk's output)
+
 RESULTS = ROOT / "bench" / "results"
 HOST = "127.0.0.1"
 BODY = "fulcrum-bench-64-byte-body-" + "x" * 36 + "\n"  # exactly 64 bytes
 assert len(BODY) == 64
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}  # -> milliseconds
-SIZES = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
 started: list[subprocess.Popen[bytes]] = []  # every process we start, stopped at exit
 
 
@@ -196,28 +196,6 @@ def worker_cpu(agent: int) -> dict[int, tuple[int, int]]:
             continue
         cpu[pid] = (int(fields[11]), int(fields[12]))  # stat fields 14, 15
     return cpu
-
-
-def parse_wrk(text: str) -> dict[str, float]:
-    def number(pattern: str) -> float:
-        match = re.search(pattern, text)
-        return float(match.group(1)) if match else 0.0
-
-    def latency(percent: str) -> float:
-        match = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)
-        return float(match.group(1)) * UNITS[match.group(2)] if match else float("nan")
-
-    transfer = re.search(r"Transfer/sec:\s+([\d.]+)([KMGT]?B)", text)
-    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    return {
-        "requests": number(r"(\d+) requests in"),
-        "requests_per_s": number(r"Requests/sec:\s+([\d.]+)"),
-        "transfer_bytes_per_s": float(transfer.group(1)) * SIZES[transfer.group(2)] if transfer else 0.0,
-        "p50_ms": latency("50"),
-        "p99_ms": latency("99"),
-        "socket_errors": float(sum(int(g) for g in sock.groups())) if sock else 0.0,
-        "non_2xx": number(r"Non-2xx or 3xx responses:\s+(\d+)"),
-    }
 
 
 def run_wrk(port: int, args: argparse.Namespace) -> dict[str, Any]:
