@@ -19,16 +19,22 @@ def snapshot(version: int, port: int, backends: dict[str, str]) -> bytes:
                                              tuple(Backend(i, a, 1) for i, a in backends.items()))])
 
 
-@pytest.mark.timeout(120)
-def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbproxy):
-    b = backends({"v3": "127.0.0.1", "v2": "127.0.0.1", "v5": "127.0.0.1"})
-    port, control, publish = free_port(), free_port(), free_port()
+def fake_control_plane(control: int, publish: int) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+    """The two sockets a node talks to, played by the test (PUB, ROUTER)."""
     context = zmq.Context.instance()
     pub, router = context.socket(zmq.PUB), context.socket(zmq.ROUTER)
     for sock in (pub, router):
         sock.setsockopt(zmq.LINGER, 0)
     pub.bind(f"tcp://127.0.0.1:{publish}")
     router.bind(f"tcp://127.0.0.1:{control}")
+    return pub, router
+
+
+@pytest.mark.timeout(120)
+def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbproxy):
+    b = backends({"v3": "127.0.0.1", "v2": "127.0.0.1", "v5": "127.0.0.1"})
+    port, control, publish = free_port(), free_port(), free_port()
+    pub, router = fake_control_plane(control, publish)
     fetches = []
 
     def serve_router(answer: bytes | None, seconds: float) -> None:
@@ -99,12 +105,7 @@ def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(back
     v1 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("a", b["a"], 1),))]
     v2 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("b", b["b"], 1),))]
     v4 = [Service("web", f"127.0.0.1:{port}", "wrr", (Backend("c", b["c"], 1),))]
-    context = zmq.Context.instance()
-    pub, router = context.socket(zmq.PUB), context.socket(zmq.ROUTER)
-    for sock in (pub, router):
-        sock.setsockopt(zmq.LINGER, 0)
-    pub.bind(f"tcp://127.0.0.1:{publish}")
-    router.bind(f"tcp://127.0.0.1:{control}")
+    pub, router = fake_control_plane(control, publish)
     answer = {"snapshot": encode_snapshot(1, v1)}
 
     def serve(seconds: float) -> None:
