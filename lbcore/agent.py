@@ -302,7 +302,7 @@ class NodeAgent:
             self.log(f"snapshot version {version} refused, still serving version {self.version}: {exc}")
             return
         self._apply(plan)
-        self.remote.applied(version, services)
+        self.remote.applied(version, services, self._remote_counters)
         self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)
         self.log(f"applied: version {version}")
 

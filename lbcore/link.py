@@ -77,6 +77,7 @@ class ControlLink:
         """Drain the SUB socket; the newest applicable snapshot, if any."""
         newest: tuple[int, tuple[Service, ...]] | None = None
         gap = False
+        announced = -1
         while self.sub.poll(0):
             frames = self.sub.recv_multipart()
             self.last_heard = time.monotonic()
@@ -86,11 +87,10 @@ class ControlLink:
             kind, body = frames
             if kind == b"heartbeat":
                 try:
-                    announced = int(json.loads(body)["version"])
+                    announced = max(announced, int(json.loads(body)["version"]))
                 except (ValueError, KeyError, TypeError):
                     self.log("malformed heartbeat ignored")
                     continue
-                gap = gap or announced > max(self.applied, newest[0] if newest else -1)
             elif kind == b"delta":
                 held = newest if newest else (self.applied, self.services)
                 try:
@@ -113,8 +113,11 @@ class ControlLink:
                     continue
                 if version > max(self.applied, newest[0] if newest else -1):
                     newest = (version, services)
-        if gap and newest is None:
-            newest = self.fetch()
+        have = newest[0] if newest else self.applied
+        if gap or announced > have:
+            fetched = self.fetch()  # something was missed: the full snapshot, now
+            if fetched is not None and fetched[0] > have:
+                newest = fetched
         if newest is not None and newest[0] <= self.applied:
             return None
         return newest

@@ -81,9 +81,13 @@ class Remote:
     def next_snapshot(self) -> tuple[int, tuple[Service, ...]] | None:
         return self.link.receive()
 
-    def applied(self, version: int, services: tuple[Service, ...]) -> None:
+    def applied(self, version: int, services: tuple[Service, ...],
+                counters: Callable[[], dict[str, Any]]) -> None:
+        """Record what the node now serves and tell the control plane at once."""
         self.link.applied = version
         self.link.services = services
+        self._next_report = time.monotonic() + REPORT_INTERVAL_S
+        self.link.report(self.config.node.id, counters())
 
     def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
         """Report what is applied, and say loudly when the control plane has
