@@ -9,6 +9,7 @@ restarts it if it dies, and serves its last snapshot meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import subprocess
 import sys
@@ -57,14 +58,26 @@ class Remote:
         self.child: subprocess.Popen[bytes] | None = None
         self._child_started = 0.0
         if config.node.control == "embedded":
+            self._check_child_config()
             self._start_child()
         self.link = ControlLink(control, subscribe, log)
         self._stale = False
         self._next_report = 0.0
 
+    def _check_child_config(self) -> None:
+        """A bad [orchestrator] table is refused now, with the control
+        plane's own reason, rather than by a child restarted forever."""
+        path = str(Path(self.config.path).resolve())
+        command = [sys.executable, "-m", "orchestrator.cli", "--check", "-c", path]
+        done = subprocess.run(command, capture_output=True, text=True, cwd=PACKAGE_ROOT, timeout=60)
+        if done.returncode != 0:
+            reason = (done.stderr.strip().splitlines() or ["the control plane refused the file"])[-1]
+            raise ConfigError(self.config.path, "orchestrator", reason)
+
     def _start_child(self) -> None:
         # absolute: the child runs from the package's directory, not ours
-        command = [sys.executable, "-m", "orchestrator.cli", "-c", str(Path(self.config.path).resolve())]
+        command = [sys.executable, "-m", "orchestrator.cli", "-c", str(Path(self.config.path).resolve()),
+                   "--parent-pid", str(os.getpid())]
         self.child = subprocess.Popen(command, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT)
         self._child_started = time.monotonic()
 

@@ -32,18 +32,23 @@ def seed(store: Store, config: Config) -> bool:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lborch", description="Fulcrum control plane")
     parser.add_argument("-c", "--config", required=True, help="TOML config file")
+    parser.add_argument("--check", action="store_true", help="validate the file and exit")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="stop when this process is gone (set by an embedding lbproxy)")
     args = parser.parse_args(argv)
     try:
         settings = load_orchestrator_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if args.check:
+        return 0
     store = SqliteStore(settings.store_path)
     try:
         if seed(store, settings.config):
             print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
         try:
-            orchestrator = Orchestrator(store, settings.endpoints)
+            orchestrator = Orchestrator(store, settings.endpoints, parent_pid=args.parent_pid)
         except zmq.ZMQError as exc:
             print(f"lborch: cannot bind: {exc}", file=sys.stderr)
             return 1

@@ -19,6 +19,7 @@ changes gives few snapshots.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -46,7 +47,9 @@ class Endpoints:
 
 
 class Orchestrator:
-    def __init__(self, store: Store, endpoints: Endpoints, log: Any = sys.stderr) -> None:
+    def __init__(self, store: Store, endpoints: Endpoints, log: Any = sys.stderr,
+                 parent_pid: int = 0) -> None:
+        self.parent_pid = parent_pid  # embedded: the node whose death ends this process too
         self.store = store
         self.endpoints = endpoints
         self._log_file = log
@@ -179,6 +182,9 @@ class Orchestrator:
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + heartbeat_s
+                    if self.parent_pid and os.getppid() != self.parent_pid:
+                        self.log(f"parent {self.parent_pid} is gone; stopping")
+                        self._stop = True
         finally:
             self.close()
         self.log("stopped")

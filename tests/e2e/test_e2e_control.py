@@ -11,7 +11,17 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from e2e_support import ROOT, Client, child_env, free_port, pid_alive, render_config, service, wait_until
+from e2e_support import (
+    ROOT,
+    Client,
+    child_env,
+    free_port,
+    pid_alive,
+    render_config,
+    service,
+    shm_path,
+    wait_until,
+)
 
 
 class Orchestrator:
@@ -174,13 +184,7 @@ def test_nodes_serve_through_a_control_plane_outage_and_converge_after(backends,
 @pytest.mark.timeout(180)
 def test_embedded_mode_runs_the_control_plane_in_the_node_tree(backends, lbproxy, workdir):
     b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
-    port, control, publish = free_port(), free_port(), free_port()
-    node = lbproxy([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])], start=False,
-                   workers=1, control="embedded")
-    node.write_config_text(node.config_path.read_text() + (
-        f'\n[orchestrator]\nstore = "sqlite:///{workdir / "embedded.db"}"\n'
-        f'control = "tcp://127.0.0.1:{control}"\npublish = "tcp://127.0.0.1:{publish}"\n'
-        "heartbeat_ms = 100\n"))
+    node, port, control = embedded_node(lbproxy, workdir, b)
     node.start()
     node.wait_log("applied: version")
     with Client(f"127.0.0.1:{port}") as c:
@@ -200,3 +204,38 @@ def test_embedded_mode_runs_the_control_plane_in_the_node_tree(backends, lbproxy
     child_pids = node.remember_pids()
     assert node.stop() == 0
     assert not any(pid_alive(p) for p in child_pids)
+
+
+def embedded_node(lbproxy, workdir, b, heartbeat_ms: int = 100):
+    port, control, publish = free_port(), free_port(), free_port()
+    node = lbproxy([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])], start=False,
+                   workers=1, control="embedded")
+    node.write_config_text(node.config_path.read_text() + (
+        f'\n[orchestrator]\nstore = "sqlite:///{workdir / "embedded.db"}"\n'
+        f'control = "tcp://127.0.0.1:{control}"\npublish = "tcp://127.0.0.1:{publish}"\n'
+        f"heartbeat_ms = {heartbeat_ms}\n"))
+    return node, port, control
+
+
+@pytest.mark.timeout(120)
+def test_embedded_mode_refuses_a_bad_orchestrator_table_and_starts_nothing(backends, lbproxy, workdir):
+    b = backends({"w1": "127.0.0.1"})
+    node, _, _ = embedded_node(lbproxy, workdir, b, heartbeat_ms=0)
+    node.launch()
+    assert node.wait_ready_or_exit() == 2
+    assert "orchestrator" in node.log() and "heartbeat_ms" in node.log(), node.log()
+    assert not shm_path(node.node_id).exists()
+
+
+@pytest.mark.timeout(120)
+def test_the_embedded_control_plane_ends_with_its_node(backends, lbproxy, workdir):
+    b = backends({"w1": "127.0.0.1"})
+    node, _, _ = embedded_node(lbproxy, workdir, b)
+    node.start()
+    node.wait_log("applied: version")
+    tree = node.remember_pids()
+    assert node.process is not None
+    node.process.kill()  # kill -9 of the node agent
+    node.process.wait(10)
+    wait_until(lambda: not any(pid_alive(p) for p in tree), 15)
+    shm_path(node.node_id).unlink(missing_ok=True)  # left by a kill -9, by design (reused on restart)
