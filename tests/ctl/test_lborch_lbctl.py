@@ -229,3 +229,40 @@ address = "127.0.0.1:9002"
                        .replace("[[service.backend]]\n\n[[service.backend]]", "[[service.backend]]"))
     drained = lbctl(orch, "apply", "-f", str(desired))
     assert "- backend web/w1 (drained)" in drained.stdout, drained
+
+
+def test_a_burst_of_writes_gives_few_snapshots(orch):
+    """Recompute is coalesced: 50 writes queued at once are answered, then
+    published as far fewer versions (each one the state after a whole batch)."""
+    context = zmq.Context.instance()
+    sub = context.socket(zmq.SUB)
+    dealer = context.socket(zmq.DEALER)
+    for sock in (sub, dealer):
+        sock.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{orch.publish}")
+    dealer.connect(orch.endpoint)
+    try:
+        wait_for(lambda: sub.poll(100) and sub.recv_multipart()[0] == b"heartbeat", 10, "subscribed")
+        for weight in range(50):
+            args = {"service": "web", "id": "w1", "weight": weight % 7}
+            request = {"verb": "backend.set_weight", "args": args}
+            dealer.send_multipart([b"", json.dumps(request).encode()])
+        versions = []
+        for _ in range(50):
+            assert dealer.poll(10_000)
+            versions.append(json.loads(dealer.recv_multipart()[-1])["result"]["version"])
+        last = max(versions)
+        published: list[int] = []
+        deadline = time.monotonic() + 10
+        while (not published or published[-1] < last) and time.monotonic() < deadline:
+            if sub.poll(200):
+                kind, body = sub.recv_multipart()
+                if kind in (b"snapshot", b"delta"):
+                    published.append(json.loads(body)["version"])
+        assert published and published[-1] == last  # the final state is published
+        assert len(published) < 25, f"{len(published)} publications for 50 writes"
+        print(f"\n50 writes -> {len(published)} publications")
+    finally:
+        sub.close(0)
+        dealer.close(0)
