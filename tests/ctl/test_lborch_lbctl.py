@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -266,3 +267,15 @@ def test_a_burst_of_writes_gives_few_snapshots(orch):
     finally:
         sub.close(0)
         dealer.close(0)
+
+
+def test_the_endpoint_comes_from_the_environment_or_the_config_file(orch):
+    base = [sys.executable, "-m", "ctl.lbctl"]
+    env = {**os.environ, "LBCTL_CONTROL": orch.endpoint}
+    from_env = subprocess.run([*base, "backend", "list", "--json"], capture_output=True, text=True, cwd=ROOT,
+                              env=env, timeout=20)
+    assert from_env.returncode == 0 and json.loads(from_env.stdout), from_env.stderr
+    env.pop("LBCTL_CONTROL")
+    from_file = subprocess.run([*base, "-c", str(orch.config), "backend", "list", "--json"],
+                               capture_output=True, text=True, cwd=ROOT, env=env, timeout=20)
+    assert from_file.returncode == 0 and json.loads(from_file.stdout) == json.loads(from_env.stdout)
