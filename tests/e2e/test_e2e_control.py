@@ -179,6 +179,12 @@ def test_nodes_serve_through_a_control_plane_outage_and_converge_after(backends,
     wait_until(lambda: all(applied_version(n) >= version for n in nodes), 15)
     for node in nodes:
         node.wait_log("control plane heard again")
+    # and the restarted control plane reaches them: a change made now arrives
+    changed = orch.lbctl("backend", "set-weight", "web", "w2", "3")
+    assert changed.returncode == 0, changed.stderr
+    after = int(changed.stdout.split()[-1])
+    assert after > version  # the version did not go backwards across the restart
+    wait_until(lambda: all(applied_version(n) >= after for n in nodes), 15)
 
 
 @pytest.mark.timeout(180)
