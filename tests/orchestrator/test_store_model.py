@@ -15,9 +15,17 @@ from lbcore.config import Backend, Service
 from lbcore.wire import encode_snapshot
 from orchestrator.derive import routing_snapshot
 from orchestrator.errors import ControlError, NotFoundError
-from orchestrator.model import TRANSITIONS, Membership
+from orchestrator.model import Membership
 from orchestrator.store import SqliteStore
 
+# The model's own membership rules (not imported from the code under test):
+# active -> draining -> removed, a drained backend may come back, a removed one
+# is added again (backend.add), never set active directly.
+MODEL_TRANSITIONS = {
+    Membership.ACTIVE: {Membership.DRAINING, Membership.REMOVED},
+    Membership.DRAINING: {Membership.ACTIVE, Membership.REMOVED},
+    Membership.REMOVED: {Membership.ACTIVE},
+}
 SERVICES = ["web", "api"]
 BACKENDS = ["b1", "b2", "b3"]
 ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
@@ -91,7 +99,7 @@ class StoreMachine(RuleBasedStateMachine):
         record = self.backends.get((service, backend))
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and (expected is None or expected == record[3])
-                   and state in TRANSITIONS[record[2]])
+                   and state in MODEL_TRANSITIONS[record[2]])
         if self.attempt(lambda: self.store.set_membership(service, backend, state, expected), allowed):
             record[2], record[3] = state, record[3] + 1
 
