@@ -19,8 +19,8 @@ from orchestrator.model import Membership
 from orchestrator.store import SqliteStore
 
 # The model's own membership rules (not imported from the code under test):
-# active -> draining -> removed, a drained backend may come back, a removed one
-# is added again (backend.add), never set active directly.
+# active -> draining -> removed; a drained or removed backend may become
+# active again.
 MODEL_TRANSITIONS = {
     Membership.ACTIVE: {Membership.DRAINING, Membership.REMOVED},
     Membership.DRAINING: {Membership.ACTIVE, Membership.REMOVED},
