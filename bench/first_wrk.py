@@ -28,6 +28,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from fixtures import stop_process  # noqa: E402  (one way to stop what we started)
 from measure import parse_wrk  # noqa: E402  (one parser for wrk's output)
 
 RESULTS = ROOT / "bench" / "results"
@@ -209,13 +210,7 @@ def run_wrk(port: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def stop(process: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    stop_process(process, timeout)
 
 
 def bench(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -138,6 +138,17 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``timeout``: a process we started, by PID."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class Fleet:
     """Every process and temp dir a benchmark makes, so that all of it can be stopped by PID."""
@@ -165,13 +176,7 @@ class Fleet:
         return self.ports(1, low=30_000)[0]
 
     def stop(self, process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout)
 
     def close(self) -> None:
         """Stop every process started here (newest first) and remove the temp dir."""

@@ -118,10 +118,6 @@ class Remote:
             self._next_report = time.monotonic() + REPORT_INTERVAL_S
             self.link.report(self.config.node.id, counters())
 
-    @property
-    def stale(self) -> bool:
-        return self._stale
-
     def close(self) -> None:
         self.link.close()
         if self.child is not None and self.child.poll() is None:

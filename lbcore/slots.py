@@ -56,6 +56,3 @@ class SlotMap(Generic[Key]):
                 self._slots[key] = slot
                 fresh.append(slot)
         return fresh
-
-    def retired(self) -> dict[Key, int]:
-        return dict(self._retired)
