@@ -28,6 +28,7 @@ from lbcore import layout
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, Service, load_config, parse_address
 from lbcore.remote import Remote, localize
+from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
@@ -121,6 +122,7 @@ class NodeAgent:
         self.listeners = Listeners()
         self.segment: Segment | None = None
         self.version = 0
+        self.image: SnapshotImage | None = None  # the one published
         self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
         self.workers: dict[int, WorkerProcess] = {}
@@ -165,16 +167,20 @@ class NodeAgent:
         """Everything a publish of ``config`` needs, changing nothing yet:
         ConfigError when it cannot be built (the node keeps what it has)."""
         service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
+        fresh_services: list[int] = []
+        fresh_backends: list[int] = []
         try:
             fresh_services = service_slots.assign((s.name for s in config.services),
                                                   self._service_slot_releasable)
-            fresh_backends = backend_slots.assign(
-                ((s.name, b.id) for s in config.services for b in s.backends),
-                self._backend_slot_releasable)
+            if self.image is None or not _same_backends(self.config.services, config.services):
+                fresh_backends = backend_slots.assign(
+                    ((s.name, b.id) for s in config.services for b in s.backends),
+                    self._backend_slot_releasable)
         except ValueError as exc:
             raise ConfigError(config.path, "service", str(exc)) from None
         version = self.version + 1 if version is None else version
-        image = snapshot_from_config(config, version, service_slots, backend_slots)
+        previous = self.image.parts if self.image is not None else None
+        image = snapshot_from_config(config, version, service_slots, backend_slots, previous)
         return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
 
     def _apply(self, plan: Plan) -> None:
@@ -187,6 +193,7 @@ class NodeAgent:
             self.segment.service_states[slot] = 0
         publish_snapshot(self.segment, plan.image)
         self.service_slots, self.backend_slots = plan.service_slots, plan.backend_slots
+        self.image = plan.image
         self.version = plan.image.version
         self.config = plan.config
 
@@ -243,19 +250,25 @@ class NodeAgent:
             if index >= wanted and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
 
-    def _wait_adopted(self, timeout: float) -> bool:
-        """Wait until every worker listens on the current snapshot's
-        addresses; False on timeout or when a worker died meanwhile."""
+    def _nudge_workers(self) -> None:
+        """Have every worker notice the current snapshot now, not at its next
+        accept or tick (so retired slots can be reused sooner)."""
         assert self.segment is not None
-        deadline = time.monotonic() + timeout
-        generation = self.segment.generation()
         for index, worker in self.workers.items():
             # A worker publishes its pid once SIGUSR1 reaches it as an event
             # (before that the signal would kill it); a younger one notices
             # the snapshot as it starts anyway.
             registered = int(self.segment.workers[index]["pid"]) == worker.process.pid
             if registered and worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGUSR1)  # notice now, not at the next tick
+                worker.process.send_signal(signal.SIGUSR1)
+
+    def _wait_adopted(self, timeout: float) -> bool:
+        """Wait until every worker listens on the current snapshot's
+        addresses; False on timeout or when a worker died meanwhile."""
+        assert self.segment is not None
+        deadline = time.monotonic() + timeout
+        generation = self.segment.generation()
+        self._nudge_workers()
         while time.monotonic() < deadline:
             states = [self.segment.workers[i] for i in self.workers]
             if len(states) >= self.config.node.workers and all(
@@ -290,21 +303,26 @@ class NodeAgent:
         listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
         self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
 
-    def apply_remote(self, version: int, services: tuple[Service, ...]) -> None:
+    def apply_remote(self, routing: Routing) -> None:
         """Apply a snapshot from the control plane (newer than the applied
         one: see ControlLink), or refuse it and keep serving the old one."""
         assert self.remote is not None
-        config = localize(self.config, services)
+        config = localize(self.config, routing.as_services())
+        listens_before = {s.listen for s in self.config.services}
         try:
-            plan = self._plan(config, version)
+            plan = self._plan(config, routing.version)
             self.listeners.reserve(config)
         except ConfigError as exc:
-            self.log(f"snapshot version {version} refused, still serving version {self.version}: {exc}")
+            self.log(f"snapshot version {routing.version} refused, "
+                     f"still serving version {self.version}: {exc}")
             return
         self._apply(plan)
-        self.remote.applied(version, services, self._remote_counters)
-        self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)
-        self.log(f"applied: version {version}")
+        self.remote.applied(routing)
+        if {s.listen for s in config.services} != listens_before:
+            self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)  # new listeners: serve before saying so
+        else:
+            self._nudge_workers()
+        self.log(f"applied: version {routing.version}")
 
     def _remote_counters(self) -> dict[str, Any]:
         """Per-backend counters for the control plane's status view; a pool
@@ -408,9 +426,17 @@ class NodeAgent:
             if self.remote is not None:
                 update = self.remote.next_snapshot()
                 if update is not None:
-                    self.apply_remote(*update)
+                    self.apply_remote(update)
                 self.remote.supervise()
                 self.remote.tick(self._remote_counters)
+
+
+def _same_backends(old: tuple[Service, ...], new: tuple[Service, ...]) -> bool:
+    """The same (service, backend) keys in the same order: the slots stand
+    as they are (a weight or address change, the common update)."""
+    return [s.name for s in old] == [s.name for s in new] and all(
+        a.backends is b.backends or [x.id for x in a.backends] == [y.id for y in b.backends]
+        for a, b in zip(old, new, strict=True))
 
 
 def serve(config: Config, log: TextIO = sys.stderr,

@@ -15,16 +15,8 @@ from typing import Any
 
 import zmq
 
-from lbcore.config import Service
-from lbcore.wire import (
-    FETCH_REQUEST,
-    WireError,
-    apply_delta,
-    decode_snapshot,
-    encode_snapshot,
-    report_request,
-    snapshot_digest,
-)
+from lbcore.routing import Routing
+from lbcore.wire import FETCH_REQUEST, WireError, decode_delta, decode_snapshot, report_request
 
 FETCH_TIMEOUT_S = 2.0
 
@@ -33,8 +25,7 @@ class ControlLink:
     def __init__(self, control: str, subscribe: str, log: Callable[[str], None]) -> None:
         self.control_endpoint = control
         self.log = log
-        self.applied = -1
-        self.services: tuple[Service, ...] = ()  # what ``applied`` holds: the base of a delta
+        self.routing = Routing(-1, {})  # what the node applied: the base of the next delta
         self.last_heard = time.monotonic()  # start: staleness counts from now
         self._context = zmq.Context()
         self.sub = self._context.socket(zmq.SUB)
@@ -42,6 +33,10 @@ class ControlLink:
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(subscribe)
         self.dealer = self._new_dealer()
+
+    @property
+    def applied(self) -> int:
+        return self.routing.version
 
     def _new_dealer(self) -> zmq.Socket[bytes]:
         dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
@@ -52,19 +47,24 @@ class ControlLink:
     def staleness_ms(self) -> int:
         return int((time.monotonic() - self.last_heard) * 1000)
 
-    def fetch(self) -> tuple[int, tuple[Service, ...]] | None:
+    def fetch(self) -> Routing | None:
         """The control plane's current snapshot, or None if it does not
-        answer in time (then the node keeps what it has)."""
+        answer in time or answers with an error (the node keeps what it has)."""
         self.dealer.send_multipart([b"", FETCH_REQUEST])
         deadline = time.monotonic() + FETCH_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000)):
-            reply = json.loads(self.dealer.recv_multipart()[-1])
-            result = reply.get("result")
+            try:
+                reply = json.loads(self.dealer.recv_multipart()[-1])
+                result = reply.get("result") if reply.get("ok") else None
+            except (ValueError, AttributeError):
+                reply, result = None, None
             if not isinstance(result, dict) or "snapshot" not in result:
-                continue  # the answer to an earlier report
+                if isinstance(reply, dict) and not reply.get("ok") and reply.get("error"):
+                    self.log(f"control plane answered an error: {reply['error']}")
+                continue  # or the answer to an earlier report
             self.last_heard = time.monotonic()
             try:
-                return decode_snapshot(str(result["snapshot"]).encode())
+                return Routing.of(*decode_snapshot(str(result["snapshot"]).encode()))
             except WireError as exc:
                 self.log(f"snapshot fetched from {self.control_endpoint} refused: {exc}")
                 return None
@@ -73,9 +73,9 @@ class ControlLink:
         self.dealer = self._new_dealer()
         return None
 
-    def receive(self) -> tuple[int, tuple[Service, ...]] | None:
+    def receive(self) -> Routing | None:
         """Drain the SUB socket; the newest applicable snapshot, if any."""
-        newest: tuple[int, tuple[Service, ...]] | None = None
+        newest = self.routing
         gap = False
         announced = -1
         while self.sub.poll(0):
@@ -85,47 +85,38 @@ class ControlLink:
                 self.log(f"message of {len(frames)} frames ignored")
                 continue
             kind, body = frames
-            if kind == b"heartbeat":
-                try:
+            try:
+                if kind == b"heartbeat":
                     announced = max(announced, int(json.loads(body)["version"]))
-                except (ValueError, KeyError, TypeError):
-                    self.log("malformed heartbeat ignored")
-                    continue
-            elif kind == b"delta":
-                held = newest if newest else (self.applied, self.services)
-                try:
-                    version, base, services = apply_delta(body, held[1])
-                except WireError as exc:
-                    self.log(f"delta refused: {exc}")
-                    gap = True  # what it would have changed must come from a full fetch
-                    continue
-                if version <= held[0]:
-                    continue  # old news
-                if base != held[0]:
-                    gap = True  # its base is not what we hold: fetch in full (I6)
-                    continue
-                newest = (version, services)
-            elif kind == b"snapshot":
-                try:
-                    version, services = decode_snapshot(body)
-                except WireError as exc:
-                    self.log(f"snapshot refused: {exc}")
-                    continue
-                if version > max(self.applied, newest[0] if newest else -1):
-                    newest = (version, services)
-        have = newest[0] if newest else self.applied
-        if gap or announced > have:
+                elif kind == b"delta":
+                    delta = decode_delta(body)
+                    if delta.version <= newest.version:
+                        continue  # old news
+                    if delta.base != newest.version:
+                        gap = True  # its base is not what we hold: fetch in full (I6)
+                        continue
+                    newest = newest.apply(delta)
+                elif kind == b"snapshot":
+                    routing = Routing.of(*decode_snapshot(body))
+                    if routing.version > newest.version:
+                        newest = routing
+                else:
+                    self.log(f"message of kind {kind[:32]!r} ignored")
+            except WireError as exc:
+                self.log(f"{kind[:32].decode(errors='replace')} refused: {exc}")
+                gap = gap or kind == b"delta"  # what it would have changed must come from a full fetch
+            except (ValueError, KeyError, TypeError) as exc:
+                self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r}")
+        if gap or announced > newest.version:
             fetched = self.fetch()  # something was missed: the full snapshot, now
-            if fetched is not None and fetched[0] > have:
+            if fetched is not None and fetched.version > newest.version:
                 newest = fetched
-        if newest is not None and newest[0] <= self.applied:
-            return None
-        return newest
+        return newest if newest.version > self.routing.version else None
 
-    def report(self, node: str, counters: dict[str, Any]) -> None:
+    def report(self, node: str, counters: dict[str, Any] | None) -> None:
         """Tell the control plane what is applied (fire and forget)."""
-        digest = snapshot_digest(encode_snapshot(self.applied, self.services)) if self.applied >= 0 else ""
-        message = report_request(node, self.applied, self.staleness_ms(), counters, digest)
+        digest = self.routing.digest() if self.routing.version >= 0 else ""
+        message = report_request(node, self.routing.version, self.staleness_ms(), counters, digest)
         try:
             self.dealer.send_multipart([b"", message], zmq.NOBLOCK)
         except zmq.Again:

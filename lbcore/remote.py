@@ -20,6 +20,7 @@ from typing import Any
 
 from lbcore.config import Config, ConfigError, Service, parse_address, tomllib
 from lbcore.link import ControlLink
+from lbcore.routing import Routing
 
 REPORT_INTERVAL_S = 0.5
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -91,16 +92,14 @@ class Remote:
     def poll_fd(self) -> Any:
         return self.link.sub
 
-    def next_snapshot(self) -> tuple[int, tuple[Service, ...]] | None:
+    def next_snapshot(self) -> Routing | None:
         return self.link.receive()
 
-    def applied(self, version: int, services: tuple[Service, ...],
-                counters: Callable[[], dict[str, Any]]) -> None:
-        """Record what the node now serves and tell the control plane at once."""
-        self.link.applied = version
-        self.link.services = services
-        self._next_report = time.monotonic() + REPORT_INTERVAL_S
-        self.link.report(self.config.node.id, counters())
+    def applied(self, routing: Routing) -> None:
+        """Record what the node now serves and tell the control plane at once
+        (the ACK: version and digest; counters follow with the next report)."""
+        self.link.routing = routing
+        self.link.report(self.config.node.id, None)
 
     def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
         """Report what is applied, and say loudly when the control plane has

@@ -8,10 +8,11 @@ under its seqlock, then stores the new generation (see fulcrum_layout.h).
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import socket
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from lbcore import layout
 from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
-from lbcore.config import RELAY_MODES, Config, ConfigError, Service, parse_address
+from lbcore.config import RELAY_MODES, Backend, Config, ConfigError, Service, parse_address
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 
@@ -48,6 +49,8 @@ class SnapshotImage:
     services: np.ndarray   # n_services, SERVICE (indexed by service slot)
     backends: np.ndarray   # n_backends, BACKEND
     table: np.ndarray      # table_used, uint32
+    # per service, for building the next snapshot (not part of the bytes)
+    parts: Mapping[str, ServiceTables] = dataclasses.field(default_factory=dict, compare=False)
 
     @property
     def checksum(self) -> int:
@@ -94,6 +97,20 @@ def _ip_port(address: str) -> tuple[int, int]:
     return int.from_bytes(ipaddress.IPv4Address(host).packed, "little"), port
 
 
+@dataclass(frozen=True)
+class ServiceTables:
+    """One service's part of a snapshot, its tables counted from the
+    service's first row: the agent keeps them, so that the next snapshot
+    rebuilds only the services that changed, and of those only what changed."""
+
+    backends: tuple[Backend, ...]
+    algorithm: str
+    slot: int
+    rows: np.ndarray       # BACKEND, in the order of ``backends``
+    schedule: np.ndarray   # uint32 row positions within the service (WRR, P2C)
+    maglev: np.ndarray     # uint32 row positions within the service
+
+
 def _service_rows(service: Service, slot: int, backend_slots: SlotMap) -> np.ndarray:
     """The backend rows of one service, filled a column at a time (a 10,000
     backend service takes milliseconds, not a Python loop over rows)."""
@@ -113,52 +130,88 @@ def _service_rows(service: Service, slot: int, backend_slots: SlotMap) -> np.nda
     return rows
 
 
+def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
+    """Row ``i`` becomes ``backend`` (same id, so same slot)."""
+    host, port = parse_address(backend.address)
+    rows["ip"][i] = int.from_bytes(socket.inet_aton(host), "little")
+    rows["port"][i] = port
+    rows["weight"][i] = backend.weight
+    rows["eligible"][i] = backend.weight > 0
+
+
+def _with_tables(service: Service, slot: int, rows: np.ndarray) -> ServiceTables:
+    eligible = rows["eligible"] == 1
+    schedule = wrr_schedule(np.where(eligible, rows["weight"], 0))
+    maglev = np.empty(0, dtype=np.uint32)
+    if service.algorithm == "maglev" and eligible.any():
+        ids = [i.decode() for i in rows["id"][eligible]]
+        maglev = build_maglev_table(ids, rows["weight"][eligible],
+                                    np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
+    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev)
+
+
+def service_tables(service: Service, slot: int, backend_slots: SlotMap,
+                   previous: ServiceTables | None = None) -> ServiceTables:
+    """The tables of ``service``, reusing ``previous`` (its tables in the
+    snapshot before) where the backends kept their ids and order: a weight or
+    address change patches rows instead of building the service again."""
+    if previous is not None and previous.slot == slot and len(previous.backends) == len(service.backends):
+        old, new = previous.backends, service.backends
+        changed = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
+        if all(old[i].id == new[i].id for i in changed):
+            if not changed and previous.algorithm == service.algorithm:
+                return dataclasses.replace(previous, backends=new)
+            rows = previous.rows.copy()
+            for i in changed:
+                _patch_row(rows, i, new[i])
+            return _with_tables(service, slot, rows)
+    return _with_tables(service, slot, _service_rows(service, slot, backend_slots))
+
+
 def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
-                   service_slots: SlotMap, backend_slots: SlotMap) -> SnapshotImage:
-    """The snapshot for ``services``. Slots must already be assigned."""
+                   service_slots: SlotMap, backend_slots: SlotMap,
+                   previous: Mapping[str, ServiceTables] | None = None) -> SnapshotImage:
+    """The snapshot for ``services``. Slots must already be assigned;
+    ``previous`` (the ``parts`` of the snapshot before) is reused where it can be."""
     services = list(services)
+    previous = previous or {}
     n_services = max((service_slots.slot_of(s.name) for s in services), default=-1) + 1
     service_rows = np.zeros(n_services, dtype=layout.SERVICE)
+    parts: dict[str, ServiceTables] = {}
     backend_parts: list[np.ndarray] = []
     table_parts: list[np.ndarray] = []
     next_row = table_used = 0
     for index, service in enumerate(services):
         slot = service_slots.slot_of(service.name)
-        rows = _service_rows(service, slot, backend_slots)
-        absolute = np.arange(next_row, next_row + len(rows), dtype=np.uint32)
-        eligible = rows["eligible"] == 1
-        schedule = absolute[wrr_schedule(np.where(eligible, rows["weight"], 0))]
-        maglev = np.empty(0, dtype=np.uint32)
-        if service.algorithm == "maglev" and eligible.any():
-            ids = [i.decode() for i in rows["id"][eligible]]
-            maglev = build_maglev_table(ids, rows["weight"][eligible], absolute[eligible],
-                                        layout.MAGLEV_SIZE)
-        schedule_offset, maglev_offset = table_used, table_used + len(schedule)
-        table_used = maglev_offset + len(maglev)
+        tables = parts[service.name] = service_tables(service, slot, backend_slots,
+                                                      previous.get(service.name))
+        schedule_offset, maglev_offset = table_used, table_used + len(tables.schedule)
+        table_used = maglev_offset + len(tables.maglev)
         if table_used > layout.TABLE_POOL:
             raise SnapshotError(f"its tables take the node past {layout.TABLE_POOL} entries "
                                 f"(each maglev service takes {layout.MAGLEV_SIZE}, each service the sum "
                                 "of its weights): lower the weights or use fewer maglev services", index)
         ip, port = _ip_port(service.listen)
+        n_rows = len(tables.rows)
         service_rows[slot] = (
             service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
-            next_row, len(rows), schedule_offset, len(schedule), maglev_offset, len(maglev),
-            int(eligible.sum()), 0,
+            next_row, n_rows, schedule_offset, len(tables.schedule), maglev_offset, len(tables.maglev),
+            int(tables.rows["eligible"].sum()), 0,
         )
-        backend_parts.append(rows)
-        table_parts.extend((schedule, maglev))
-        next_row += len(rows)
+        backend_parts.append(tables.rows)
+        table_parts.extend((tables.schedule + np.uint32(next_row), tables.maglev + np.uint32(next_row)))
+        next_row += n_rows
     backends = np.concatenate(backend_parts) if backend_parts else np.zeros(0, layout.BACKEND)
     table = np.concatenate(table_parts) if table_parts else np.zeros(0, np.uint32)
-    return SnapshotImage(version, limits, service_rows, backends, table.astype(np.uint32))
+    return SnapshotImage(version, limits, service_rows, backends, table.astype(np.uint32), parts)
 
 
-def snapshot_from_config(config: Config, version: int, service_slots: SlotMap,
-                         backend_slots: SlotMap) -> SnapshotImage:
+def snapshot_from_config(config: Config, version: int, service_slots: SlotMap, backend_slots: SlotMap,
+                         previous: Mapping[str, ServiceTables] | None = None) -> SnapshotImage:
     node = config.node
     limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
     try:
-        return build_snapshot(config.services, limits, version, service_slots, backend_slots)
+        return build_snapshot(config.services, limits, version, service_slots, backend_slots, previous)
     except SnapshotError as exc:
         raise ConfigError(config.path, f"service[{exc.service_index}]", str(exc)) from None
 

@@ -12,9 +12,11 @@ it. ``decode_snapshot`` refuses anything else with what was wrong and where.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from lbcore.config import ConfigError, Service, parse_document
@@ -24,9 +26,10 @@ from lbcore.config import ConfigError, Service, parse_document
 #   {"verb": "snapshot.get", "args": {}}           -> {"snapshot": SNAPSHOT (text)}
 #   {"verb": "node.report", "args": {"node": ID, "version": APPLIED,
 #        "staleness_ms": MS, "digest": SHA256 of the applied SNAPSHOT,
-#        "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}
+#        "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}  (counters optional)
 # and what it receives on the PUB socket (two frames each):
 #   [b"snapshot", SNAPSHOT]  a full snapshot, applied only if newer (I6)
+#   [b"delta", DELTA]  what changed since its base version (format below)
 #   [b"heartbeat", {"version": N}]  N newer than applied: a gap, so fetch
 FETCH_REQUEST = b'{"args": {}, "verb": "snapshot.get"}'
 
@@ -37,10 +40,14 @@ def snapshot_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any],
+def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,
                    digest: str = "") -> bytes:
-    args = {"node": node, "version": version, "staleness_ms": staleness_ms, "counters": counters,
-            "digest": digest}
+    """A report; without counters (the ACK sent right after an apply) the
+    control plane keeps the ones last reported."""
+    args: dict[str, Any] = {"node": node, "version": version, "staleness_ms": staleness_ms,
+                            "digest": digest}
+    if counters is not None:
+        args["counters"] = counters
     return json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
 
 
@@ -97,7 +104,28 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
 # the full snapshot (I6). Canonical JSON, like the full snapshot.
 
 
-def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> bytes:
+@dataclass(frozen=True)
+class Delta:
+    """A delta as received: its shape checked, its rows not yet (that is
+    lbcore.routing.Routing.apply, against the version it is applied to)."""
+
+    version: int
+    base: int
+    services: list[Any] = field(default_factory=list)
+    removed_services: list[Any] = field(default_factory=list)
+    backends: list[Any] = field(default_factory=list)
+    removed_backends: list[Any] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        body = {f: getattr(self, f) for f in DELTA_KEYS}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
+
+
+def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> Delta:
+    """The delta from ``old`` (version ``base``) to ``new``, in canonical order."""
     before = {s.name: s for s in old}
     after = {s.name: s for s in new}
     services, backends, removed_backends = [], [], []
@@ -110,43 +138,25 @@ def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[
         backends += [{"service": name, "id": b.id, "address": b.address, "weight": b.weight}
                      for i, b in sorted(new_rows.items()) if old_rows.get(i) != b]
         removed_backends += [{"service": name, "id": i} for i in sorted(old_rows) if i not in new_rows]
-    body = {"version": version, "base": base, "services": services,
-            "removed_services": sorted(set(before) - set(after)),
-            "backends": backends, "removed_backends": removed_backends}
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return Delta(version, base, services, sorted(set(before) - set(after)), backends, removed_backends)
 
 
-def apply_delta(data: bytes, base_services: Sequence[Service]) -> tuple[int, int, tuple[Service, ...]]:
-    """(version, base, services) after the delta, validated whole."""
+def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> bytes:
+    return diff_delta(base, old, version, new).encode()
+
+
+def decode_delta(data: bytes) -> Delta:
     try:
         body: Any = json.loads(data)
-        keys = {"version", "base", "services", "removed_services", "backends", "removed_backends"}
-        if not isinstance(body, dict) or set(body) != keys:
-            raise WireError(f"delta: must be an object with exactly {', '.join(sorted(keys))}")
-        services: dict[str, dict[str, Any]] = {
-            s.name: {"name": s.name, "listen": s.listen, "algorithm": s.algorithm,
-                     "backends": {b.id: {"id": b.id, "address": b.address, "weight": b.weight}
-                                  for b in s.backends}}
-            for s in base_services}
-        for name in body["removed_services"]:
-            services.pop(name, None)
-        for s in body["services"]:
-            row = services.setdefault(s["name"], {"backends": {}})
-            row.update({"name": s["name"], "listen": s["listen"], "algorithm": s["algorithm"]})
-        for b in body["removed_backends"]:
-            services[b["service"]]["backends"].pop(b["id"], None)
-        for b in body["backends"]:
-            services[b["service"]]["backends"][b["id"]] = {"id": b["id"], "address": b["address"],
-                                                           "weight": b["weight"]}
-        full = {"version": body["version"], "services": [
-            {**{k: v for k, v in s.items() if k != "backends"}, "backends": list(s["backends"].values())}
-            for s in services.values()]}
-        base = body["base"]
-    except WireError:
-        raise
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise WireError(f"delta: malformed ({exc!r})") from None
-    if isinstance(base, bool) or not isinstance(base, int):
-        raise WireError("delta.base: must be an integer")
-    version, result = decode_snapshot(json.dumps(full).encode())
-    return version, base, result
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(f"delta: not JSON: {exc}") from None
+    if not isinstance(body, dict) or set(body) != DELTA_KEYS:
+        raise WireError(f"delta: must be an object with exactly {', '.join(sorted(DELTA_KEYS))}")
+    for key in ("version", "base"):
+        value = body[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
+            raise WireError(f"delta.{key}: must be an integer >= -1 (got {value!r})")
+    for key in DELTA_KEYS - {"version", "base"}:
+        if not isinstance(body[key], list):
+            raise WireError(f"delta.{key}: must be a list")
+    return Delta(**body)

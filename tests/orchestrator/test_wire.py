@@ -6,7 +6,8 @@ import json
 import pytest
 
 from lbcore.config import Backend, Service
-from lbcore.wire import WireError, apply_delta, decode_snapshot, encode_delta, encode_snapshot
+from lbcore.routing import Routing
+from lbcore.wire import WireError, decode_delta, decode_snapshot, encode_delta, encode_snapshot
 
 SERVICES = (
     Service("web", "127.0.0.1:8080", "wrr",
@@ -59,9 +60,9 @@ def svc(name: str, listen: str, algorithm: str, **weights: int) -> Service:
 ])
 def test_a_delta_applied_to_its_base_gives_the_new_snapshot(old, new):
     delta = encode_delta(4, old, 5, new)
-    version, base, services = apply_delta(delta, old)
-    assert (version, base) == (5, 4)
-    assert encode_snapshot(5, services) == encode_snapshot(5, new)
+    routing = Routing.of(4, old).apply(decode_delta(delta))
+    assert routing.version == 5
+    assert routing.encode() == encode_snapshot(5, routing.as_services()) == encode_snapshot(5, new)
     assert len(delta) <= len(encode_snapshot(5, new)) + 120
 
 
@@ -81,5 +82,7 @@ def test_a_one_weight_change_delta_is_small_whatever_the_pool():
     b'[{"service": "web", "id": "a", "address": "nowhere", "weight": 1}], "removed_backends": []}',
 ])
 def test_malformed_deltas_are_refused(data):
+    base = Routing.of(1, (svc("web", "127.0.0.1:80", "wrr", a=1),))
     with pytest.raises(WireError):
-        apply_delta(data, (svc("web", "127.0.0.1:80", "wrr", a=1),))
+        base.apply(decode_delta(data))
+    assert base.encode() == encode_snapshot(1, (svc("web", "127.0.0.1:80", "wrr", a=1),))

@@ -1,0 +1,199 @@
+"""A routing snapshot held for change: the control plane derives one per
+version, a node applies one per version, and either costs what the version
+changed rather than the size of the pool.
+
+``Routing`` is immutable once built and shares every unchanged service with
+the version before it. ``apply(delta)`` checks the delta against it, row by
+row with the config file's own rules, and returns the next version: the
+control plane runs that same step on what it derived before publishing, so
+what it checks is what every node will compute. ``encode()`` gives exactly
+the canonical bytes of ``lbcore.wire.encode_snapshot``, assembled from the
+canonical JSON of each backend, kept since it last changed.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from lbcore.config import (
+    BACKEND_SETTINGS,
+    MAX_BACKENDS,
+    MAX_SERVICES,
+    SERVICE_SETTINGS,
+    Backend,
+    ConfigError,
+    Service,
+    parse_address,
+    read_table,
+)
+from lbcore.wire import Delta, WireError, snapshot_digest
+
+# What json.dumps writes unchanged between quotes: ids (NAME_PATTERN) and
+# canonical IPv4 addresses always are; anything else goes through json.
+_PLAIN = re.compile(r"[A-Za-z0-9_.:-]*")
+
+
+def _quote(text: str) -> bytes:
+    return f'"{text}"'.encode() if _PLAIN.fullmatch(text) else json.dumps(text).encode()
+
+
+def backend_json(b: Backend) -> bytes:
+    """One backend as encode_snapshot writes it (sorted keys, no spaces)."""
+    return b'{"address":%s,"id":%s,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
+
+
+class ServiceRoutes:
+    """One service of a routing snapshot: backends in id order, each with
+    its canonical JSON. Never changed once built."""
+
+    __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "service", "_json")
+
+    def __init__(self, name: str, listen: str, algorithm: str,
+                 backends: dict[str, Backend], pieces: dict[str, bytes]) -> None:
+        self.name, self.listen, self.algorithm = name, listen, algorithm
+        self.backends, self.pieces = backends, pieces
+        self.service = Service(name, listen, algorithm, tuple(backends.values()))
+        self._json: bytes | None = None
+
+    @classmethod
+    def of(cls, service: Service) -> ServiceRoutes:
+        ordered = sorted(service.backends, key=lambda b: b.id)
+        return cls(service.name, service.listen, service.algorithm, {b.id: b for b in ordered},
+                   {b.id: backend_json(b) for b in ordered})
+
+    def encode(self) -> bytes:
+        if self._json is None:
+            self._json = b"".join((
+                b'{"algorithm":', _quote(self.algorithm), b',"backends":[', b",".join(self.pieces.values()),
+                b'],"listen":', _quote(self.listen), b',"name":', _quote(self.name), b"}"))
+        return self._json
+
+
+class Routing:
+    """A routing snapshot: its version and its services in name order."""
+
+    __slots__ = ("version", "services", "_encoded", "_digest", "_tuple")
+
+    def __init__(self, version: int, services: Mapping[str, ServiceRoutes]) -> None:
+        self.version = version
+        self.services = dict(sorted(services.items()))
+        self._encoded: bytes | None = None
+        self._digest: str | None = None
+        self._tuple: tuple[Service, ...] | None = None
+
+    @classmethod
+    def of(cls, version: int, services: Iterable[Service]) -> Routing:
+        return cls(version, {s.name: ServiceRoutes.of(s) for s in services})
+
+    def as_services(self) -> tuple[Service, ...]:
+        if self._tuple is None:
+            self._tuple = tuple(s.service for s in self.services.values())
+        return self._tuple
+
+    def encode(self) -> bytes:
+        """The canonical snapshot (``encode_snapshot`` of the same state)."""
+        if self._encoded is None:
+            self._encoded = b'{"services":[%s],"version":%d}' % (
+                b",".join(s.encode() for s in self.services.values()), self.version)
+        return self._encoded
+
+    def digest(self) -> str:
+        """What a node reports of what it applied (see wire.snapshot_digest)."""
+        if self._digest is None:
+            self._digest = snapshot_digest(self.encode())
+        return self._digest
+
+    def apply(self, delta: Delta) -> Routing:
+        """The version ``delta`` leads to from this one, or WireError saying
+        which row does not fit (nothing is changed either way)."""
+        if delta.base != self.version:
+            raise WireError(f"delta: base {delta.base} is not the version held ({self.version})")
+        services = dict(self.services)
+        edits: dict[str, _Edit] = {}
+
+        def edit(name: Any, where: str) -> _Edit:
+            if not isinstance(name, str) or name not in services and name not in edits:
+                raise WireError(f"delta: {where}.service: no service {name!r}")
+            if name not in edits:
+                edits[name] = _Edit.of(services[name])
+            return edits[name]
+
+        for i, name in enumerate(delta.removed_services):
+            if not isinstance(name, str) or name not in services:
+                raise WireError(f"delta: removed_services[{i}]: no service {name!r}")
+            del services[name]
+        for i, row in enumerate(delta.services):
+            values = _read_row(f"services[{i}]", row, SERVICE_SETTINGS)
+            name = values["name"]
+            current = edits.get(name) or (_Edit.of(services[name]) if name in services else _Edit.empty())
+            current.listen, current.algorithm = values["listen"], values["algorithm"]
+            edits[name] = current
+        for i, row in enumerate(delta.removed_backends):
+            if not isinstance(row, dict) or set(row) != {"service", "id"} or not isinstance(row["id"], str):
+                raise WireError(f"delta: removed_backends[{i}]: must be {{service, id}}, strings")
+            target = edit(row["service"], f"removed_backends[{i}]")
+            if target.backends.pop(row["id"], None) is None:
+                raise WireError(f"delta: removed_backends[{i}]: no backend {row['service']}/{row['id']}")
+            del target.pieces[row["id"]]
+        for i, row in enumerate(delta.backends):
+            if not isinstance(row, dict):
+                raise WireError(f"delta: backends[{i}]: must be an object")
+            target = edit(row.get("service"), f"backends[{i}]")
+            backend = Backend(**_read_row(f"backends[{i}]", {k: v for k, v in row.items() if k != "service"},
+                                          BACKEND_SETTINGS))
+            target.reorder |= backend.id not in target.backends
+            target.backends[backend.id] = backend
+            target.pieces[backend.id] = backend_json(backend)
+        for name, target in edits.items():
+            services[name] = target.build(name)
+        _check_fits(services, listens_changed=bool(delta.services))
+        return Routing(delta.version, services)
+
+
+class _Edit:
+    """A service being changed by a delta: copies, never the shared dicts."""
+
+    def __init__(self, listen: str, algorithm: str, backends: dict[str, Backend],
+                 pieces: dict[str, bytes]) -> None:
+        self.listen, self.algorithm, self.backends, self.pieces = listen, algorithm, backends, pieces
+        self.reorder = False
+
+    @classmethod
+    def of(cls, service: ServiceRoutes) -> _Edit:
+        return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces))
+
+    @classmethod
+    def empty(cls) -> _Edit:
+        return cls("", "", {}, {})
+
+    def build(self, name: str) -> ServiceRoutes:
+        if self.reorder:
+            self.backends = dict(sorted(self.backends.items()))
+            self.pieces = {i: self.pieces[i] for i in self.backends}
+        return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces)
+
+
+def _read_row(where: str, row: Any, settings: list[Any]) -> dict[str, Any]:
+    """One row checked by the rules a config file's row meets, all present."""
+    if not isinstance(row, dict) or set(row) != {s.name for s in settings}:
+        raise WireError(f"delta: {where}: must have exactly {', '.join(s.name for s in settings)}")
+    try:
+        return read_table("delta", where, row, settings)
+    except ConfigError as exc:
+        raise WireError(f"delta: {exc.key}: {exc.reason}") from None
+
+
+def _check_fits(services: Mapping[str, ServiceRoutes], listens_changed: bool) -> None:
+    """What a node can hold: the limits, and one service per listen address."""
+    if len(services) > MAX_SERVICES:
+        raise WireError(f"delta: more than {MAX_SERVICES} services")
+    if sum(len(s.backends) for s in services.values()) > MAX_BACKENDS:
+        raise WireError(f"delta: more than {MAX_BACKENDS} backends")
+    if listens_changed:
+        seen: dict[tuple[str, int], str] = {}
+        for s in services.values():
+            other = seen.setdefault(parse_address(s.listen), s.name)
+            if other != s.name:
+                raise WireError(f"delta: services {other!r} and {s.name!r} both listen on {s.listen}")
