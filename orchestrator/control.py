@@ -23,7 +23,7 @@ from dataclasses import asdict
 from typing import Any
 
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
-from orchestrator.model import Membership, State
+from orchestrator.model import Change, Membership, State
 from orchestrator.store import Store
 
 MAX_REQUEST = 64 * 1024
@@ -83,9 +83,9 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
 
 class ControlPlane:
     """Answers ctl requests against a store. ``on_change`` is called after
-    every committed write (the recompute trigger)."""
+    every committed write with what it touched (the recompute trigger)."""
 
-    def __init__(self, store: Store, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store, on_change: Callable[[Change], None] = lambda change: None) -> None:
         self.store = store
         self.on_change = on_change
         # verbs answered by whoever runs this plane (the server's snapshot fetch)
@@ -104,9 +104,9 @@ class ControlPlane:
             reply = _reply_error(ControlError(f"{exc.__class__.__name__}: {exc}"))
         return json.dumps(reply, sort_keys=True).encode()
 
-    def _write(self, commit: Callable[[], int]) -> dict[str, Any]:
+    def _write(self, commit: Callable[[], int], change: Change) -> dict[str, Any]:
         version = commit()
-        self.on_change()
+        self.on_change(change)
         return {"version": version}
 
     def _dispatch(self, verb: str, args: dict[str, Any]) -> Any:
@@ -115,20 +115,23 @@ class ControlPlane:
         store, expected = self.store, args.get("expected_version")
         service, backend_id = args.get("service", ""), args.get("id", "")
         if verb == "backend.add":
-            return self._write(lambda: store.add_backend(args["service"], args["id"], args["address"],
-                                                         args.get("weight", 1), expected))
+            return self._write(lambda: store.add_backend(service, backend_id, args["address"],
+                                                         args.get("weight", 1), expected),
+                               Change(backend=(service, backend_id)))
         if verb == "backend.remove":
-            return self._write(lambda: store.set_membership(args["service"], args["id"],
-                                                            Membership.DRAINING, expected))
+            return self._write(lambda: store.set_membership(service, backend_id, Membership.DRAINING,
+                                                            expected), Change(backend=(service, backend_id)))
         if verb == "backend.set_weight":
-            return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected))
+            return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
+                               Change(backend=(service, backend_id)))
         if verb == "policy.set":
             listen = self._listen(args)
-            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected))
+            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected),
+                               Change(service=service))
         if verb == "health.report":
             applied, version = store.record_health(args["backend"], args["up"], args["revision"])
             if applied:
-                self.on_change()
+                self.on_change(Change(health=args["backend"]))
             return {"version": version, "applied": applied}
         state = store.read()
         if verb == "backend.list":

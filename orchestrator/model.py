@@ -58,3 +58,12 @@ class State:
     policies: tuple[Policy, ...]     # sorted by service
     backends: tuple[Backend, ...]    # sorted by (service, id)
     health: tuple[Health, ...]       # sorted by backend_id
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one committed write touched: the rows to derive again."""
+
+    service: str | None = None               # the policy of this service
+    backend: tuple[str, str] | None = None   # the membership record (service, id)
+    health: str | None = None                # the health of this backend id, in any service

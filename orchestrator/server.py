@@ -7,14 +7,15 @@ Sockets (ZeroMQ, addresses from the [orchestrator] table):
   snapshot (verb ``snapshot.get``) and to report what they applied.
 - publish (PUB): ``[b"delta", DELTA]`` whenever the routing state changes
   (what changed since the previous version; a full ``[b"snapshot",
-  SNAPSHOT]`` instead for the first one, every FULL_EVERY versions, and
-  whenever the full one is smaller), formats in lbcore.wire; and
-  ``[b"heartbeat", {"version": N}]`` every heartbeat_ms, so that a node that
-  missed a message sees the gap and fetches the full snapshot.
+  SNAPSHOT]`` instead for the first one and whenever the full one is
+  smaller), formats in lbcore.wire; and ``[b"heartbeat", {"version": N}]``
+  every heartbeat_ms, so that a node that missed a message, or joined late,
+  sees the gap and fetches the full snapshot.
 
-Recompute is single-writer and coalesced: writes only mark the state dirty;
-the loop derives and publishes at most once per COALESCE_MS, so a burst of
-changes gives few snapshots.
+Recompute is single-writer (derive.Deriver) and coalesced: a write records
+what it touched; the first change after a quiet spell is published at once,
+and further ones at most once per COALESCE_MS, so a burst of changes gives
+few snapshots.
 """
 from __future__ import annotations
 
@@ -28,15 +29,14 @@ from typing import Any
 
 import zmq
 
-from lbcore.config import Service
-from lbcore.wire import encode_delta, snapshot_digest
 from orchestrator.control import ControlPlane
-from orchestrator.derive import InconsistentSnapshotError, eligible, routing_snapshot
+from orchestrator.derive import Deriver, InconsistentSnapshotError
 from orchestrator.errors import BadRequestError, NotFoundError
+from orchestrator.model import Change
 from orchestrator.store import Store
 
 COALESCE_MS = 2
-FULL_EVERY = 16
+MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,16 @@ class Orchestrator:
         self.store = store
         self.endpoints = endpoints
         self._log_file = log
-        self.plane = ControlPlane(store, on_change=self._mark_dirty)
+        self.deriver = Deriver(store)
+        self.plane = ControlPlane(store, on_change=self._changed)
         self.plane.extra_verbs["snapshot.get"] = self._snapshot_get
         self.plane.extra_verbs["node.report"] = self._node_report
         self.plane.extra_verbs["status"] = self._status
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
-        self._dirty_since: float | None = time.monotonic()  # publish once at start
+        self._dirty = True  # publish once at start
+        self._last_publish = 0.0
         self.published_version = -1
-        self.snapshot = b""
-        self.services: tuple[Service, ...] = ()
         self.last_delta_bytes = 0
         self._stop = False
         self._context = zmq.Context()
@@ -76,23 +76,27 @@ class Orchestrator:
     def log(self, message: str) -> None:
         print(f"lborch: {message}", file=self._log_file, flush=True)
 
-    def _mark_dirty(self) -> None:
-        if self._dirty_since is None:
-            self._dirty_since = time.monotonic()
+    def _changed(self, change: Change) -> None:
+        self.deriver.touch(change)
+        self._dirty = True
 
     def _snapshot_get(self, args: dict[str, Any]) -> Any:
         self._publish_if_dirty(force=True)
-        return {"snapshot": self.snapshot.decode()}
+        return {"snapshot": self.deriver.routing.encode().decode()}
 
     def _node_report(self, args: dict[str, Any]) -> Any:
         version, staleness = args["version"], args["staleness_ms"]
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
             raise BadRequestError("node.report: version and staleness_ms must be integers")
-        counters = args.get("counters", {})
+        name = args["node"]
+        previous = self.nodes.pop(name, {})
+        counters = args.get("counters", previous.get("counters", {}))  # an ACK carries none
         if not isinstance(counters, dict):
             raise BadRequestError("node.report: counters must be an object")
-        self.nodes[args["node"]] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                                    "digest": str(args.get("digest", "")), "reported": time.monotonic()}
+        if len(self.nodes) >= MAX_NODES:
+            del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
+        self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
+                            "digest": str(args.get("digest", "")), "reported": time.monotonic()}
         return {}
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
@@ -101,17 +105,18 @@ class Orchestrator:
         node = self.nodes.get(args["node"])
         if node is None:
             raise NotFoundError(f"no report from node {args['node']!r}")
-        current = node["version"] == self.published_version
+        routing = self.deriver.routing
+        current = node["version"] == self.published_version == routing.version
         return {"node": args["node"], "applied_version": node["version"], "digest": node["digest"],
                 "current": current,
-                "consistent": current and node["digest"] == snapshot_digest(self.snapshot),
-                "snapshot": self.snapshot.decode() if current else None}
+                "consistent": current and node["digest"] == routing.digest(),
+                "snapshot": routing.encode().decode() if current else None}
 
     def _status(self, args: dict[str, Any]) -> Any:
         now = time.monotonic()
         return {
             "version": self.published_version,
-            "snapshot_bytes": len(self.snapshot),
+            "snapshot_bytes": len(self.deriver.routing.encode()),
             "last_delta_bytes": self.last_delta_bytes,
             "nodes": [{"node": name, "applied_version": n["version"],
                        "lag": self.published_version - n["version"],
@@ -123,28 +128,28 @@ class Orchestrator:
 
     def _publish_if_dirty(self, force: bool = False) -> None:
         """The single writer of published state: derive, check, publish."""
-        if self._dirty_since is None:
+        if not self._dirty:
             return
-        if not force and (time.monotonic() - self._dirty_since) * 1000 < COALESCE_MS:
+        if not force and (time.monotonic() - self._last_publish) * 1000 < COALESCE_MS:
             return
-        self._dirty_since = None
-        state = self.store.read()
-        if state.version == self.published_version:
-            return
+        self._dirty = False
+        self._last_publish = time.monotonic()
         try:
-            snapshot = routing_snapshot(state)
+            derived = self.deriver.next()
         except InconsistentSnapshotError as exc:
             # never publish what fails its check; nodes keep the last good one
-            self.log(f"version {state.version} not published: {exc}")
+            self.log(f"not published: {exc}")
             return
-        services = eligible(state)
-        delta = encode_delta(self.published_version, self.services, state.version, services)
-        if self.published_version < 0 or state.version % FULL_EVERY == 0 or len(delta) >= len(snapshot):
-            self.publisher.send_multipart([b"snapshot", snapshot])
+        routing = self.deriver.routing
+        if derived is None and self.published_version == routing.version:
+            return
+        delta = derived[1].encode() if derived is not None else b""
+        if self.published_version < 0 or not delta or len(delta) >= len(routing.encode()):
+            self.publisher.send_multipart([b"snapshot", routing.encode()])
         else:
             self.publisher.send_multipart([b"delta", delta])
         self.last_delta_bytes = len(delta)
-        self.snapshot, self.services, self.published_version = snapshot, services, state.version
+        self.published_version = routing.version
 
     def _heartbeat(self) -> None:
         body = json.dumps({"version": self.published_version}).encode()
@@ -167,11 +172,11 @@ class Orchestrator:
         heartbeat_s = self.endpoints.heartbeat_ms / 1000
         next_heartbeat = time.monotonic()
         self.log(f"ready: control {self.endpoints.control}, publish {self.endpoints.publish}, "
-                 f"version {self.store.read().version}")
+                 f"version {self.deriver.routing.version}")
         try:
             while not self._stop:
                 timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
-                if self._dirty_since is not None:
+                if self._dirty:
                     timeout_ms = min(timeout_ms, COALESCE_MS)
                 if dict(poller.poll(timeout_ms)).get(self.control):
                     for _ in range(256):  # answer what is queued, then publish once

@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS backend (
     service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT NULL,
     weight INTEGER NOT NULL, state TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (service, id));
+CREATE INDEX IF NOT EXISTS backend_by_id ON backend (id);
 CREATE TABLE IF NOT EXISTS health (
     backend_id TEXT PRIMARY KEY, up INTEGER NOT NULL, revision INTEGER NOT NULL);
 """
@@ -45,6 +46,8 @@ class Store(Protocol):
     global config version after its commit."""
 
     def read(self) -> State: ...
+    def read_rows(self, services: set[str], backends: set[tuple[str, str]],
+                  backend_ids: set[str]) -> State: ...
     def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int: ...
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
                     expected_version: int | None) -> int: ...
@@ -114,6 +117,29 @@ class SqliteStore:
         finally:
             db.execute("COMMIT")
         return State(version, policies, backends, health)
+
+    def read_rows(self, services: set[str], backends: set[tuple[str, str]], backend_ids: set[str]) -> State:
+        """Part of the state, in one transaction: the policies of
+        ``services``, the membership records ``backends`` and every record
+        of a backend id in ``backend_ids``, with the health of all of them."""
+        db = self._db
+        db.execute("BEGIN")
+        try:
+            version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+            policies = tuple(Policy(*row) for name in sorted(services) for row in db.execute(
+                "SELECT service, listen, algorithm, version FROM policy WHERE service = ?", (name,)))
+            query = "SELECT service, id, address, weight, state, version FROM backend WHERE "
+            rows = {(r[0], r[1]): r for key in backends
+                    for r in db.execute(query + "service = ? AND id = ?", key)}
+            rows.update({(r[0], r[1]): r for i in backend_ids for r in db.execute(query + "id = ?", (i,))})
+            records = tuple(Backend(s, i, a, w, Membership(st), v) for s, i, a, w, st, v in
+                            (rows[key] for key in sorted(rows)))
+            health_query = "SELECT backend_id, up, revision FROM health WHERE backend_id = ?"
+            health = tuple(Health(b, bool(up), r) for i in sorted({b.id for b in records})
+                           for b, up, r in db.execute(health_query, (i,)))
+        finally:
+            db.execute("COMMIT")
+        return State(version, policies, records, health)
 
     # ------------------------------------------------------------ writes
 

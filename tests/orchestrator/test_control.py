@@ -6,14 +6,15 @@ import json
 import pytest
 
 from orchestrator.control import MAX_REQUEST, ControlPlane
+from orchestrator.model import Change
 from orchestrator.store import SqliteStore
 
 
 @pytest.fixture
 def plane(tmp_path):
     store = SqliteStore(tmp_path / "state.db")
-    changes: list[int] = []
-    plane = ControlPlane(store, on_change=lambda: changes.append(1))
+    changes: list[Change] = []
+    plane = ControlPlane(store, on_change=changes.append)
     plane.changes = changes  # type: ignore[attr-defined]
     yield plane
     store.close()
@@ -28,7 +29,7 @@ def test_a_write_answers_the_new_version_and_triggers_a_recompute(plane):
                 expected_version=0) == {"ok": True, "result": {"version": 1}}
     reply = call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001")
     assert reply["result"] == {"version": 2}
-    assert len(plane.changes) == 2
+    assert plane.changes == [Change(service="web"), Change(backend=("web", "w1"))]
     (backend,) = call(plane, "backend.list", service="web")["result"]
     assert (backend["id"], backend["state"], backend["weight"]) == ("w1", "active", 1)
 

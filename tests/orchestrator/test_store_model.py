@@ -1,5 +1,7 @@
 """Random sequences of register / remove / health / policy writes against the
-store, checked after every step against a small reference model (I2-I5)."""
+store, with restarts of the store and snapshots published to a node that may
+miss some, checked after every step against a small reference model (I2-I6,
+I8)."""
 from __future__ import annotations
 
 import json
@@ -12,10 +14,11 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lbcore.config import Backend, Service
-from lbcore.wire import encode_snapshot
-from orchestrator.derive import routing_snapshot
+from lbcore.routing import Routing
+from lbcore.wire import WireError, decode_delta, decode_snapshot, encode_snapshot
+from orchestrator.derive import Deriver, routing_snapshot
 from orchestrator.errors import ControlError, NotFoundError
-from orchestrator.model import Membership
+from orchestrator.model import Change, Membership
 from orchestrator.store import SqliteStore
 
 # The model's own membership rules (not imported from the code under test):
@@ -50,6 +53,9 @@ class StoreMachine(RuleBasedStateMachine):
         self.backends: dict[tuple[str, str], list] = {}             # key -> [address, weight, state, version]
         self.health: dict[str, tuple[bool, int]] = {}               # backend id -> (up, revision)
         self.published: list[int] = []                              # snapshot versions seen
+        self.deriver = Deriver(self.store)  # the control plane's single writer
+        self.node = Routing(-1, {})         # what a node subscribed to it holds
+        self.node_versions: list[int] = []
 
     @initialize(algorithms=st.tuples(st.sampled_from(ALGORITHMS), st.sampled_from(ALGORITHMS)))
     def services(self, algorithms):
@@ -60,7 +66,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         self.dir.cleanup()
 
-    def attempt(self, call, allowed: bool) -> bool:
+    def attempt(self, call, allowed: bool, change: Change) -> bool:
         """Run a store write; it must succeed exactly when the model says so."""
         try:
             call()
@@ -69,7 +75,45 @@ class StoreMachine(RuleBasedStateMachine):
             return False
         assert allowed, "the store applied a write the model refuses"
         self.version += 1
+        self.deriver.touch(change)
         return True
+
+    @rule(delivered=st.booleans())
+    def publish(self, delivered):
+        """The single writer derives what changed; the node gets the delta
+        (or misses it), applies only a delta on its own version and fetches
+        the full snapshot when it sees a gap (I6)."""
+        derived = self.deriver.next()
+        if derived is None:
+            assert self.deriver.routing.version == self.version
+            return
+        routing, delta = derived
+        # I2 for the running control plane: derived from the touched rows
+        # only, byte for byte what a full recompute from the store gives
+        assert routing.encode() == routing_snapshot(self.store.read())
+        if not delivered:
+            return
+        received = decode_delta(delta.encode())
+        if received.version <= self.node.version:
+            return
+        try:
+            self.node = self.node.apply(received)
+        except WireError:
+            assert received.base != self.node.version, "a delta on the node's own version was refused"
+            self.node = Routing.of(*decode_snapshot(routing.encode()))  # the fetch
+        self.node_versions.append(self.node.version)
+        assert self.node.encode() == routing.encode()
+
+    @rule()
+    def restart(self):
+        """The control plane stops and starts again on the same file: every
+        write is still there (the invariants check it) and the version did
+        not go backwards (I8)."""
+        before = self.store.read().version
+        self.store.close()
+        self.store = SqliteStore(Path(self.dir.name) / "state.db")
+        self.deriver = Deriver(self.store)
+        assert self.deriver.routing.version == before == self.version
 
     @rule(service=st.sampled_from(SERVICES), algorithm=st.sampled_from(ALGORITHMS), expected=versions)
     def put_policy(self, service, algorithm, expected):
@@ -77,7 +121,8 @@ class StoreMachine(RuleBasedStateMachine):
         expected = expected_of(expected, current)
         allowed = expected is None or expected == current
         listen = LISTEN[service]
-        if self.attempt(lambda: self.store.put_policy(service, listen, algorithm, expected), allowed):
+        if self.attempt(lambda: self.store.put_policy(service, listen, algorithm, expected), allowed,
+                        Change(service=service)):
             self.policies[service] = (algorithm, current + 1)
 
     @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
@@ -89,7 +134,8 @@ class StoreMachine(RuleBasedStateMachine):
         allowed = (service in self.policies and (expected is None or expected == current)
                    and (record is None or record[2] is not Membership.ACTIVE))
         address = f"127.0.0.1:{port}"
-        if self.attempt(lambda: self.store.add_backend(service, backend, address, weight, expected), allowed):
+        if self.attempt(lambda: self.store.add_backend(service, backend, address, weight, expected), allowed,
+                        Change(backend=(service, backend))):
             self.backends[(service, backend)] = [address, weight, Membership.ACTIVE, current + 1]
 
     @precondition(lambda self: self.backends)
@@ -100,7 +146,8 @@ class StoreMachine(RuleBasedStateMachine):
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and (expected is None or expected == record[3])
                    and state in MODEL_TRANSITIONS[record[2]])
-        if self.attempt(lambda: self.store.set_membership(service, backend, state, expected), allowed):
+        if self.attempt(lambda: self.store.set_membership(service, backend, state, expected), allowed,
+                        Change(backend=(service, backend))):
             record[2], record[3] = state, record[3] + 1
 
     @precondition(lambda self: self.backends)
@@ -111,7 +158,8 @@ class StoreMachine(RuleBasedStateMachine):
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and record[2] is not Membership.REMOVED
                    and (expected is None or expected == record[3]))
-        if self.attempt(lambda: self.store.set_weight(service, backend, weight, expected), allowed):
+        if self.attempt(lambda: self.store.set_weight(service, backend, weight, expected), allowed,
+                        Change(backend=(service, backend))):
             record[1], record[3] = weight, record[3] + 1
 
     @rule(backend=st.sampled_from(BACKENDS), up=st.booleans(), revision=st.integers(0, 8))
@@ -127,6 +175,7 @@ class StoreMachine(RuleBasedStateMachine):
         if newer:
             self.version += 1
             self.health[backend] = (up, revision)
+            self.deriver.touch(Change(health=backend))
         assert version == self.version
 
     @invariant()
@@ -161,6 +210,10 @@ class StoreMachine(RuleBasedStateMachine):
                 and self.health.get(backend, (True, 0))[0]))
             for service, (algorithm, _) in sorted(self.policies.items())]
         assert routing_snapshot(self.store.read()) == encode_snapshot(self.version, expected)
+
+    @invariant()
+    def node_versions_only_increase(self):
+        assert self.node_versions == sorted(set(self.node_versions))  # I6
 
 
 StoreMachine.TestCase.settings = settings(
