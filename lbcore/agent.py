@@ -32,7 +32,7 @@ from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
-from lbcore.stats import format_stats, node_stats
+from lbcore.stats import format_stats, node_stats, report_counters
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
@@ -325,16 +325,8 @@ class NodeAgent:
         self.log(f"applied: version {routing.version}")
 
     def _remote_counters(self) -> dict[str, Any]:
-        """Per-backend counters for the control plane's status view; a pool
-        too large for one report message is summarised per service."""
         assert self.segment is not None
-        stats = node_stats(self.segment)
-        if sum(len(s["backends"]) for s in stats["services"]) > REPORT_BACKENDS:
-            fields = ("active", "total", "failed")
-            return {s["name"]: {"(all)": {k: sum(b[k] for b in s["backends"]) for k in fields}}
-                    for s in stats["services"]}
-        return {s["name"]: {b["id"]: {k: b[k] for k in ("active", "total", "failed")} for b in s["backends"]}
-                for s in stats["services"]}
+        return report_counters(self.segment, REPORT_BACKENDS)
 
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""

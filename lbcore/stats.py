@@ -2,20 +2,30 @@
 (``format_stats``), read from shared memory without asking the workers."""
 from __future__ import annotations
 
-import ipaddress
+import socket
 from typing import Any
+
+import numpy as np
 
 from lbcore import layout
 from lbcore.balance import ALGORITHMS
 from lbcore.segment import Segment
-from lbcore.snapshot import read_snapshot
+from lbcore.snapshot import SnapshotImage, read_snapshot
 
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
 
 
 def _address(ip: int, port: int) -> str:
-    return f"{ipaddress.IPv4Address(int(ip).to_bytes(4, 'little'))}:{int(port)}"
+    return f"{socket.inet_ntoa(int(ip).to_bytes(4, 'little'))}:{int(port)}"
+
+
+def _service_backends(segment: Segment, image: SnapshotImage,
+                      row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(backend rows, their counters) of one service, a column at a time."""
+    first, count = int(row["backend_first"]), int(row["backend_count"])
+    rows = image.backends[first:first + count]
+    return rows, segment.counters[rows["slot"]]
 
 
 def node_stats(segment: Segment) -> dict[str, Any]:
@@ -29,15 +39,14 @@ def node_stats(segment: Segment) -> dict[str, Any]:
     for slot, row in enumerate(image.services):
         if not row["active"]:
             continue
-        first, count = int(row["backend_first"]), int(row["backend_count"])
-        backends = []
-        for b in image.backends[first:first + count]:
-            counter = segment.counters[int(b["slot"])]
-            backends.append({
-                "id": b["id"].decode(), "address": _address(b["ip"], b["port"]),
-                "weight": int(b["weight"]), "eligible": bool(b["eligible"]), "slot": int(b["slot"]),
-                **{name: int(counter[name]) for name in COUNTER_FIELDS},
-            })
+        rows, counters = _service_backends(segment, image, row)
+        columns = [counters[name].tolist() for name in COUNTER_FIELDS]
+        backends = [
+            {"id": i.decode(), "address": _address(ip, port), "weight": weight, "eligible": bool(eligible),
+             "slot": slot, **dict(zip(COUNTER_FIELDS, values, strict=True))}
+            for i, ip, port, weight, eligible, slot, *values in zip(
+                rows["id"].tolist(), rows["ip"].tolist(), rows["port"].tolist(), rows["weight"].tolist(),
+                rows["eligible"].tolist(), rows["slot"].tolist(), *columns, strict=True)]
         services.append({
             "name": row["name"].decode(), "slot": slot,
             "listen": _address(row["listen_ip"], row["listen_port"]),
@@ -74,3 +83,26 @@ def format_stats(stats: dict[str, Any]) -> str:
                          f"{'yes' if b['eligible'] else 'no':>4} "
                          + " ".join(f"{b[name]:>16}" for name in COUNTER_FIELDS))
     return "\n".join(lines)
+
+
+REPORTED_FIELDS = ("active", "total", "failed")
+
+
+def report_counters(segment: Segment, max_backends: int) -> dict[str, dict[str, dict[str, int]]]:
+    """What a node reports to the control plane: per service and backend,
+    or per service only (as backend "(all)") past ``max_backends``, so that
+    a report stays one small message whatever the pool."""
+    image = read_snapshot(segment)
+    active = [row for row in image.services if row["active"]]
+    summed = sum(int(row["backend_count"]) for row in active) > max_backends
+    report = {}
+    for row in active:
+        rows, counters = _service_backends(segment, image, row)
+        if summed:
+            per_backend = {"(all)": {k: int(counters[k].sum()) for k in REPORTED_FIELDS}}
+        else:
+            columns = [counters[k].tolist() for k in REPORTED_FIELDS]
+            per_backend = {i.decode(): dict(zip(REPORTED_FIELDS, values, strict=True))
+                           for i, *values in zip(rows["id"].tolist(), *columns, strict=True)}
+        report[row["name"].decode()] = per_backend
+    return report
