@@ -1,5 +1,6 @@
 """Micro benchmarks of what is not a load run: pick cost per algorithm by
-pool size, snapshot and Maglev table builds, snapshot publish and notice.
+pool size, snapshot and Maglev table builds (node and control plane), a
+one-weight delta applied, snapshot publish and notice.
 
     pytest bench/test_micro.py --benchmark-only [--benchmark-save=NAME]
 
@@ -19,9 +20,11 @@ from lbcore import layout
 from lbcore.balance.maglev import build_table
 from lbcore.balance.probe import notice_loop, picks
 from lbcore.config import Backend, Service
+from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import Limits, SnapshotImage, build_snapshot, publish_snapshot
+from lbcore.wire import Delta, decode_delta
 
 PICKS_PER_CALL = 100_000
 LIMITS = Limits(connect_timeout_ms=2000, idle_timeout_ms=300_000, retries=3)
@@ -96,3 +99,35 @@ def test_snapshot_notice_per_accept(benchmark, segment):
     loops = 1_000_000
     benchmark.pedantic(notice_loop, args=(segment.base_address, loops), rounds=5, iterations=1)
     benchmark.extra_info["ns_per_notice"] = benchmark.stats.stats.median / loops * 1e9
+
+
+def test_control_plane_snapshot_10k_backends(benchmark):
+    """What the control plane builds for a fetch: the canonical snapshot of
+    10,000 backends from the derived services (pieces and bytes, from scratch)."""
+    services = pool("maglev", 10_000)
+    benchmark.pedantic(lambda: Routing.of(1, services).encode(), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["ms_per_build"] = benchmark.stats.stats.median * 1e3
+
+
+@pytest.mark.parametrize("size", [1_000, 10_000])
+def test_one_weight_delta_applied(benchmark, size):
+    """A node's work for a one-weight delta, short of the shared-memory copy:
+    check and apply it to the routing, then build the next snapshot image
+    reusing the one before."""
+    services = pool("wrr", size)
+    service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
+    backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
+    service_slots.assign(["svc"], lambda slot: True)
+    backend_slots.assign((("svc", b.id) for b in services[0].backends), lambda slot: True)
+    base = Routing.of(1, services)
+    image = build_snapshot(base.as_services(), LIMITS, 1, service_slots, backend_slots)
+    row = {"service": "svc", "id": "b0", "address": services[0].backends[0].address, "weight": 7}
+    data = Delta(2, 1, backends=[row]).encode()
+
+    def apply() -> SnapshotImage:
+        routing = base.apply(decode_delta(data))
+        return build_snapshot(routing.as_services(), LIMITS, 2, service_slots, backend_slots, image.parts)
+
+    benchmark.pedantic(apply, rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["ms_per_apply"] = benchmark.stats.stats.median * 1e3
+    benchmark.extra_info["backends"] = size

@@ -111,20 +111,19 @@ class ServiceTables:
     maglev: np.ndarray     # uint32 row positions within the service
 
 
-def _service_rows(service: Service, slot: int, backend_slots: SlotMap) -> np.ndarray:
-    """The backend rows of one service, filled a column at a time (a 10,000
-    backend service takes milliseconds, not a Python loop over rows)."""
-    backends = service.backends
+def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slots: SlotMap) -> np.ndarray:
+    """Backend rows filled a column at a time (a 10,000 backend service
+    takes milliseconds, not a Python loop over rows)."""
     rows = np.zeros(len(backends), dtype=layout.BACKEND)
     if not backends:
         return rows
-    # addresses were validated as dotted IPv4 by the config
-    hosts, _, ports = zip(*(b.address.rpartition(":") for b in backends), strict=True)
+    hosts, ports = zip(*[parse_address(b.address) for b in backends], strict=True)
     rows["id"] = [b.id.encode() for b in backends]
-    rows["ip"] = np.frombuffer(b"".join(socket.inet_aton(h) for h in hosts), dtype="<u4")
-    rows["port"] = np.array(ports, dtype=np.int64)
+    rows["ip"] = np.frombuffer(b"".join(map(socket.inet_aton, hosts)), dtype="<u4")
+    rows["port"] = ports
     rows["weight"] = [b.weight for b in backends]
-    rows["slot"] = [backend_slots.slot_of((service.name, b.id)) for b in backends]
+    slot_of = backend_slots.slot_of
+    rows["slot"] = [slot_of((name, b.id)) for b in backends]
     rows["service_slot"] = slot
     rows["eligible"] = rows["weight"] > 0
     return rows
@@ -153,19 +152,34 @@ def _with_tables(service: Service, slot: int, rows: np.ndarray) -> ServiceTables
 def service_tables(service: Service, slot: int, backend_slots: SlotMap,
                    previous: ServiceTables | None = None) -> ServiceTables:
     """The tables of ``service``, reusing ``previous`` (its tables in the
-    snapshot before) where the backends kept their ids and order: a weight or
-    address change patches rows instead of building the service again."""
-    if previous is not None and previous.slot == slot and len(previous.backends) == len(service.backends):
-        old, new = previous.backends, service.backends
+    snapshot before): rows of backends that are still there are kept (a
+    backend keeps its slot), changed ones patched, only new ones built."""
+    new = service.backends
+    if previous is None or previous.slot != slot:
+        return _with_tables(service, slot, _service_rows(service.name, new, slot, backend_slots))
+    old = previous.backends
+    if old is new and previous.algorithm == service.algorithm:
+        return previous
+    if len(old) == len(new):
         changed = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
-        if all(old[i].id == new[i].id for i in changed):
+        if all(old[i].id == new[i].id for i in changed):  # the common update: a weight or an address
             if not changed and previous.algorithm == service.algorithm:
                 return dataclasses.replace(previous, backends=new)
             rows = previous.rows.copy()
             for i in changed:
                 _patch_row(rows, i, new[i])
             return _with_tables(service, slot, rows)
-    return _with_tables(service, slot, _service_rows(service, slot, backend_slots))
+    # backends came or went: keep the rows of those still here
+    where = {b.id: i for i, b in enumerate(old)}
+    take = np.fromiter((where.get(b.id, -1) for b in new), dtype=np.int64, count=len(new))
+    rows = previous.rows[np.maximum(take, 0)] if len(old) else np.zeros(len(new), dtype=layout.BACKEND)
+    fresh = np.flatnonzero(take < 0)
+    if fresh.size:
+        rows[fresh] = _service_rows(service.name, [new[i] for i in fresh.tolist()], slot, backend_slots)
+    for i in np.flatnonzero(take >= 0).tolist():
+        if old[take[i]] is not new[i]:
+            _patch_row(rows, i, new[i])
+    return _with_tables(service, slot, rows)
 
 
 def build_snapshot(services: Iterable[Service], limits: Limits, version: int,

@@ -37,12 +37,10 @@ cdef int pick(PickContext *ctx) noexcept nogil:
 def permutation_seeds(ids, uint32_t size):
     """(offset, skip) per backend id: the permutation is a function of the id."""
     import numpy as np  # here, not at import: workers load this module too
-    offsets = np.empty(len(ids), dtype=np.uint32)
-    skips = np.empty(len(ids), dtype=np.uint32)
-    for i, backend_id in enumerate(ids):
-        digest = hashlib.blake2b(backend_id.encode(), digest_size=16).digest()
-        offsets[i] = int.from_bytes(digest[:8], "little") % size
-        skips[i] = int.from_bytes(digest[8:], "little") % (size - 1) + 1
+    digests = b"".join([hashlib.blake2b(i.encode(), digest_size=16).digest() for i in ids])
+    halves = np.frombuffer(digests, dtype="<u8").reshape(-1, 2)
+    offsets = (halves[:, 0] % size).astype(np.uint32)
+    skips = (halves[:, 1] % (size - 1) + 1).astype(np.uint32)
     return offsets, skips
 
 
