@@ -3,8 +3,9 @@ orchestrator.control).
 
     lbctl [--control tcp://HOST:PORT] [--timeout S] [-c FILE] GROUP VERB ...
 
-The endpoint comes from --control, else $LBCTL_CONTROL, else the
-[orchestrator] table of -c FILE, else tcp://127.0.0.1:7700. Every write takes
+The endpoint comes from --control, else $LBCTL_CONTROL, else -c FILE (its
+[orchestrator] table, or a node file's tcp:// node.control), else
+tcp://127.0.0.1:7700. Every write takes
 --expected-version and answers the new version; every read takes --json.
 Exit status: 0 ok, 1 error (including no answer within --timeout), 2 usage,
 3 version conflict (the message names expected and current).
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -77,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     remove = command(backend, "remove", write=True)
     remove.add_argument("service")
     remove.add_argument("id")
+    remove.add_argument("--final", action="store_true",
+                        help="removed for good, not draining (its record may be added again later)")
     weight = command(backend, "set-weight", write=True)
     weight.add_argument("service")
     weight.add_argument("id")
@@ -119,7 +123,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "backend.add", {"service": args.service, "id": args.id, "address": args.address,
                                "weight": args.weight, **expected}
     if key == ("backend", "remove"):
-        return "backend.remove", {"service": args.service, "id": args.id, **expected}
+        final = {"final": True} if args.final else {}
+        return "backend.remove", {"service": args.service, "id": args.id, **final, **expected}
     if key == ("backend", "set-weight"):
         return "backend.set_weight", {"service": args.service, "id": args.id, "weight": args.weight,
                                       **expected}
@@ -146,9 +151,16 @@ def _endpoint(args: argparse.Namespace) -> str:
     if os.environ.get("LBCTL_CONTROL"):
         return os.environ["LBCTL_CONTROL"]
     if args.config:
+        from lbcore.config import load_config, tomllib
         from orchestrator.settings import load_orchestrator_config
 
-        return load_orchestrator_config(args.config).endpoints.control
+        if "orchestrator" in tomllib.loads(Path(args.config).read_text()):
+            return load_orchestrator_config(args.config).endpoints.control
+        control = load_config(args.config).node.control  # a node's file: its control plane
+        if control.startswith("tcp://"):
+            return control
+        raise CtlError(f"{args.config}: names no control plane (no [orchestrator] table, "
+                       f"node.control = {control!r})", EXIT_USAGE)
     return DEFAULT_CONTROL
 
 

@@ -317,11 +317,11 @@ class NodeAgent:
                      f"still serving version {self.version}: {exc}")
             return
         self._apply(plan)
-        self.remote.applied(routing)
         if {s.listen for s in config.services} != listens_before:
-            self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)  # new listeners: serve before saying so
-        else:
-            self._nudge_workers()
+            self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)  # new listeners: listen before saying so
+        # Otherwise workers are not woken: each takes the new version at its
+        # next accept (one atomic load) or its 100 ms tick, whichever is first.
+        self.remote.applied(routing)
         self.log(f"applied: version {routing.version}")
 
     def _remote_counters(self) -> dict[str, Any]:

@@ -31,7 +31,7 @@ MAX_REQUEST = 64 * 1024
 # verb -> (required args, optional args)
 VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "backend.add": (frozenset({"service", "id", "address"}), frozenset({"weight", "expected_version"})),
-    "backend.remove": (frozenset({"service", "id"}), frozenset({"expected_version"})),
+    "backend.remove": (frozenset({"service", "id"}), frozenset({"final", "expected_version"})),
     "backend.set_weight": (frozenset({"service", "id", "weight"}), frozenset({"expected_version"})),
     "backend.list": (frozenset(), frozenset({"service"})),
     "policy.get": (frozenset({"service"}), frozenset()),
@@ -119,8 +119,13 @@ class ControlPlane:
                                                          args.get("weight", 1), expected),
                                Change(backend=(service, backend_id)))
         if verb == "backend.remove":
-            return self._write(lambda: store.set_membership(service, backend_id, Membership.DRAINING,
-                                                            expected), Change(backend=(service, backend_id)))
+            # draining first (no new connections; open ones finish), removed
+            # when said so: the record's life is active -> draining -> removed
+            if not isinstance(args.get("final", False), bool):
+                raise BadRequestError("backend.remove: final must be a boolean")
+            state = Membership.REMOVED if args.get("final") else Membership.DRAINING
+            return self._write(lambda: store.set_membership(service, backend_id, state, expected),
+                               Change(backend=(service, backend_id)))
         if verb == "backend.set_weight":
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
                                Change(backend=(service, backend_id)))

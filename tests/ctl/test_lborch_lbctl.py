@@ -279,3 +279,32 @@ def test_the_endpoint_comes_from_the_environment_or_the_config_file(orch):
     from_file = subprocess.run([*base, "-c", str(orch.config), "backend", "list", "--json"],
                                capture_output=True, text=True, cwd=ROOT, env=env, timeout=20)
     assert from_file.returncode == 0 and json.loads(from_file.stdout) == json.loads(from_env.stdout)
+    node_file = orch.config.parent / "node.toml"
+    node_file.write_text(f'[node]\nid = "n1"\ncontrol = "{orch.endpoint}"\n'
+                         f'subscribe = "tcp://127.0.0.1:{orch.publish}"\n')
+    from_node_file = subprocess.run([*base, "-c", str(node_file), "backend", "list", "--json"],
+                                    capture_output=True, text=True, cwd=ROOT, env=env, timeout=20)
+    assert from_node_file.returncode == 0, from_node_file.stderr
+    assert json.loads(from_node_file.stdout) == json.loads(from_env.stdout)
+    static_file = orch.config.parent / "static.toml"
+    static_file.write_text('[node]\nid = "n2"\n')
+    nowhere = subprocess.run([*base, "-c", str(static_file), "status"], capture_output=True, text=True,
+                             cwd=ROOT, env=env, timeout=20)
+    assert nowhere.returncode == 2 and "names no control plane" in nowhere.stderr
+
+
+def test_a_draining_backend_is_removed_for_good_with_final(orch):
+    assert lbctl(orch, "backend", "remove", "web", "w1").returncode == 0
+    states = {b["id"]: b["state"] for b in json.loads(lbctl(orch, "backend", "list", "--json").stdout)}
+    assert states == {"w1": "draining"}
+    # a write naming a stale record version is refused and changes nothing
+    stale = lbctl(orch, "backend", "remove", "web", "w1", "--final", "--expected-version", "1")
+    assert stale.returncode == 3, stale
+    final = lbctl(orch, "backend", "remove", "web", "w1", "--final", "--expected-version", "2")
+    assert final.returncode == 0, final.stderr
+    (record,) = json.loads(lbctl(orch, "backend", "list", "--json").stdout)
+    assert (record["state"], record["version"]) == ("removed", 3)
+    again = lbctl(orch, "backend", "remove", "web", "w1", "--final")
+    assert again.returncode == 1 and "is removed; cannot become removed" in again.stderr
+    # a removed id may be registered again
+    assert lbctl(orch, "backend", "add", "web", "w1", "127.0.0.1:9009").returncode == 0
