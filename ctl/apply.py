@@ -1,7 +1,9 @@
 """``lbctl apply -f FILE``: make the control plane's services and backends
 those of FILE. Shows the diff, then applies it change by change, each a
 compare-and-swap on the version read when the diff was made, so a change
-made by someone else meanwhile is refused (exit 3), not overwritten.
+made by someone else meanwhile is refused (exit 3), not overwritten; the
+changes before it stay applied, and the output says which (run it again to
+finish: the diff is made afresh).
 
 Backends the file no longer lists are removed (drained); an address cannot
 change in place (remove the backend, add it under a new id).
@@ -81,7 +83,13 @@ def apply_file(config: Config, call: Callable[[str, dict[str, Any]], Any], dry_r
     if dry_run:
         return 0
     version = None
-    for change in changes:
-        version = call(change.verb, change.args)["version"]
+    for done, change in enumerate(changes):
+        try:
+            version = call(change.verb, change.args)["version"]
+        except Exception:
+            # each change is its own CAS: say exactly what is in and what is not
+            out(f"stopped at change {done + 1} of {len(changes)} ({change.text}); "
+                + (f"the {done} before it are applied (version {version})" if done else "nothing applied"))
+            raise
     out(f"ok: {len(changes)} changes, version {version}")
     return len(changes)

@@ -26,6 +26,7 @@ class ControlLink:
         self.control_endpoint = control
         self.log = log
         self.routing = Routing(-1, {})  # what the node applied: the base of the next delta
+        self.refused = -1  # the newest version the node could not apply: not fetched again
         self.last_heard = time.monotonic()  # start: staleness counts from now
         self._context = zmq.Context()
         self.sub = self._context.socket(zmq.SUB)
@@ -107,11 +108,11 @@ class ControlLink:
                 gap = gap or kind == b"delta"  # what it would have changed must come from a full fetch
             except (ValueError, KeyError, TypeError) as exc:
                 self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r}")
-        if gap or announced > newest.version:
+        if gap or announced > max(newest.version, self.refused):
             fetched = self.fetch()  # something was missed: the full snapshot, now
             if fetched is not None and fetched.version > newest.version:
                 newest = fetched
-        return newest if newest.version > self.routing.version else None
+        return newest if newest.version > max(self.routing.version, self.refused) else None
 
     def report(self, node: str, counters: dict[str, Any] | None) -> None:
         """Tell the control plane what is applied (fire and forget)."""

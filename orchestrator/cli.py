@@ -12,21 +12,10 @@ import sys
 
 import zmq
 
-from lbcore.config import Config, ConfigError
+from lbcore.config import ConfigError
 from orchestrator.server import Orchestrator
 from orchestrator.settings import load_orchestrator_config
-from orchestrator.store import SqliteStore, Store
-
-
-def seed(store: Store, config: Config) -> bool:
-    """Write the file's services into an empty store; False if not empty."""
-    if store.read().version != 0:
-        return False
-    for service in config.services:
-        store.put_policy(service.name, service.listen, service.algorithm, expected_version=0)
-        for backend in service.backends:
-            store.add_backend(service.name, backend.id, backend.address, backend.weight, expected_version=0)
-    return True
+from orchestrator.store import SqliteStore
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     store = SqliteStore(settings.store_path)
     try:
-        if seed(store, settings.config):
+        if store.seed(settings.config.services):
             print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
         try:
             orchestrator = Orchestrator(store, settings.endpoints, parent_pid=args.parent_pid)

@@ -15,12 +15,12 @@ compare-and-swap rules live here and only here:
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from lbcore.balance import ALGORITHMS
-from lbcore.config import MAX_WEIGHT, check_name, parse_address
+from lbcore.config import MAX_WEIGHT, Service, check_name, parse_address
 from lbcore.layout import MAX_BACKENDS, MAX_SERVICES
 from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
 from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy, State
@@ -55,6 +55,7 @@ class Store(Protocol):
                        expected_version: int | None) -> int: ...
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
     def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]: ...
+    def seed(self, services: Sequence[Service]) -> bool: ...
     def close(self) -> None: ...
 
 
@@ -274,3 +275,24 @@ class SqliteStore:
             return True
 
         return self._mutate(change)
+
+    def seed(self, services: Sequence[Service]) -> bool:
+        """Write ``services`` (a config file's, already validated) into an
+        empty store as one transaction and one version: a crash half-way
+        leaves the store empty, to be seeded again. False if not empty."""
+        limits = (len(services) <= MAX_SERVICES, sum(len(s.backends) for s in services) <= MAX_BACKENDS)
+        if not all(limits):
+            raise BadRequestError(f"at most {MAX_SERVICES} services and {MAX_BACKENDS} backends")
+
+        def change(db: sqlite3.Connection) -> bool:
+            if db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0] != 0:
+                return False
+            db.executemany("INSERT INTO policy (service, listen, algorithm, version) VALUES (?, ?, ?, 1)",
+                           [(s.name, _canonical_address(s.listen), s.algorithm) for s in services])
+            db.executemany("INSERT INTO backend (service, id, address, weight, state, version) "
+                           "VALUES (?, ?, ?, ?, 'active', 1)",
+                           [(s.name, b.id, _canonical_address(b.address), b.weight)
+                            for s in services for b in s.backends])
+            return True
+
+        return self._mutate(change)[0]

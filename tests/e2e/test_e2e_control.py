@@ -245,3 +245,32 @@ def test_the_embedded_control_plane_ends_with_its_node(backends, lbproxy, workdi
     node.process.wait(10)
     wait_until(lambda: not any(pid_alive(p) for p in tree), 15)
     shm_path(node.node_id).unlink(missing_ok=True)  # left by a kill -9, by design (reused on restart)
+
+
+@pytest.mark.timeout(120)
+def test_a_snapshot_the_node_cannot_apply_is_refused_once_and_the_next_one_applies(
+        backends, lbproxy, control_plane):
+    import socket
+
+    b = backends({"w1": "127.0.0.1"})
+    port, taken, free = free_port(), free_port(), free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    (node,) = start_nodes(lbproxy, orch, 1)
+    holder = socket.socket()
+    holder.bind(("127.0.0.2", taken))  # someone else holds the address the next service wants
+    holder.listen()
+    try:
+        bad = orch.lbctl("policy", "set", "api", "--algorithm", "wrr", "--listen", f"127.0.0.1:{taken}")
+        assert bad.returncode == 0, bad.stderr
+        bad_version = int(bad.stdout.split()[-1])
+        node.wait_log(f"snapshot version {bad_version} refused")
+        time.sleep(1.0)  # ten heartbeats announce the version the node refused
+        assert node.log().count(f"snapshot version {bad_version} refused") == 1, node.log()
+        assert applied_version(node) < bad_version
+        with Client(f"127.0.0.2:{port}") as c:  # the last good snapshot keeps serving
+            assert c.ident() == "w1"
+        good = orch.lbctl("policy", "set", "api", "--algorithm", "wrr", "--listen", f"127.0.0.1:{free}")
+        assert good.returncode == 0, good.stderr
+        wait_until(lambda: applied_version(node) >= int(good.stdout.split()[-1]), 10)
+    finally:
+        holder.close()

@@ -135,3 +135,19 @@ def test_a_drained_backend_can_be_added_again(store):
     store.add_backend("web", "w1", "127.0.0.1:9001", 2, expected_version=2)
     (backend,) = store.read().backends
     assert (backend.state, backend.weight) == (Membership.ACTIVE, 2)
+
+
+def test_seeding_is_one_transaction_into_an_empty_store_only(store):
+    from lbcore.config import Backend, Service
+
+    web = Service("web", "127.0.0.1:8080", "wrr", (Backend("w1", "127.0.0.1:9001", 2),))
+    clash = Service("web", "127.0.0.1:8081", "wrr", ())  # same name: the insert fails half-way
+    with pytest.raises(Exception, match="UNIQUE"):
+        store.seed([web, clash])
+    assert (store.read().version, store.read().policies, store.read().backends) == (0, (), ())
+    assert store.seed([web]) is True
+    state = store.read()
+    assert state.version == 1
+    assert [(b.id, b.weight, b.state, b.version) for b in state.backends] == [("w1", 2, Membership.ACTIVE, 1)]
+    assert store.seed([Service("api", "127.0.0.1:8082", "p2c", ())]) is False
+    assert store.read() == state
