@@ -29,13 +29,14 @@ from typing import Any
 
 import zmq
 
-from orchestrator.control import ControlPlane
+from orchestrator.control import MAX_REQUEST, ControlPlane
 from orchestrator.derive import Deriver, InconsistentSnapshotError
 from orchestrator.errors import BadRequestError, NotFoundError
 from orchestrator.model import Change
 from orchestrator.store import Store
 
 COALESCE_MS = 2
+MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
 
 
@@ -70,6 +71,9 @@ class Orchestrator:
         self.publisher = self._context.socket(zmq.PUB)
         for sock in (self.control, self.publisher):
             sock.setsockopt(zmq.LINGER, 0)
+        # A request past MAX_REQUEST gets a clear refusal (control.py); one
+        # far past it is dropped by ZeroMQ with its connection, unread.
+        self.control.setsockopt(zmq.MAXMSGSIZE, MAX_RECEIVED)
         self.control.bind(endpoints.control)
         self.publisher.bind(endpoints.publish)
 

@@ -145,6 +145,20 @@ def test_bad_messages_get_an_error_reply_and_the_daemon_keeps_running(orch, fram
     assert lbctl(orch, "backend", "list", "--json").stdout == before
 
 
+def test_a_huge_message_is_dropped_unread_and_the_daemon_keeps_running(orch):
+    before = lbctl(orch, "backend", "list", "--json").stdout
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(orch.endpoint)
+        sock.send_multipart([b"", b"{" * (8 << 20)])
+        assert not sock.poll(1000), "a reply to a message past the receive limit"
+    finally:
+        sock.close(0)
+    assert orch.process is not None and orch.process.poll() is None
+    assert lbctl(orch, "backend", "list", "--json").stdout == before
+
+
 def test_kill_9_after_an_acknowledged_write_loses_nothing(orch):
     added = lbctl(orch, "backend", "add", "web", "w9", "127.0.0.1:9009", "--expected-version", "0")
     assert added.returncode == 0
