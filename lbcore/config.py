@@ -28,7 +28,7 @@ from lbcore.layout import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, NAME_LEN
 REQUIRED = object()
 # [orchestrator] is read by the control plane (orchestrator.settings)
 TOP_LEVEL_TABLES = ("node", "service", "orchestrator")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 MAX_WEIGHT = 256
 RELAY_MODES = {"auto": 0, "splice": 1, "copy": 2}  # FLC_RELAY_* in fulcrum_layout.h
 
@@ -62,7 +62,7 @@ def _between(low: int, high: int) -> Callable[[Any], str | None]:
 def check_name(v: str) -> str | None:
     if len(v.encode()) >= NAME_LEN:
         return f"must be shorter than {NAME_LEN} bytes"
-    if not NAME_PATTERN.match(v):
+    if not NAME_PATTERN.fullmatch(v):
         return f"{v!r} is not a name (letters, digits, '_', '.', ':', '-')"
     return None
 
@@ -154,7 +154,7 @@ def parse_address(text: str) -> tuple[str, int]:
         ip = ipaddress.IPv4Address(host)
     except ValueError:
         raise ValueError(f"{host!r} is not an IPv4 address") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port!r} is not 1..65535")
     return str(ip), int(port)
 

@@ -123,8 +123,8 @@ class ControlPlane:
             # when said so: the record's life is active -> draining -> removed
             if not isinstance(args.get("final", False), bool):
                 raise BadRequestError("backend.remove: final must be a boolean")
-            state = Membership.REMOVED if args.get("final") else Membership.DRAINING
-            return self._write(lambda: store.set_membership(service, backend_id, state, expected),
+            target = Membership.REMOVED if args.get("final") else Membership.DRAINING
+            return self._write(lambda: store.set_membership(service, backend_id, target, expected),
                                Change(backend=(service, backend_id)))
         if verb == "backend.set_weight":
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),

@@ -53,6 +53,9 @@ def refusal(text: str) -> ConfigError:
      "not an IPv4 address"),
     (('address = "127.0.0.1:9001"', 'address = "127.0.0.1:99999"'), "service[0].backend[0].address",
      "is not 1..65535"),
+    (('address = "127.0.0.1:9001"', 'address = "127.0.0.1:\u0669\u0660\u0660\u0661"'),
+     "service[0].backend[0].address", "is not 1..65535"),  # digits, but not ASCII ones
+    (('id = "web-1"', 'id = "web-1\\n"'), "service[0].backend[0].id", "is not a name"),
     (('listen = "127.0.0.1:8080"', 'listen = "127.0.0.1"'), "service[0].listen", "is not HOST:PORT"),
     (("workers = 2", "workers = 0"), "node.workers", "must be 1..64"),
     (("workers = 2", 'workers = "two"'), "node.workers", "must be int, got str"),
