@@ -170,7 +170,9 @@ def _show(result: Any, as_json: bool) -> str:
     if isinstance(result, dict) and "nodes" in result:
         lines = [f"control plane version {result['version']}, {len(result['nodes'])} nodes"]
         for n in result["nodes"]:
-            lines.append(f"  {n['node']}: applied {n['applied_version']} (lag {n['lag']}), "
+            ms = n.get("propagation_ms")
+            took = f", {ms} ms after its commit" if ms is not None else ""
+            lines.append(f"  {n['node']}: applied {n['applied_version']} (lag {n['lag']}{took}), "
                          f"staleness {n['staleness_ms']} ms, reported {n['last_report_ms']} ms ago")
             for service, backends in sorted(n["counters"].items()):
                 for backend, c in sorted(backends.items()):

@@ -83,9 +83,11 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
 
 class ControlPlane:
     """Answers ctl requests against a store. ``on_change`` is called after
-    every committed write with what it touched (the recompute trigger)."""
+    every committed write with what it touched and the version it made (the
+    recompute trigger)."""
 
-    def __init__(self, store: Store, on_change: Callable[[Change], None] = lambda change: None) -> None:
+    def __init__(self, store: Store,
+                 on_change: Callable[[Change, int], None] = lambda change, version: None) -> None:
         self.store = store
         self.on_change = on_change
         # verbs answered by whoever runs this plane (the server's snapshot fetch)
@@ -106,7 +108,7 @@ class ControlPlane:
 
     def _write(self, commit: Callable[[], int], change: Change) -> dict[str, Any]:
         version = commit()
-        self.on_change(change)
+        self.on_change(change, version)
         return {"version": version}
 
     def _dispatch(self, verb: str, args: dict[str, Any]) -> Any:
@@ -136,7 +138,7 @@ class ControlPlane:
         if verb == "health.report":
             applied, version = store.record_health(args["backend"], args["up"], args["revision"])
             if applied:
-                self.on_change(Change(health=args["backend"]))
+                self.on_change(Change(health=args["backend"]), version)
             return {"version": version, "applied": applied}
         state = store.read()
         if verb == "backend.list":

@@ -38,6 +38,7 @@ from orchestrator.store import Store
 COALESCE_MS = 2
 MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
+KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Orchestrator:
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._dirty = True  # publish once at start
+        self._committed: dict[int, float] = {}  # version -> when its write committed (monotonic)
         self._last_publish = 0.0
         self.published_version = -1
         self.last_delta_bytes = 0
@@ -80,9 +82,12 @@ class Orchestrator:
     def log(self, message: str) -> None:
         print(f"lborch: {message}", file=self._log_file, flush=True)
 
-    def _changed(self, change: Change) -> None:
+    def _changed(self, change: Change, version: int) -> None:
         self.deriver.touch(change)
         self._dirty = True
+        self._committed[version] = time.monotonic()
+        if len(self._committed) > KEEP_COMMIT_TIMES:
+            del self._committed[next(iter(self._committed))]
 
     def _snapshot_get(self, args: dict[str, Any]) -> Any:
         self._publish_if_dirty(force=True)
@@ -92,15 +97,21 @@ class Orchestrator:
         version, staleness = args["version"], args["staleness_ms"]
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
             raise BadRequestError("node.report: version and staleness_ms must be integers")
-        name = args["node"]
+        name, now = args["node"], time.monotonic()
         previous = self.nodes.pop(name, {})
         counters = args.get("counters", previous.get("counters", {}))  # an ACK carries none
         if not isinstance(counters, dict):
             raise BadRequestError("node.report: counters must be an object")
         if len(self.nodes) >= MAX_NODES:
             del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
+        # from the commit of the version to this node's first word of it
+        propagation = previous.get("propagation_ms")
+        if version != previous.get("version"):
+            committed = self._committed.get(version)
+            propagation = round((now - committed) * 1000, 3) if committed is not None else None
         self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                            "digest": str(args.get("digest", "")), "reported": time.monotonic()}
+                            "digest": str(args.get("digest", "")), "reported": now,
+                            "propagation_ms": propagation}
         return {}
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
@@ -125,6 +136,7 @@ class Orchestrator:
             "nodes": [{"node": name, "applied_version": n["version"],
                        "lag": self.published_version - n["version"],
                        "staleness_ms": n["staleness_ms"],
+                       "propagation_ms": n["propagation_ms"],
                        "last_report_ms": int((now - n["reported"]) * 1000),
                        "counters": n["counters"]}
                       for name, n in sorted(self.nodes.items())],

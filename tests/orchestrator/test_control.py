@@ -14,7 +14,7 @@ from orchestrator.store import SqliteStore
 def plane(tmp_path):
     store = SqliteStore(tmp_path / "state.db")
     changes: list[Change] = []
-    plane = ControlPlane(store, on_change=changes.append)
+    plane = ControlPlane(store, on_change=lambda change, version: changes.append(change))
     plane.changes = changes  # type: ignore[attr-defined]
     yield plane
     store.close()
