@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -28,7 +28,7 @@ from lbcore import layout
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, Service, load_config, parse_address
 from lbcore.remote import Remote, localize
-from lbcore.routing import Routing
+from lbcore.routing import Routing, rows_changed
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
@@ -163,16 +163,24 @@ class NodeAgent:
             return True
         return False
 
-    def _plan(self, config: Config, version: int | None = None) -> Plan:
+    def _plan(self, config: Config, version: int | None = None,
+              changed: Mapping[str, frozenset[str]] | None = None) -> Plan:
         """Everything a publish of ``config`` needs, changing nothing yet:
-        ConfigError when it cannot be built (the node keeps what it has)."""
-        service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
+        ConfigError when it cannot be built (the node keeps what it has).
+        ``changed``: per service, the only backend rows that differ from
+        the published snapshot, ids and their order unchanged (from a delta)."""
+        service_slots, backend_slots = self.service_slots, self.backend_slots
         fresh_services: list[int] = []
         fresh_backends: list[int] = []
+        same_names = [s.name for s in self.config.services] == [s.name for s in config.services]
         try:
-            fresh_services = service_slots.assign((s.name for s in config.services),
-                                                  self._service_slot_releasable)
-            if self.image is None or not _same_backends(self.config.services, config.services):
+            if not same_names or self.image is None:
+                service_slots = service_slots.copy()
+                fresh_services = service_slots.assign((s.name for s in config.services),
+                                                      self._service_slot_releasable)
+            same_keys = changed is not None and same_names and len(changed) == len(config.services)
+            if self.image is None or not (same_keys or _same_backends(self.config.services, config.services)):
+                backend_slots = backend_slots.copy()
                 fresh_backends = backend_slots.assign(
                     ((s.name, b.id) for s in config.services for b in s.backends),
                     self._backend_slot_releasable)
@@ -180,7 +188,7 @@ class NodeAgent:
             raise ConfigError(config.path, "service", str(exc)) from None
         version = self.version + 1 if version is None else version
         previous = self.image.parts if self.image is not None else None
-        image = snapshot_from_config(config, version, service_slots, backend_slots, previous)
+        image = snapshot_from_config(config, version, service_slots, backend_slots, previous, changed)
         return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
 
     def _apply(self, plan: Plan) -> None:
@@ -310,7 +318,7 @@ class NodeAgent:
         config = localize(self.config, routing.as_services())
         listens_before = {s.listen for s in self.config.services}
         try:
-            plan = self._plan(config, routing.version)
+            plan = self._plan(config, routing.version, rows_changed(self.remote.link.routing, routing))
             self.listeners.reserve(config)
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "

@@ -46,15 +46,23 @@ def backend_json(b: Backend) -> bytes:
 
 class ServiceRoutes:
     """One service of a routing snapshot: backends in id order, each with
-    its canonical JSON. Never changed once built."""
+    its canonical JSON. Never changed once built.
 
-    __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "service", "_json")
+    ``keys`` (the ids in order) is the very object of the version before
+    when a delta changed no id, and ``changed`` names the ids whose row the
+    delta rewrote: what lets a node patch its tables without comparing the
+    whole pool."""
 
-    def __init__(self, name: str, listen: str, algorithm: str,
-                 backends: dict[str, Backend], pieces: dict[str, bytes]) -> None:
+    __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "service", "keys", "changed", "_json")
+
+    def __init__(self, name: str, listen: str, algorithm: str, backends: dict[str, Backend],
+                 pieces: dict[str, bytes], keys: tuple[str, ...] | None = None,
+                 changed: frozenset[str] = frozenset()) -> None:
         self.name, self.listen, self.algorithm = name, listen, algorithm
         self.backends, self.pieces = backends, pieces
         self.service = Service(name, listen, algorithm, tuple(backends.values()))
+        self.keys = keys if keys is not None else tuple(backends)
+        self.changed = changed
         self._json: bytes | None = None
 
     @classmethod
@@ -72,12 +80,13 @@ class ServiceRoutes:
 
 
 class Routing:
-    """A routing snapshot: its version and its services in name order."""
+    """A routing snapshot: its version and its services in name order;
+    ``base`` is the version one delta made it from (-2: built whole)."""
 
-    __slots__ = ("version", "services", "_encoded", "_digest", "_tuple")
+    __slots__ = ("version", "base", "services", "_encoded", "_digest", "_tuple")
 
-    def __init__(self, version: int, services: Mapping[str, ServiceRoutes]) -> None:
-        self.version = version
+    def __init__(self, version: int, services: Mapping[str, ServiceRoutes], base: int = -2) -> None:
+        self.version, self.base = version, base
         self.services = dict(sorted(services.items()))
         self._encoded: bytes | None = None
         self._digest: str | None = None
@@ -137,6 +146,7 @@ class Routing:
             if target.backends.pop(row["id"], None) is None:
                 raise WireError(f"delta: removed_backends[{i}]: no backend {row['service']}/{row['id']}")
             del target.pieces[row["id"]]
+            target.keys = None
         for i, row in enumerate(delta.backends):
             if not isinstance(row, dict):
                 raise WireError(f"delta: backends[{i}]: must be an object")
@@ -144,35 +154,56 @@ class Routing:
             backend = Backend(**_read_row(f"backends[{i}]", {k: v for k, v in row.items() if k != "service"},
                                           BACKEND_SETTINGS))
             target.reorder |= backend.id not in target.backends
+            target.changed.add(backend.id)
             target.backends[backend.id] = backend
             target.pieces[backend.id] = backend_json(backend)
         for name, target in edits.items():
             services[name] = target.build(name)
         _check_fits(services, listens_changed=bool(delta.services))
-        return Routing(delta.version, services)
+        return Routing(delta.version, services, base=self.version)
+
+
+def rows_changed(held: Routing, routing: Routing) -> dict[str, frozenset[str]] | None:
+    """Per service, the ids of the backend rows ``routing`` rewrote from
+    ``held``, when one delta made it from ``held`` and no id came or went;
+    else None (then whoever builds from it compares for itself)."""
+    if routing.base != held.version or routing.services.keys() != held.services.keys():
+        return None
+    changed = {}
+    for name, service in routing.services.items():
+        before = held.services[name]
+        if service.keys is not before.keys:
+            return None
+        changed[name] = frozenset() if service is before else service.changed
+    return changed
 
 
 class _Edit:
     """A service being changed by a delta: copies, never the shared dicts."""
 
     def __init__(self, listen: str, algorithm: str, backends: dict[str, Backend],
-                 pieces: dict[str, bytes]) -> None:
+                 pieces: dict[str, bytes], keys: tuple[str, ...] | None) -> None:
         self.listen, self.algorithm, self.backends, self.pieces = listen, algorithm, backends, pieces
+        self.keys = keys  # None once an id comes or goes
+        self.changed: set[str] = set()
         self.reorder = False
 
     @classmethod
     def of(cls, service: ServiceRoutes) -> _Edit:
-        return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces))
+        return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces),
+                   service.keys)
 
     @classmethod
     def empty(cls) -> _Edit:
-        return cls("", "", {}, {})
+        return cls("", "", {}, {}, None)
 
     def build(self, name: str) -> ServiceRoutes:
         if self.reorder:
             self.backends = dict(sorted(self.backends.items()))
             self.pieces = {i: self.pieces[i] for i in self.backends}
-        return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces)
+        keys = None if self.reorder else self.keys
+        return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces, keys,
+                             frozenset(self.changed))
 
 
 def _read_row(where: str, row: Any, settings: list[Any]) -> dict[str, Any]:

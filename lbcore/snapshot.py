@@ -109,6 +109,7 @@ class ServiceTables:
     rows: np.ndarray       # BACKEND, in the order of ``backends``
     schedule: np.ndarray   # uint32 row positions within the service (WRR, P2C)
     maglev: np.ndarray     # uint32 row positions within the service
+    index: Mapping[str, int]  # backend id -> its row within the service
 
 
 def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slots: SlotMap) -> np.ndarray:
@@ -138,7 +139,8 @@ def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
     rows["eligible"][i] = backend.weight > 0
 
 
-def _with_tables(service: Service, slot: int, rows: np.ndarray) -> ServiceTables:
+def _with_tables(service: Service, slot: int, rows: np.ndarray,
+                 index: Mapping[str, int] | None = None) -> ServiceTables:
     eligible = rows["eligible"] == 1
     schedule = wrr_schedule(np.where(eligible, rows["weight"], 0))
     maglev = np.empty(0, dtype=np.uint32)
@@ -146,31 +148,41 @@ def _with_tables(service: Service, slot: int, rows: np.ndarray) -> ServiceTables
         ids = [i.decode() for i in rows["id"][eligible]]
         maglev = build_maglev_table(ids, rows["weight"][eligible],
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
-    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev)
+    if index is None:
+        index = {b.id: i for i, b in enumerate(service.backends)}
+    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index)
 
 
-def service_tables(service: Service, slot: int, backend_slots: SlotMap,
-                   previous: ServiceTables | None = None) -> ServiceTables:
+def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous: ServiceTables | None = None,
+                   changed: frozenset[str] | None = None) -> ServiceTables:
     """The tables of ``service``, reusing ``previous`` (its tables in the
     snapshot before): rows of backends that are still there are kept (a
-    backend keeps its slot), changed ones patched, only new ones built."""
+    backend keeps its slot), changed ones patched, only new ones built.
+    ``changed``, when known, names the only rows that differ (same ids in
+    the same order): then nothing else is compared."""
     new = service.backends
     if previous is None or previous.slot != slot:
         return _with_tables(service, slot, _service_rows(service.name, new, slot, backend_slots))
     old = previous.backends
     if old is new and previous.algorithm == service.algorithm:
         return previous
+    if changed is not None and len(old) == len(new):
+        rows = previous.rows.copy()
+        for backend_id in changed:
+            i = previous.index[backend_id]
+            _patch_row(rows, i, new[i])
+        return _with_tables(service, slot, rows, previous.index)
     if len(old) == len(new):
-        changed = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
-        if all(old[i].id == new[i].id for i in changed):  # the common update: a weight or an address
-            if not changed and previous.algorithm == service.algorithm:
+        differing = [i for i, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
+        if all(old[i].id == new[i].id for i in differing):  # the common update: a weight or an address
+            if not differing and previous.algorithm == service.algorithm:
                 return dataclasses.replace(previous, backends=new)
             rows = previous.rows.copy()
-            for i in changed:
+            for i in differing:
                 _patch_row(rows, i, new[i])
-            return _with_tables(service, slot, rows)
+            return _with_tables(service, slot, rows, previous.index)
     # backends came or went: keep the rows of those still here
-    where = {b.id: i for i, b in enumerate(old)}
+    where = previous.index
     take = np.fromiter((where.get(b.id, -1) for b in new), dtype=np.int64, count=len(new))
     rows = previous.rows[np.maximum(take, 0)] if len(old) else np.zeros(len(new), dtype=layout.BACKEND)
     fresh = np.flatnonzero(take < 0)
@@ -184,9 +196,11 @@ def service_tables(service: Service, slot: int, backend_slots: SlotMap,
 
 def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
                    service_slots: SlotMap, backend_slots: SlotMap,
-                   previous: Mapping[str, ServiceTables] | None = None) -> SnapshotImage:
+                   previous: Mapping[str, ServiceTables] | None = None,
+                   changed: Mapping[str, frozenset[str]] | None = None) -> SnapshotImage:
     """The snapshot for ``services``. Slots must already be assigned;
-    ``previous`` (the ``parts`` of the snapshot before) is reused where it can be."""
+    ``previous`` (the ``parts`` of the snapshot before) is reused where it
+    can be; ``changed`` names, per service, the only rows that changed since."""
     services = list(services)
     previous = previous or {}
     n_services = max((service_slots.slot_of(s.name) for s in services), default=-1) + 1
@@ -198,7 +212,8 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
     for index, service in enumerate(services):
         slot = service_slots.slot_of(service.name)
         tables = parts[service.name] = service_tables(service, slot, backend_slots,
-                                                      previous.get(service.name))
+                                                      previous.get(service.name),
+                                                      changed.get(service.name) if changed else None)
         schedule_offset, maglev_offset = table_used, table_used + len(tables.schedule)
         table_used = maglev_offset + len(tables.maglev)
         if table_used > layout.TABLE_POOL:
@@ -221,11 +236,13 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
 
 
 def snapshot_from_config(config: Config, version: int, service_slots: SlotMap, backend_slots: SlotMap,
-                         previous: Mapping[str, ServiceTables] | None = None) -> SnapshotImage:
+                         previous: Mapping[str, ServiceTables] | None = None,
+                         changed: Mapping[str, frozenset[str]] | None = None) -> SnapshotImage:
     node = config.node
     limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
     try:
-        return build_snapshot(config.services, limits, version, service_slots, backend_slots, previous)
+        return build_snapshot(config.services, limits, version, service_slots, backend_slots, previous,
+                              changed)
     except SnapshotError as exc:
         raise ConfigError(config.path, f"service[{exc.service_index}]", str(exc)) from None
 

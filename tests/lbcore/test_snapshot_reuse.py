@@ -304,3 +304,64 @@ def test_a_service_that_comes_back_is_built_afresh() -> None:
     node.publish([web], releasable=lambda slot: True)
     node.publish([pool("x", 8002, "p2c", 2), web])  # may take api's slots
     node.publish([api, web])
+
+
+IDS = [f"b{i}" for i in range(8)]
+
+
+@st.composite
+def delta_rows(draw: Any) -> dict[str, Any]:
+    """One row of a delta against services "web" and "api": mostly weight
+    and address changes of existing ids (the hinted path), sometimes an
+    added or removed id or an algorithm change."""
+    kind = draw(st.sampled_from(["weight", "weight", "address", "add", "remove", "algorithm"]))
+    return {"kind": kind, "service": draw(st.sampled_from(["web", "api"])), "id": draw(st.sampled_from(IDS)),
+            "weight": draw(st.integers(0, 9)), "port": draw(st.integers(9000, 9009)),
+            "algorithm": draw(st.sampled_from(ALGORITHMS))}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.lists(delta_rows(), min_size=0, max_size=3), min_size=1, max_size=10))
+def test_a_build_told_which_rows_a_delta_changed_equals_a_build_from_scratch(steps):
+    from lbcore.routing import Routing, rows_changed
+    from lbcore.wire import Delta
+
+    held = Routing.of(1, [Service("web", "127.0.0.1:80", "wrr",
+                                  tuple(Backend(i, "127.0.0.1:9000", 1) for i in IDS[:4])),
+                          Service("api", "127.0.0.1:81", "maglev", (Backend("b0", "127.0.0.1:9000", 2),))])
+    node = Node()
+    node.publish(held.as_services())
+    for rows in steps:
+        delta = Delta(held.version + 1, held.version)
+        touched: set[tuple[str, str]] = set()
+        for row in rows:
+            service = held.services[row["service"]]
+            key = (row["service"], row["id"])
+            if key in touched:
+                continue
+            touched.add(key)
+            present = row["id"] in service.backends
+            if row["kind"] == "remove" and present:
+                delta.removed_backends.append({"service": row["service"], "id": row["id"]})
+            elif row["kind"] == "algorithm" and row["service"] not in {s["name"] for s in delta.services}:
+                delta.services.append({"name": service.name, "listen": service.listen,
+                                       "algorithm": row["algorithm"]})
+            elif row["kind"] == "add" or present:
+                address = f"127.0.0.1:{row['port']}" if row["kind"] == "address" or not present \
+                    else service.backends[row["id"]].address
+                delta.backends.append({"service": row["service"], "id": row["id"], "address": address,
+                                       "weight": row["weight"]})
+        routing = held.apply(delta)
+        hints = rows_changed(held, routing)
+        event("hinted" if hints is not None else "compared")
+        services = routing.as_services()
+        service_slots, backend_slots = node.service_slots.copy(), node.backend_slots.copy()
+        service_slots.assign((s.name for s in services), lambda slot: True)
+        backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), lambda slot: True)
+        assert node.image is not None
+        hinted = build_snapshot(services, LIMITS, routing.version, service_slots, backend_slots,
+                                previous=node.image.parts, changed=hints)
+        fresh = build_snapshot(services, LIMITS, routing.version, service_slots, backend_slots)
+        assert hinted.to_bytes() == fresh.to_bytes()
+        node.service_slots, node.backend_slots, node.image = service_slots, backend_slots, hinted
+        held = routing
