@@ -20,7 +20,7 @@ from lbcore import layout
 from lbcore.balance.maglev import build_table
 from lbcore.balance.probe import notice_loop, picks
 from lbcore.config import Backend, Service
-from lbcore.routing import Routing
+from lbcore.routing import Routing, rows_changed
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import Limits, SnapshotImage, build_snapshot, publish_snapshot
@@ -126,7 +126,8 @@ def test_one_weight_delta_applied(benchmark, size):
 
     def apply() -> SnapshotImage:
         routing = base.apply(decode_delta(data))
-        return build_snapshot(routing.as_services(), LIMITS, 2, service_slots, backend_slots, image.parts)
+        return build_snapshot(routing.as_services(), LIMITS, 2, service_slots, backend_slots, image.parts,
+                              rows_changed(base, routing))
 
     benchmark.pedantic(apply, rounds=20, iterations=1, warmup_rounds=2)
     benchmark.extra_info["ms_per_apply"] = benchmark.stats.stats.median * 1e3
