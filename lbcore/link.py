@@ -51,7 +51,7 @@ class ControlLink:
     def fetch(self) -> Routing | None:
         """The control plane's current snapshot, or None if it does not
         answer in time or answers with an error (the node keeps what it has)."""
-        self.dealer.send_multipart([b"", FETCH_REQUEST])
+        self.dealer.send(FETCH_REQUEST)
         deadline = time.monotonic() + FETCH_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000)):
             try:
@@ -119,7 +119,7 @@ class ControlLink:
         digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(node, self.routing.version, self.staleness_ms(), counters, digest)
         try:
-            self.dealer.send_multipart([b"", message], zmq.NOBLOCK)
+            self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
         while self.dealer.poll(0):
