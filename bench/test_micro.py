@@ -25,6 +25,8 @@ from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 from lbcore.snapshot import Limits, SnapshotImage, build_snapshot, publish_snapshot
 from lbcore.wire import Delta, decode_delta
+from orchestrator.derive import derive_in_full
+from orchestrator.store import SqliteStore
 
 PICKS_PER_CALL = 100_000
 LIMITS = Limits(connect_timeout_ms=2000, idle_timeout_ms=300_000, retries=3)
@@ -109,12 +111,26 @@ def test_control_plane_snapshot_10k_backends(benchmark):
     benchmark.extra_info["ms_per_build"] = benchmark.stats.stats.median * 1e3
 
 
+def test_control_plane_full_derivation_10k_backends(benchmark, tmp_path):
+    """What the control plane does at start, after a failed step, and as its
+    idle audit: read the whole store, derive, build, and check every row by
+    the nodes' rules (decoding the snapshot back)."""
+    store = SqliteStore(tmp_path / "state.db")
+    try:
+        store.seed(pool("maglev", 10_000))
+        benchmark.pedantic(lambda: derive_in_full(store.read()), rounds=5, iterations=1, warmup_rounds=1)
+    finally:
+        store.close()
+    benchmark.extra_info["ms_per_derivation"] = benchmark.stats.stats.median * 1e3
+
+
 @pytest.mark.parametrize("size", [1_000, 10_000])
-def test_one_weight_delta_applied(benchmark, size):
+@pytest.mark.parametrize("algorithm", ["wrr", "maglev"])
+def test_one_weight_delta_applied(benchmark, algorithm, size):
     """A node's work for a one-weight delta, short of the shared-memory copy:
     check and apply it to the routing, then build the next snapshot image
-    reusing the one before."""
-    services = pool("wrr", size)
+    reusing the one before (for Maglev that rebuilds the service's table)."""
+    services = pool(algorithm, size)
     service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
     backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
     service_slots.assign(["svc"], lambda slot: True)

@@ -154,7 +154,11 @@ def _endpoint(args: argparse.Namespace) -> str:
         from lbcore.config import load_config, tomllib
         from orchestrator.settings import load_orchestrator_config
 
-        if "orchestrator" in tomllib.loads(Path(args.config).read_text()):
+        try:
+            document = tomllib.loads(Path(args.config).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise CtlError(f"{args.config}: {exc}", EXIT_USAGE) from None
+        if "orchestrator" in document:
             return load_orchestrator_config(args.config).endpoints.control
         control = load_config(args.config).node.control  # a node's file: its control plane
         if control.startswith("tcp://"):

@@ -16,7 +16,14 @@ from typing import Any
 import zmq
 
 from lbcore.routing import Routing
-from lbcore.wire import FETCH_REQUEST, WireError, decode_delta, decode_snapshot, report_request
+from lbcore.wire import (
+    FETCH_REQUEST,
+    WireError,
+    decode_delta,
+    decode_heartbeat,
+    decode_snapshot,
+    report_request,
+)
 
 FETCH_TIMEOUT_S = 2.0
 
@@ -56,13 +63,16 @@ class ControlLink:
         while (left := deadline - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000)):
             try:
                 reply = json.loads(self.dealer.recv_multipart()[-1])
-                result = reply.get("result") if reply.get("ok") else None
-            except (ValueError, AttributeError):
-                reply, result = None, None
+            except (ValueError, RecursionError):
+                continue  # not an answer of the control plane's
+            if not isinstance(reply, dict):
+                continue
+            result = reply.get("result")
+            if reply.get("ok") is False and reply.get("error"):
+                self.log(f"snapshot fetch refused by the control plane: {str(reply['error'])[:200]}")
+                return None
             if not isinstance(result, dict) or "snapshot" not in result:
-                if isinstance(reply, dict) and not reply.get("ok") and reply.get("error"):
-                    self.log(f"control plane answered an error: {reply['error']}")
-                continue  # or the answer to an earlier report
+                continue  # the answer to an earlier report
             self.last_heard = time.monotonic()
             try:
                 return Routing.of(*decode_snapshot(str(result["snapshot"]).encode()))
@@ -88,7 +98,7 @@ class ControlLink:
             kind, body = frames
             try:
                 if kind == b"heartbeat":
-                    announced = max(announced, int(json.loads(body)["version"]))
+                    announced = max(announced, decode_heartbeat(body))
                 elif kind == b"delta":
                     delta = decode_delta(body)
                     if delta.version <= newest.version:
@@ -104,10 +114,13 @@ class ControlLink:
                 else:
                     self.log(f"message of kind {kind[:32]!r} ignored")
             except WireError as exc:
-                self.log(f"{kind[:32].decode(errors='replace')} refused: {exc}")
+                self.log(f"{kind[:32].decode(errors='replace')} refused: {str(exc)[:300]}")
                 gap = gap or kind == b"delta"  # what it would have changed must come from a full fetch
-            except (ValueError, KeyError, TypeError) as exc:
-                self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r}")
+            except (ValueError, LookupError, TypeError, ArithmeticError, RecursionError) as exc:
+                # the decoders say WireError for all they know of; this is the
+                # node staying up on whatever else a message may hold
+                self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r:.300}")
+                gap = gap or kind == b"delta"
         if gap or announced > max(newest.version, self.refused):
             fetched = self.fetch()  # something was missed: the full snapshot, now
             if fetched is not None and fetched.version > newest.version:

@@ -55,6 +55,35 @@ class WireError(ValueError):
     """A snapshot that cannot be applied; the message says what and where."""
 
 
+# Versions are counted by the store in signed 64-bit (orchestrator.store);
+# anything larger on the wire is not one of ours, and would not fit the
+# snapshot header either.
+MAX_VERSION = (1 << 62) - 1
+
+
+def _load(what: str, data: bytes) -> Any:
+    """JSON, or WireError: whatever the bytes (bad UTF-8, bad JSON, nesting
+    deep enough to exhaust the parser)."""
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(f"{what}: not JSON: {exc.__class__.__name__}: {exc}") from None
+
+
+def _version(where: str, value: Any, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= MAX_VERSION:
+        raise WireError(f"{where}: must be an integer {low}..{MAX_VERSION} (got {str(value)[:40]})")
+    return value
+
+
+def decode_heartbeat(data: bytes) -> int:
+    """The version a heartbeat announces."""
+    body = _load("heartbeat", data)
+    if not isinstance(body, dict) or "version" not in body:
+        raise WireError('heartbeat: must be {"version": N}')
+    return _version("heartbeat.version", body["version"], low=-1)
+
+
 def encode_snapshot(version: int, services: Sequence[Service]) -> bytes:
     body = {
         "version": version,
@@ -70,15 +99,10 @@ def encode_snapshot(version: int, services: Sequence[Service]) -> bytes:
 
 def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
     """(version, services), validated by the same rules as a config file."""
-    try:
-        body: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WireError(f"snapshot: not JSON: {exc}") from None
+    body = _load("snapshot", data)
     if not isinstance(body, dict) or set(body) != {"version", "services"}:
         raise WireError("snapshot: must be an object with exactly 'version' and 'services'")
-    version = body["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise WireError(f"snapshot.version: must be an integer >= 0 (got {version!r})")
+    version = _version("snapshot.version", body["version"])
     if not isinstance(body["services"], list):
         raise WireError("snapshot.services: must be a list")
     # The config schema already states every rule a service must meet.
@@ -104,7 +128,7 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
 # the full snapshot (I6). Canonical JSON, like the full snapshot.
 
 
-@dataclass(frozen=True)
+@dataclass
 class Delta:
     """A delta as received: its shape checked, its rows not yet (that is
     lbcore.routing.Routing.apply, against the version it is applied to)."""
@@ -146,16 +170,11 @@ def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[
 
 
 def decode_delta(data: bytes) -> Delta:
-    try:
-        body: Any = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise WireError(f"delta: not JSON: {exc}") from None
+    body = _load("delta", data)
     if not isinstance(body, dict) or set(body) != DELTA_KEYS:
         raise WireError(f"delta: must be an object with exactly {', '.join(sorted(DELTA_KEYS))}")
-    for key in ("version", "base"):
-        value = body[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < -1:
-            raise WireError(f"delta.{key}: must be an integer >= -1 (got {value!r})")
+    _version("delta.version", body["version"])
+    _version("delta.base", body["base"], low=-1)
     for key in DELTA_KEYS - {"version", "base"}:
         if not isinstance(body[key], list):
             raise WireError(f"delta.{key}: must be a list")

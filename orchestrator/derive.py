@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from lbcore.config import Backend, Service
 from lbcore.routing import Routing
-from lbcore.wire import Delta, WireError, decode_snapshot, encode_snapshot
+from lbcore.wire import Delta, WireError, decode_snapshot, diff_delta
 from orchestrator import model
 from orchestrator.model import Change, Membership, State
 from orchestrator.store import Store
 
-FULL_READ_AFTER = 256  # touched rows beyond which one whole read is cheaper than row reads
+# Touched rows beyond which one whole read beats reading them one by one (a
+# row read costs about four rows of a whole read): this, or a quarter of the pool.
+ROW_READS_AT_MOST = 256
 
 
 class InconsistentSnapshotError(Exception):
@@ -28,33 +30,31 @@ def routable(record: model.Backend, up: bool) -> bool:
 
 def eligible(state: State) -> tuple[Service, ...]:
     up = {h.backend_id: h.up for h in state.health}
-    services = []
-    for policy in state.policies:
-        backends = tuple(
-            Backend(b.id, b.address, b.weight) for b in state.backends
-            if b.service == policy.service and routable(b, up.get(b.id, True)))
-        services.append(Service(policy.service, policy.listen, policy.algorithm, backends))
-    return tuple(services)
+    routed: dict[str, list[Backend]] = {p.service: [] for p in state.policies}
+    for b in state.backends:
+        if b.service in routed and routable(b, up.get(b.id, True)):
+            routed[b.service].append(Backend(b.id, b.address, b.weight))
+    return tuple(Service(p.service, p.listen, p.algorithm, tuple(routed[p.service])) for p in state.policies)
+
+
+def derive_in_full(state: State) -> Routing:
+    """The routing of ``state``, derived in full and checked: deterministic
+    bytes that a node's own rules accept and decode back to exactly what was
+    derived (the model is go-control-plane's Consistent())."""
+    routing = Routing.of(state.version, eligible(state))
+    try:
+        version, decoded = decode_snapshot(routing.encode())
+    except WireError as exc:
+        raise InconsistentSnapshotError(f"version {state.version}: {exc}") from None
+    if Routing.of(version, decoded).encode() != routing.encode():
+        raise InconsistentSnapshotError(f"version {state.version}: the snapshot does not decode to "
+                                        "the routing state it was built from")
+    return routing
 
 
 def routing_snapshot(state: State) -> bytes:
-    """The wire snapshot of ``state``, derived in full and checked:
-    deterministic bytes that decode back to exactly what was derived (the
-    model is go-control-plane's Consistent())."""
-    services = eligible(state)
-    data = encode_snapshot(state.version, services)
-    try:
-        version, decoded = decode_snapshot(data)
-    except ValueError as exc:
-        raise InconsistentSnapshotError(str(exc)) from None
-    if version != state.version or {s.name: s for s in decoded} != {s.name: _sorted(s) for s in services}:
-        raise InconsistentSnapshotError("snapshot does not decode to the routing state it was built from")
-    return data
-
-
-def _sorted(service: Service) -> Service:
-    return Service(service.name, service.listen, service.algorithm,
-                   tuple(sorted(service.backends, key=lambda b: b.id)))
+    """The wire snapshot of ``state`` (see derive_in_full)."""
+    return derive_in_full(state).encode()
 
 
 class Deriver:
@@ -62,17 +62,20 @@ class Deriver:
     ``next()`` reads those rows back from the store (the truth), derives
     them, and makes the delta from the published routing. The delta is then
     applied by the nodes' own code (Routing.apply, which checks every row,
-    reference and limit) and the result compared with what was derived:
-    only a routing that passes both is published."""
+    reference and limit) and the result compared with what was derived.
 
-    def __init__(self, store: Store) -> None:
+    In full (at start, after a failed step, when a write touched much of
+    the pool, and as an audit when idle) the whole state is derived, checked
+    by the nodes' rules, and compared byte for byte (I2)."""
+
+    def __init__(self, store: Store, row_reads_at_most: int = ROW_READS_AT_MOST) -> None:
         self.store = store
-        state = store.read()
-        self.routing = Routing.of(state.version, eligible(state))
+        self.row_reads_at_most = row_reads_at_most
+        self.routing = Routing(-1, {})  # nothing published yet
         self._services: set[str] = set()
         self._backends: set[tuple[str, str]] = set()
         self._health: set[str] = set()
-        self._everything = False
+        self._everything = True
 
     def touch(self, change: Change) -> None:
         if change.service is not None:
@@ -84,17 +87,46 @@ class Deriver:
 
     def next(self) -> tuple[Routing, Delta] | None:
         """The routing of the store's current version and the delta to it,
-        or None when nothing changed. InconsistentSnapshotError (nothing is
-        published; the next call derives everything again) if a check fails."""
-        services, backends, ids = self._services, self._backends, self._health
-        everything = self._everything or len(services) + len(backends) + len(ids) > FULL_READ_AFTER
+        or None when nothing changed. On any failure (InconsistentSnapshotError
+        when a check fails, or the store's own error) nothing is published
+        and nothing touched is forgotten: the next call derives in full."""
+        touched = len(self._services) + len(self._backends) + len(self._health)
+        pool = sum(len(s.backends) for s in self.routing.services.values())
+        try:
+            if self._everything or touched > max(self.row_reads_at_most, pool // 4):
+                derived = self._next_in_full()
+            else:
+                derived = self._next_by_rows()
+        except BaseException:
+            self._everything = True
+            raise
         self._services, self._backends, self._health, self._everything = set(), set(), set(), False
-        if everything:
-            state = self.store.read()
-            services = {p.service for p in state.policies} | set(self.routing.services)
-            backends = {(s.name, i) for s in self.routing.services.values() for i in s.backends}
-        else:
-            state = self.store.read_rows(services, backends, ids)
+        if derived is not None:
+            self.routing = derived[0]
+        return derived
+
+    def audit(self) -> None:
+        """I2 at rest: the published routing is what a full derivation from
+        the store gives, byte for byte; InconsistentSnapshotError if not
+        (and the next change is derived in full)."""
+        state = self.store.read()
+        if state.version == self.routing.version and derive_in_full(state).encode() != self.routing.encode():
+            self._everything = True
+            raise InconsistentSnapshotError(f"version {state.version}: the published routing differs "
+                                            "from a full derivation from the store")
+
+    def _next_in_full(self) -> tuple[Routing, Delta] | None:
+        state = self.store.read()
+        if state.version == self.routing.version:
+            return None
+        derived = derive_in_full(state)  # every row checked by the nodes' rules already
+        delta = diff_delta(self.routing.version, self.routing.as_services(), state.version,
+                           derived.as_services())
+        return derived, delta
+
+    def _next_by_rows(self) -> tuple[Routing, Delta] | None:
+        services, backends = self._services, self._backends
+        state = self.store.read_rows(services, backends, self._health)
         if state.version == self.routing.version:
             return None
         backends = backends | {(b.service, b.id) for b in state.backends}  # incl. those found by health
@@ -103,9 +135,7 @@ class Deriver:
             routing = self.routing.apply(delta)
             self._check(routing, delta)
         except (WireError, InconsistentSnapshotError) as exc:
-            self._everything = True
             raise InconsistentSnapshotError(f"version {state.version}: {exc}") from None
-        self.routing = routing
         return routing, delta
 
     def _delta(self, state: State, services: set[str], backends: set[tuple[str, str]]) -> Delta:

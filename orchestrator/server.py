@@ -30,12 +30,15 @@ from typing import Any
 import zmq
 
 from orchestrator.control import MAX_REQUEST, ControlPlane
-from orchestrator.derive import Deriver, InconsistentSnapshotError
+from orchestrator.derive import Deriver
 from orchestrator.errors import BadRequestError, NotFoundError
 from orchestrator.model import Change
 from orchestrator.store import Store
 
 COALESCE_MS = 2
+RETRY_S = 5.0         # after a derivation that failed its check or the store
+AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
+AUDIT_EVERY_S = 60.0
 MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
@@ -64,7 +67,8 @@ class Orchestrator:
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._dirty = True  # publish once at start
         self._committed: dict[int, float] = {}  # version -> when its write committed (monotonic)
-        self._last_publish = 0.0
+        self._last_publish = self._retry_at = 0.0
+        self._last_audit = time.monotonic()
         self.published_version = -1
         self.last_delta_bytes = 0
         self._stop = False
@@ -98,10 +102,10 @@ class Orchestrator:
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
             raise BadRequestError("node.report: version and staleness_ms must be integers")
         name, now = args["node"], time.monotonic()
-        previous = self.nodes.pop(name, {})
-        counters = args.get("counters", previous.get("counters", {}))  # an ACK carries none
-        if not isinstance(counters, dict):
+        if not isinstance(args.get("counters", {}), dict):
             raise BadRequestError("node.report: counters must be an object")
+        previous = self.nodes.pop(name, {})  # re-inserted below: the dict keeps report order
+        counters = args.get("counters", previous.get("counters", {}))  # an ACK carries none
         if len(self.nodes) >= MAX_NODES:
             del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
         # from the commit of the version to this node's first word of it
@@ -146,15 +150,18 @@ class Orchestrator:
         """The single writer of published state: derive, check, publish."""
         if not self._dirty:
             return
-        if not force and (time.monotonic() - self._last_publish) * 1000 < COALESCE_MS:
+        now = time.monotonic()
+        if not force and ((now - self._last_publish) * 1000 < COALESCE_MS or now < self._retry_at):
             return
         self._dirty = False
-        self._last_publish = time.monotonic()
+        self._last_publish = now
         try:
             derived = self.deriver.next()
-        except InconsistentSnapshotError as exc:
-            # never publish what fails its check; nodes keep the last good one
-            self.log(f"not published: {exc}")
+        except Exception as exc:  # a failed check, or the store's own error
+            # never publish what fails its check; nodes keep the last good
+            # one; what was touched is kept and derived in full on the retry
+            self.log(f"not published ({exc.__class__.__name__}: {exc}); retrying in {RETRY_S:g} s")
+            self._dirty, self._retry_at = True, now + RETRY_S
             return
         routing = self.deriver.routing
         if derived is None and self.published_version == routing.version:
@@ -166,6 +173,18 @@ class Orchestrator:
             self.publisher.send_multipart([b"delta", delta])
         self.last_delta_bytes = len(delta)
         self.published_version = routing.version
+
+    def _audit_if_idle(self) -> None:
+        """I2 at rest, now and then when nothing is changing: the published
+        routing against a full derivation from the store."""
+        now = time.monotonic()
+        if self._dirty or now - self._last_publish < AUDIT_IDLE_S or now - self._last_audit < AUDIT_EVERY_S:
+            return
+        self._last_audit = now
+        try:
+            self.deriver.audit()
+        except Exception as exc:
+            self.log(f"AUDIT FAILED ({exc.__class__.__name__}: {exc}); the next change is derived in full")
 
     def _heartbeat(self) -> None:
         body = json.dumps({"version": self.published_version}).encode()
@@ -187,6 +206,7 @@ class Orchestrator:
         poller.register(self.control, zmq.POLLIN)
         heartbeat_s = self.endpoints.heartbeat_ms / 1000
         next_heartbeat = time.monotonic()
+        self._publish_if_dirty(force=True)  # the whole state, derived and checked
         self.log(f"ready: control {self.endpoints.control}, publish {self.endpoints.publish}, "
                  f"version {self.deriver.routing.version}")
         try:
@@ -200,6 +220,7 @@ class Orchestrator:
                         if not self.control.poll(0):
                             break
                 self._publish_if_dirty()
+                self._audit_if_idle()
                 if time.monotonic() >= next_heartbeat:
                     self._heartbeat()
                     next_heartbeat = time.monotonic() + heartbeat_s

@@ -59,6 +59,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+MEMBERSHIP = {m.value: m for m in Membership}  # a dict lookup, not an Enum call per row
 MAX_INTEGER = (1 << 62)  # versions and revisions: SQLite stores signed 64-bit
 
 
@@ -111,7 +112,7 @@ class SqliteStore:
             policies = tuple(Policy(*row) for row in db.execute(
                 "SELECT service, listen, algorithm, version FROM policy ORDER BY service"))
             backends = tuple(
-                Backend(s, i, a, w, Membership(st), v) for s, i, a, w, st, v in db.execute(
+                Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in db.execute(
                     "SELECT service, id, address, weight, state, version FROM backend ORDER BY service, id"))
             health = tuple(Health(b, bool(up), r) for b, up, r in db.execute(
                 "SELECT backend_id, up, revision FROM health ORDER BY backend_id"))
@@ -133,7 +134,7 @@ class SqliteStore:
             rows = {(r[0], r[1]): r for key in backends
                     for r in db.execute(query + "service = ? AND id = ?", key)}
             rows.update({(r[0], r[1]): r for i in backend_ids for r in db.execute(query + "id = ?", (i,))})
-            records = tuple(Backend(s, i, a, w, Membership(st), v) for s, i, a, w, st, v in
+            records = tuple(Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in
                             (rows[key] for key in sorted(rows)))
             health_query = "SELECT backend_id, up, revision FROM health WHERE backend_id = ?"
             health = tuple(Health(b, bool(up), r) for i in sorted({b.id for b in records})

@@ -322,3 +322,23 @@ def test_a_draining_backend_is_removed_for_good_with_final(orch):
     assert again.returncode == 1 and "is removed; cannot become removed" in again.stderr
     # a removed id may be registered again
     assert lbctl(orch, "backend", "add", "web", "w1", "127.0.0.1:9009").returncode == 0
+
+
+def test_a_refused_node_report_leaves_the_status_as_it_was(orch):
+    sock = zmq.Context.instance().socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+
+    def call(verb: str, **args: object) -> dict:
+        sock.send(json.dumps({"verb": verb, "args": args}).encode())
+        assert sock.poll(5000)
+        return json.loads(sock.recv())
+
+    try:
+        sock.connect(orch.endpoint)
+        assert call("node.report", node="n1", version=1, staleness_ms=5, counters={})["ok"]
+        refused = call("node.report", node="n1", version=2, staleness_ms=5, counters=[1])
+        assert refused["error"]["code"] == "bad_request"
+        (node,) = call("status")["result"]["nodes"]
+        assert (node["node"], node["applied_version"]) == ("n1", 1)
+    finally:
+        sock.close(0)

@@ -1,0 +1,122 @@
+"""A node's link to the control plane over real ZeroMQ sockets: whatever
+arrives on PUB, the link never raises, applies only what is newer (I6), and
+asks for the full snapshot only when something was missed."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import zmq
+
+from lbcore.config import Backend, Service
+from lbcore.link import ControlLink
+from lbcore.wire import encode_delta, encode_snapshot
+from tests.support import free_port
+
+V1 = [Service("web", "127.0.0.1:8080", "wrr", (Backend("a", "127.0.0.1:9001", 1),))]
+V2 = [Service("web", "127.0.0.1:8080", "wrr", (Backend("a", "127.0.0.1:9001", 3),))]
+
+
+class Plane:
+    """A PUB socket and a ROUTER that answers fetches with ``answer``."""
+
+    def __init__(self) -> None:
+        self.context = zmq.Context()
+        self.pub = self.context.socket(zmq.PUB)
+        self.router = self.context.socket(zmq.ROUTER)
+        for sock in (self.pub, self.router):
+            sock.setsockopt(zmq.LINGER, 0)
+        self.publish, self.control = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+        self.pub.bind(self.publish)
+        self.router.bind(self.control)
+        self.answer: dict = {"ok": False, "error": {"code": "error", "message": "no snapshot here"}}
+        self.fetches = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            if self.router.poll(20):
+                *envelope, body = self.router.recv_multipart()
+                if json.loads(body)["verb"] == "snapshot.get":
+                    self.fetches += 1
+                    self.router.send_multipart([*envelope, json.dumps(self.answer).encode()])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.pub.close(0)
+        self.router.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def link():
+    plane = Plane()
+    logged: list[str] = []
+    link = ControlLink(plane.control, plane.publish, logged.append)
+    link.plane, link.logged = plane, logged  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the slow joiner: wait until PUB reaches us
+        plane.pub.send_multipart([b"heartbeat", b'{"version": -1}'])
+        if link.sub.poll(50):
+            link.receive()
+            break
+    yield link
+    link.close()
+    plane.close()
+
+
+def deliver(link: ControlLink, *messages: list[bytes]):
+    for frames in messages:
+        link.plane.pub.send_multipart(frames)  # type: ignore[attr-defined]
+    time.sleep(0.2)
+    return link.receive()
+
+
+@pytest.mark.parametrize("frames", [
+    [b"heartbeat", b'{"version": 1e999}'],
+    [b"heartbeat", b'{"version": 18446744073709551616}'],
+    [b"heartbeat", b"[" * 100_000],
+    [b"heartbeat", b"\xff\xfe"],
+    [b"snapshot", b"[" * 100_000],
+    [b"snapshot", b'{"version": 18446744073709551616, "services": []}'],
+    [b"delta", b'{"version": 1e999}'],
+    [b"delta", json.dumps({"version": 1 << 70, "base": -1, "services": [], "removed_services": [],
+                           "backends": [], "removed_backends": []}).encode()],
+    [b"gossip", b"{}"],
+    [b"snapshot", b"{}", b"extra frame"],
+])
+def test_malformed_messages_are_refused_and_change_nothing(link, frames):
+    assert deliver(link, frames) is None
+    assert link.applied == -1
+    assert link.logged, "a refusal says what was refused"
+    assert link.plane.fetches <= 1  # a refused delta asks once; the error answer ends the fetch at once
+
+
+def test_only_newer_applies_and_a_gap_fetches_the_full_snapshot(link):
+    routing = deliver(link, [b"snapshot", encode_snapshot(1, V1)])
+    assert routing is not None and routing.version == 1
+    link.routing = routing
+    assert deliver(link, [b"snapshot", encode_snapshot(1, V2)]) is None  # not newer: ignored
+    assert deliver(link, [b"delta", encode_delta(1, V1, 2, V2)]).version == 2  # on its base
+    assert link.plane.fetches == 0
+    # a delta on a base the node does not hold: the full snapshot, fetched
+    link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(5, V1).decode()}}
+    fetched = deliver(link, [b"delta", encode_delta(4, V2, 5, V1)])
+    assert fetched is not None and fetched.version == 5 and link.plane.fetches == 1
+    # a heartbeat announcing a version the node lacks: fetched too
+    link.routing = fetched
+    link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(7, V2).decode()}}
+    assert deliver(link, [b"heartbeat", b'{"version": 7}']).version == 7
+    assert link.plane.fetches == 2
+
+
+def test_a_fetch_answered_with_an_error_returns_at_once(link):
+    t0 = time.monotonic()
+    assert deliver(link, [b"heartbeat", b'{"version": 3}']) is None
+    assert time.monotonic() - t0 < 1.5  # not the 2 s fetch timeout
+    assert any("refused by the control plane" in line for line in link.logged), link.logged
