@@ -323,7 +323,7 @@ class NodeAgent:
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "
                      f"still serving version {self.version}: {exc}")
-            self.remote.link.refused = routing.version  # tried again only when a newer one comes
+            self.remote.link.refuse(routing.version)
             return
         self._apply(plan)
         if {s.listen for s in config.services} != listens_before:

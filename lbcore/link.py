@@ -26,6 +26,7 @@ from lbcore.wire import (
 )
 
 FETCH_TIMEOUT_S = 2.0
+REFUSED_RETRY_S = 30.0
 
 
 class ControlLink:
@@ -34,6 +35,7 @@ class ControlLink:
         self.log = log
         self.routing = Routing(-1, {})  # what the node applied: the base of the next delta
         self.refused = -1  # the newest version the node could not apply: not fetched again
+        self._refused_until = 0.0  # ... until a newer one comes, or this time (it may apply later)
         self.last_heard = time.monotonic()  # start: staleness counts from now
         self._context = zmq.Context()
         self.sub = self._context.socket(zmq.SUB)
@@ -121,11 +123,18 @@ class ControlLink:
                 # node staying up on whatever else a message may hold
                 self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r:.300}")
                 gap = gap or kind == b"delta"
-        if gap or announced > max(newest.version, self.refused):
+        refused = self.refused if time.monotonic() < self._refused_until else -1
+        if gap or announced > max(newest.version, refused):
             fetched = self.fetch()  # something was missed: the full snapshot, now
             if fetched is not None and fetched.version > newest.version:
                 newest = fetched
-        return newest if newest.version > max(self.routing.version, self.refused) else None
+        return newest if newest.version > max(self.routing.version, refused) else None
+
+    def refuse(self, version: int) -> None:
+        """The node could not apply ``version`` (say, a listen address held
+        by another program): not asked for again until a newer version is
+        announced or REFUSED_RETRY_S have passed."""
+        self.refused, self._refused_until = version, time.monotonic() + REFUSED_RETRY_S
 
     def report(self, node: str, counters: dict[str, Any] | None) -> None:
         """Tell the control plane what is applied (fire and forget)."""

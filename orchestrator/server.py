@@ -171,7 +171,8 @@ class Orchestrator:
             self.publisher.send_multipart([b"snapshot", routing.encode()])
         else:
             self.publisher.send_multipart([b"delta", delta])
-        self.last_delta_bytes = len(delta)
+        if delta:
+            self.last_delta_bytes = len(delta)
         self.published_version = routing.version
 
     def _audit_if_idle(self) -> None:
