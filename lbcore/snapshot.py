@@ -9,7 +9,7 @@ under its seqlock, then stores the new generation (see fulcrum_layout.h).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
+import functools
 import socket
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,9 +68,10 @@ class SnapshotImage:
 
 
 def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
-    crc = zlib.crc32(services.tobytes())
-    crc = zlib.crc32(backends.tobytes(), crc)
-    return zlib.crc32(table.tobytes(), crc)
+    # the arrays' own buffers (contiguous): no copy of the snapshot to hash it
+    crc = zlib.crc32(services.data)
+    crc = zlib.crc32(backends.data, crc)
+    return zlib.crc32(table.data, crc)
 
 
 def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -90,11 +91,12 @@ def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
     return owner[order].astype(np.uint32)
 
 
+@functools.lru_cache(maxsize=1 << 10)
 def _ip_port(address: str) -> tuple[int, int]:
     """The address as the C side reads it: a uint32 in network byte order
     (on this little-endian layout, the address bytes read little-endian)."""
     host, port = parse_address(address)
-    return int.from_bytes(ipaddress.IPv4Address(host).packed, "little"), port
+    return int.from_bytes(socket.inet_aton(host), "little"), port
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class ServiceTables:
     schedule: np.ndarray   # uint32 row positions within the service (WRR, P2C)
     maglev: np.ndarray     # uint32 row positions within the service
     index: Mapping[str, int]  # backend id -> its row within the service
+    eligible_count: int
 
 
 def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slots: SlotMap) -> np.ndarray:
@@ -150,7 +153,8 @@ def _with_tables(service: Service, slot: int, rows: np.ndarray,
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
     if index is None:
         index = {b.id: i for i, b in enumerate(service.backends)}
-    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index)
+    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index,
+                         int(eligible.sum()))
 
 
 def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous: ServiceTables | None = None,
@@ -225,14 +229,27 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
         service_rows[slot] = (
             service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
             next_row, n_rows, schedule_offset, len(tables.schedule), maglev_offset, len(tables.maglev),
-            int(tables.rows["eligible"].sum()), 0,
+            tables.eligible_count, 0,
         )
         backend_parts.append(tables.rows)
-        table_parts.extend((tables.schedule + np.uint32(next_row), tables.maglev + np.uint32(next_row)))
+        table_parts.extend((_shifted(tables.schedule, next_row), _shifted(tables.maglev, next_row)))
         next_row += n_rows
-    backends = np.concatenate(backend_parts) if backend_parts else np.zeros(0, layout.BACKEND)
-    table = np.concatenate(table_parts) if table_parts else np.zeros(0, np.uint32)
-    return SnapshotImage(version, limits, service_rows, backends, table.astype(np.uint32), parts)
+    return SnapshotImage(version, limits, service_rows, _joined(backend_parts, layout.BACKEND),
+                         _joined(table_parts, np.dtype(np.uint32)), parts)
+
+
+def _shifted(positions: np.ndarray, first_row: int) -> np.ndarray:
+    """Row positions within a service, made positions in the snapshot."""
+    return positions + np.uint32(first_row) if first_row else positions
+
+
+def _joined(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    """One array of ``parts`` (shared, not copied, when there is one: a
+    snapshot's arrays are never written once built)."""
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return np.zeros(0, dtype)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def snapshot_from_config(config: Config, version: int, service_slots: SlotMap, backend_slots: SlotMap,
