@@ -1,7 +1,7 @@
-"""Random sequences of register / remove / health / policy writes against the
-store, with restarts of the store and snapshots published to a node that may
-miss some, checked after every step against a small reference model (I2-I6,
-I8)."""
+"""Random sequences of register / remove / health / policy writes sent to
+the control plane's admin API (the JSON verbs lbctl sends), with restarts of
+the store and snapshots published to a node that may miss some, checked
+after every step against a small reference model (I2-I6, I8)."""
 from __future__ import annotations
 
 import json
@@ -9,15 +9,15 @@ import tempfile
 from pathlib import Path
 
 import hypothesis.strategies as st
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from lbcore.config import Backend, Service
 from lbcore.routing import Routing
 from lbcore.wire import WireError, decode_delta, decode_snapshot, encode_snapshot
+from orchestrator.control import ControlPlane
 from orchestrator.derive import Deriver, routing_snapshot
-from orchestrator.errors import ControlError, NotFoundError
+from orchestrator.errors import ControlError
 from orchestrator.model import Change, Membership
 from orchestrator.store import SqliteStore
 
@@ -56,6 +56,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.row_reads = 256
         self.deriver = Deriver(self.store)  # the control plane's single writer
         self.deriver.next()
+        self.plane = ControlPlane(self.store, on_change=lambda change, version: self.deriver.touch(change))
         self.node = Routing(-1, {})         # what a node subscribed to it holds
         self.node_versions: list[int] = []
 
@@ -72,17 +73,21 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.close()
         self.dir.cleanup()
 
-    def attempt(self, call, allowed: bool, change: Change) -> bool:
-        """Run a store write; it must succeed exactly when the model says so."""
-        try:
-            call()
-        except ControlError:
-            assert not allowed, "the store refused a write the model allows"
-            return False
-        assert allowed, "the store applied a write the model refuses"
-        self.version += 1
-        self.deriver.touch(change)
-        return True
+    def call(self, verb: str, **args) -> dict:
+        args = {k: v for k, v in args.items() if v is not None}
+        return json.loads(self.plane.handle(json.dumps({"verb": verb, "args": args}).encode()))
+
+    def attempt(self, verb: str, allowed: bool, **args) -> bool:
+        """A write through the admin API; it must succeed exactly when the
+        model says so, and answer the next version."""
+        reply = self.call(verb, **args)
+        assert reply["ok"] == allowed, (verb, args, reply)
+        if allowed:
+            self.version += 1
+            assert reply["result"] == {"version": self.version}
+        else:
+            assert reply["error"]["code"] in ("version_conflict", "not_found", "bad_request"), reply
+        return allowed
 
     @rule(delivered=st.booleans())
     def publish(self, delivered):
@@ -127,6 +132,7 @@ class StoreMachine(RuleBasedStateMachine):
         self.store = SqliteStore(Path(self.dir.name) / "state.db")
         self.deriver = Deriver(self.store, self.row_reads)
         self.deriver.next()  # at start: the whole state, derived in full and checked
+        self.plane = ControlPlane(self.store, on_change=lambda change, version: self.deriver.touch(change))
         assert self.deriver.routing.version == before == self.version
 
     @rule(service=st.sampled_from(SERVICES), algorithm=st.sampled_from(ALGORITHMS), expected=versions)
@@ -135,8 +141,8 @@ class StoreMachine(RuleBasedStateMachine):
         expected = expected_of(expected, current)
         allowed = expected is None or expected == current
         listen = LISTEN[service]
-        if self.attempt(lambda: self.store.put_policy(service, listen, algorithm, expected), allowed,
-                        Change(service=service)):
+        if self.attempt("policy.set", allowed, service=service, listen=listen, algorithm=algorithm,
+                        expected_version=expected):
             self.policies[service] = (algorithm, current + 1)
 
     @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
@@ -148,49 +154,68 @@ class StoreMachine(RuleBasedStateMachine):
         allowed = (service in self.policies and (expected is None or expected == current)
                    and (record is None or record[2] is not Membership.ACTIVE))
         address = f"127.0.0.1:{port}"
-        if self.attempt(lambda: self.store.add_backend(service, backend, address, weight, expected), allowed,
-                        Change(backend=(service, backend))):
+        if self.attempt("backend.add", allowed, service=service, id=backend, address=address, weight=weight,
+                        expected_version=expected):
             self.backends[(service, backend)] = [address, weight, Membership.ACTIVE, current + 1]
 
+    def key(self, pick: int, service: str, backend: str) -> tuple[str, str]:
+        """Mostly a backend the model has (so that writes go through and
+        reach deep states), sometimes any (so that unknown ones are refused)."""
+        known = sorted(self.backends)
+        return known[pick % len(known)] if known and pick % 5 else (service, backend)
+
     @precondition(lambda self: self.backends)
-    @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
+    @rule(pick=st.integers(0, 99), service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
           state=st.sampled_from(list(Membership)), expected=versions)
-    def set_membership(self, service, backend, state, expected):
+    def set_membership(self, pick, service, backend, state, expected):
+        service, backend = self.key(pick, service, backend)
         record = self.backends.get((service, backend))
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and (expected is None or expected == record[3])
                    and state in MODEL_TRANSITIONS[record[2]])
-        if self.attempt(lambda: self.store.set_membership(service, backend, state, expected), allowed,
-                        Change(backend=(service, backend))):
+        if state is Membership.ACTIVE:
+            # no verb re-activates a record as it is (backend add re-adds it
+            # with an address and weight): the store's own call, and the
+            # change reported as the admin API reports it
+            try:
+                self.store.set_membership(service, backend, state, expected)
+            except ControlError:
+                assert not allowed
+                return
+            assert allowed
+            self.version += 1
+            self.deriver.touch(Change(backend=(service, backend)))
+            record[2], record[3] = state, record[3] + 1
+        elif self.attempt("backend.remove", allowed, service=service, id=backend, expected_version=expected,
+                          final=True if state is Membership.REMOVED else None):
             record[2], record[3] = state, record[3] + 1
 
     @precondition(lambda self: self.backends)
-    @rule(service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
+    @rule(pick=st.integers(0, 99), service=st.sampled_from(SERVICES), backend=st.sampled_from(BACKENDS),
           weight=st.integers(0, 5), expected=versions)
-    def set_weight(self, service, backend, weight, expected):
+    def set_weight(self, pick, service, backend, weight, expected):
+        service, backend = self.key(pick, service, backend)
         record = self.backends.get((service, backend))
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and record[2] is not Membership.REMOVED
                    and (expected is None or expected == record[3]))
-        if self.attempt(lambda: self.store.set_weight(service, backend, weight, expected), allowed,
-                        Change(backend=(service, backend))):
+        if self.attempt("backend.set_weight", allowed, service=service, id=backend, weight=weight,
+                        expected_version=expected):
             record[1], record[3] = weight, record[3] + 1
 
     @rule(backend=st.sampled_from(BACKENDS), up=st.booleans(), revision=st.integers(0, 8))
     def record_health(self, backend, up, revision):
         stored = self.health.get(backend)
         newer = stored is None or revision > stored[1]
+        reply = self.call("health.report", backend=backend, up=up, revision=revision)
         if not any(b == backend for _, b in self.backends):
-            with pytest.raises(NotFoundError):  # health of a backend no service has
-                self.store.record_health(backend, up, revision)
+            assert reply["error"]["code"] == "not_found"  # health of a backend no service has
             return
-        applied, version = self.store.record_health(backend, up, revision)
-        assert applied == newer  # I4
+        assert reply["result"]["applied"] == newer  # I4
         if newer:
             self.version += 1
             self.health[backend] = (up, revision)
-            self.deriver.touch(Change(health=backend))
-        assert version == self.version
+        assert reply["result"]["version"] == self.version
 
     @invariant()
     def store_equals_model(self):
@@ -231,6 +256,6 @@ class StoreMachine(RuleBasedStateMachine):
 
 
 StoreMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=40, deadline=None,
+    max_examples=200, stateful_step_count=50, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 test_store_against_model = StoreMachine.TestCase
