@@ -151,16 +151,19 @@ def _endpoint(args: argparse.Namespace) -> str:
     if os.environ.get("LBCTL_CONTROL"):
         return os.environ["LBCTL_CONTROL"]
     if args.config:
-        from lbcore.config import load_config, tomllib
+        from lbcore.config import ConfigError, load_config, tomllib
         from orchestrator.settings import load_orchestrator_config
 
         try:
             document = tomllib.loads(Path(args.config).read_text())
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise CtlError(f"{args.config}: {exc}", EXIT_USAGE) from None
-        if "orchestrator" in document:
-            return load_orchestrator_config(args.config).endpoints.control
-        control = load_config(args.config).node.control  # a node's file: its control plane
+        try:
+            if "orchestrator" in document:
+                return load_orchestrator_config(args.config).endpoints.control
+            control = load_config(args.config).node.control  # a node's file: its control plane
+        except ConfigError as exc:
+            raise CtlError(str(exc), EXIT_USAGE) from None
         if control.startswith("tcp://"):
             return control
         raise CtlError(f"{args.config}: names no control plane (no [orchestrator] table, "

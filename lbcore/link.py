@@ -42,7 +42,10 @@ class ControlLink:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.connect(subscribe)
-        self.dealer = self._new_dealer()
+        # one socket per kind of request: a fetch then reads only answers to
+        # fetches, never the reply to a report still queued
+        self.dealer = self._new_dealer()   # reports (fire and forget)
+        self.fetcher = self._new_dealer()  # snapshot fetches
 
     @property
     def applied(self) -> int:
@@ -60,11 +63,11 @@ class ControlLink:
     def fetch(self) -> Routing | None:
         """The control plane's current snapshot, or None if it does not
         answer in time or answers with an error (the node keeps what it has)."""
-        self.dealer.send(FETCH_REQUEST)
+        self.fetcher.send(FETCH_REQUEST)
         deadline = time.monotonic() + FETCH_TIMEOUT_S
-        while (left := deadline - time.monotonic()) > 0 and self.dealer.poll(int(left * 1000)):
+        while (left := deadline - time.monotonic()) > 0 and self.fetcher.poll(int(left * 1000)):
             try:
-                reply = json.loads(self.dealer.recv_multipart()[-1])
+                reply = json.loads(self.fetcher.recv_multipart()[-1])
             except (ValueError, RecursionError):
                 continue  # not an answer of the control plane's
             if not isinstance(reply, dict):
@@ -74,7 +77,7 @@ class ControlLink:
                 self.log(f"snapshot fetch refused by the control plane: {str(reply['error'])[:200]}")
                 return None
             if not isinstance(result, dict) or "snapshot" not in result:
-                continue  # the answer to an earlier report
+                continue  # not an answer to a fetch
             self.last_heard = time.monotonic()
             try:
                 return Routing.of(*decode_snapshot(str(result["snapshot"]).encode()))
@@ -82,8 +85,8 @@ class ControlLink:
                 self.log(f"snapshot fetched from {self.control_endpoint} refused: {exc}")
                 return None
         # no answer: a late one must not pair with the next request
-        self.dealer.close(0)
-        self.dealer = self._new_dealer()
+        self.fetcher.close(0)
+        self.fetcher = self._new_dealer()
         return None
 
     def receive(self) -> Routing | None:
@@ -148,6 +151,6 @@ class ControlLink:
             self.dealer.recv_multipart()  # replies to reports: nothing to do
 
     def close(self) -> None:
-        self.sub.close(0)
-        self.dealer.close(0)
+        for sock in (self.sub, self.dealer, self.fetcher):
+            sock.close(0)
         self._context.term()

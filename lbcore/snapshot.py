@@ -68,10 +68,11 @@ class SnapshotImage:
 
 
 def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
-    # the arrays' own buffers (contiguous): no copy of the snapshot to hash it
-    crc = zlib.crc32(services.data)
-    crc = zlib.crc32(backends.data, crc)
-    return zlib.crc32(table.data, crc)
+    # the arrays' own buffers: no copy of the snapshot to hash it (all are
+    # contiguous as built; ascontiguousarray costs nothing then)
+    crc = zlib.crc32(np.ascontiguousarray(services).data)
+    crc = zlib.crc32(np.ascontiguousarray(backends).data, crc)
+    return zlib.crc32(np.ascontiguousarray(table).data, crc)
 
 
 def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -153,6 +154,8 @@ def _with_tables(service: Service, slot: int, rows: np.ndarray,
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
     if index is None:
         index = {b.id: i for i, b in enumerate(service.backends)}
+    for shared in (rows, schedule, maglev):  # reused by later snapshots: never written again
+        shared.flags.writeable = False
     return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index,
                          int(eligible.sum()))
 

@@ -40,6 +40,12 @@ def snapshot_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# A report is one request to the control plane, which refuses requests
+# past 64 KiB (orchestrator.control.MAX_REQUEST): past this, counters go
+# summed per service.
+MAX_REPORT_BYTES = 48 * 1024
+
+
 def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,
                    digest: str = "") -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
@@ -48,7 +54,19 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
                             "digest": digest}
     if counters is not None:
         args["counters"] = counters
-    return json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+    message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+    if len(message) > MAX_REPORT_BYTES and counters is not None:
+        args["counters"] = {service: {"(all)": _summed(rows.values())} for service, rows in counters.items()}
+        message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+    return message
+
+
+def _summed(rows: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for row in rows:
+        for key, value in row.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 class WireError(ValueError):

@@ -30,8 +30,8 @@ from typing import Any
 import zmq
 
 from orchestrator.control import MAX_REQUEST, ControlPlane
-from orchestrator.derive import Deriver
-from orchestrator.errors import BadRequestError, NotFoundError
+from orchestrator.derive import Deriver, InconsistentSnapshotError
+from orchestrator.errors import BadRequestError, ControlError, NotFoundError
 from orchestrator.model import Change
 from orchestrator.store import Store
 
@@ -71,6 +71,7 @@ class Orchestrator:
         self._last_audit = time.monotonic()
         self.published_version = -1
         self.last_delta_bytes = 0
+        self.last_error = ""  # why the last derivation was not published, if it was not
         self._stop = False
         self._context = zmq.Context()
         self.control = self._context.socket(zmq.ROUTER)
@@ -95,6 +96,8 @@ class Orchestrator:
 
     def _snapshot_get(self, args: dict[str, Any]) -> Any:
         self._publish_if_dirty(force=True)
+        if self.published_version < 0:
+            raise ControlError(f"no snapshot derived yet ({self.last_error or 'starting'})")
         return {"snapshot": self.deriver.routing.encode().decode()}
 
     def _node_report(self, args: dict[str, Any]) -> Any:
@@ -135,10 +138,11 @@ class Orchestrator:
         now = time.monotonic()
         return {
             "version": self.published_version,
+            "last_error": self.last_error,
             "snapshot_bytes": len(self.deriver.routing.encode()),
             "last_delta_bytes": self.last_delta_bytes,
             "nodes": [{"node": name, "applied_version": n["version"],
-                       "lag": self.published_version - n["version"],
+                       "lag": self.published_version - n["version"] if self.published_version >= 0 else None,
                        "staleness_ms": n["staleness_ms"],
                        "propagation_ms": n["propagation_ms"],
                        "last_report_ms": int((now - n["reported"]) * 1000),
@@ -151,7 +155,7 @@ class Orchestrator:
         if not self._dirty:
             return
         now = time.monotonic()
-        if not force and ((now - self._last_publish) * 1000 < COALESCE_MS or now < self._retry_at):
+        if now < self._retry_at or (not force and (now - self._last_publish) * 1000 < COALESCE_MS):
             return
         self._dirty = False
         self._last_publish = now
@@ -160,9 +164,13 @@ class Orchestrator:
         except Exception as exc:  # a failed check, or the store's own error
             # never publish what fails its check; nodes keep the last good
             # one; what was touched is kept and derived in full on the retry
-            self.log(f"not published ({exc.__class__.__name__}: {exc}); retrying in {RETRY_S:g} s")
+            error = f"{exc.__class__.__name__}: {exc}"
+            if error != self.last_error:
+                self.log(f"not published ({error}); retrying every {RETRY_S:g} s")
+            self.last_error = error
             self._dirty, self._retry_at = True, now + RETRY_S
             return
+        self.last_error = ""
         routing = self.deriver.routing
         if derived is None and self.published_version == routing.version:
             return
@@ -171,7 +179,6 @@ class Orchestrator:
             self.publisher.send_multipart([b"snapshot", routing.encode()])
         else:
             self.publisher.send_multipart([b"delta", delta])
-        if delta:
             self.last_delta_bytes = len(delta)
         self.published_version = routing.version
 
@@ -184,10 +191,14 @@ class Orchestrator:
         self._last_audit = now
         try:
             self.deriver.audit()
-        except Exception as exc:
-            self.log(f"AUDIT FAILED ({exc.__class__.__name__}: {exc}); the next change is derived in full")
+        except InconsistentSnapshotError as exc:
+            self.log(f"AUDIT FAILED: {exc}; the next change is derived in full")
+        except Exception as exc:  # the store's own error: the audit is tried again later
+            self.log(f"audit not done ({exc.__class__.__name__}: {exc})")
 
     def _heartbeat(self) -> None:
+        if self.published_version < 0:
+            return  # nothing to announce: nodes keep counting their staleness
         body = json.dumps({"version": self.published_version}).encode()
         self.publisher.send_multipart([b"heartbeat", body])
 
@@ -214,7 +225,8 @@ class Orchestrator:
             while not self._stop:
                 timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
                 if self._dirty:
-                    timeout_ms = min(timeout_ms, COALESCE_MS)
+                    wait_s = self._retry_at - time.monotonic()
+                    timeout_ms = min(timeout_ms, int(wait_s * 1000) + 1 if wait_s > 0 else COALESCE_MS)
                 if dict(poller.poll(timeout_ms)).get(self.control):
                     for _ in range(256):  # answer what is queued, then publish once
                         self._answer()

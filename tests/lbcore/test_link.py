@@ -32,7 +32,9 @@ class Plane:
         self.pub.bind(self.publish)
         self.router.bind(self.control)
         self.answer: dict = {"ok": False, "error": {"code": "error", "message": "no snapshot here"}}
+        self.report_answer: dict = {"ok": True, "result": {}}
         self.fetches = 0
+        self.reports: list[bytes] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
@@ -44,6 +46,9 @@ class Plane:
                 if json.loads(body)["verb"] == "snapshot.get":
                     self.fetches += 1
                     self.router.send_multipart([*envelope, json.dumps(self.answer).encode()])
+                else:
+                    self.reports.append(body)
+                    self.router.send_multipart([*envelope, json.dumps(self.report_answer).encode()])
 
     def close(self) -> None:
         self._stop.set()
@@ -120,3 +125,27 @@ def test_a_fetch_answered_with_an_error_returns_at_once(link):
     assert deliver(link, [b"heartbeat", b'{"version": 3}']) is None
     assert time.monotonic() - t0 < 1.5  # not the 2 s fetch timeout
     assert any("refused by the control plane" in line for line in link.logged), link.logged
+
+
+def test_a_fetch_reads_its_own_answer_not_a_queued_reply_to_a_report(link):
+    link.plane.report_answer = {"ok": False, "error": {"code": "bad_request", "message": "report refused"}}
+    link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(7, V1).decode()}}
+    link.report("n1", {})
+    time.sleep(0.1)  # the refusal of the report is queued when the fetch starts
+    fetched = link.fetch()
+    assert fetched is not None and fetched.version == 7
+
+
+def test_a_report_too_large_for_one_request_sums_its_counters_per_service(link):
+    from lbcore.wire import MAX_REPORT_BYTES
+
+    counters = {"web": {f"backend-with-a-rather-long-name-{i:05d}": {"active": 10**9, "total": 10**12,
+                                                                      "failed": 10**6} for i in range(600)}}
+    link.report("n1", counters)
+    deadline = time.monotonic() + 5
+    while not link.plane.reports and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (sent,) = link.plane.reports
+    assert len(sent) <= MAX_REPORT_BYTES
+    assert json.loads(sent)["args"]["counters"] == {
+        "web": {"(all)": {"active": 600 * 10**9, "total": 600 * 10**12, "failed": 600 * 10**6}}}
