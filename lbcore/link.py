@@ -29,6 +29,12 @@ FETCH_TIMEOUT_S = 2.0
 REFUSED_RETRY_S = 30.0
 
 
+def readable(sock: zmq.Socket[bytes]) -> bool:
+    """A message is waiting (one getsockopt; socket.poll builds a poller per call)."""
+    events = sock.getsockopt(zmq.EVENTS)
+    return isinstance(events, int) and bool(events & zmq.POLLIN)
+
+
 class ControlLink:
     def __init__(self, control: str, subscribe: str, log: Callable[[str], None]) -> None:
         self.control_endpoint = control
@@ -94,7 +100,7 @@ class ControlLink:
         newest = self.routing
         gap = False
         announced = -1
-        while self.sub.poll(0):
+        while readable(self.sub):
             frames = self.sub.recv_multipart()
             self.last_heard = time.monotonic()
             if len(frames) != 2:
@@ -147,7 +153,7 @@ class ControlLink:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
-        while self.dealer.poll(0):
+        while readable(self.dealer):
             self.dealer.recv_multipart()  # replies to reports: nothing to do
 
     def close(self) -> None:

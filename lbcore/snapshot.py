@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import socket
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -75,10 +77,17 @@ def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndar
     return zlib.crc32(np.ascontiguousarray(table).data, crc)
 
 
+SMALL_SCHEDULE = 128
+
+
 def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
     """Positions into ``weights``: each i appears weights[i] / g times (g the
     gcd), interleaved smoothly by earliest deadline: the k-th turn of i falls
     at (k + 0.5) / w_i of the cycle, ties by position. O(S log S) in numpy."""
+    if len(weights) <= SMALL_SCHEDULE:  # a dozen numpy calls cost more than sorting a few turns
+        small = _small_schedule(weights.tolist() if isinstance(weights, np.ndarray) else list(weights))
+        if small is not None:
+            return small
     w = np.asarray(weights, dtype=np.int64)
     positive = np.flatnonzero(w > 0)
     if positive.size == 0:
@@ -90,6 +99,20 @@ def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
     deadline = (turn + 0.5) / np.repeat(reduced, reduced)
     order = np.lexsort((owner, deadline))
     return owner[order].astype(np.uint32)
+
+
+def _small_schedule(weights: list[int]) -> np.ndarray | None:
+    """wrr_schedule in plain Python, or None past SMALL_SCHEDULE turns."""
+    positive = [(i, w) for i, w in enumerate(weights) if w > 0]
+    if not positive:
+        return np.empty(0, dtype=np.uint32)
+    g = math.gcd(*(w for _, w in positive))
+    if sum(w // g for _, w in positive) > SMALL_SCHEDULE:
+        return None
+    # (k + 1/2) / w as a float: equal fractions give equal floats, and
+    # unequal ones (weights <= 256) differ far above the rounding
+    turns = sorted(((2 * k + 1) / (2 * (w // g)), i) for i, w in positive for k in range(w // g))
+    return np.array([i for _, i in turns], dtype=np.uint32)
 
 
 @functools.lru_cache(maxsize=1 << 10)
@@ -284,19 +307,20 @@ def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
     """
     generation = segment.generation() + 1
     buf = segment.buffer(generation)
-    lib.flc_write_begin(buf.header_ptr)
-    header = buf.header[0]
-    header["magic"] = layout.MAGIC
-    header["layout_version"] = layout.LAYOUT_VERSION
-    header["snapshot_version"] = image.version
-    header["checksum"] = image.checksum
-    header["n_services"] = len(image.services)
-    header["n_backends"] = len(image.backends)
-    header["table_used"] = len(image.table)
-    header["connect_timeout_ms"] = image.limits.connect_timeout_ms
-    header["idle_timeout_ms"] = image.limits.idle_timeout_ms
-    header["retries"] = image.limits.retries
-    header["relay_mode"] = image.limits.relay_mode
+    checksum = image.checksum  # everything computed before the write begins
+    header: Any = buf.header_ptr  # cffi: a field store each, no numpy scalar per field
+    lib.flc_write_begin(header)
+    header.magic = layout.MAGIC
+    header.layout_version = layout.LAYOUT_VERSION
+    header.snapshot_version = image.version
+    header.checksum = checksum
+    header.n_services = len(image.services)
+    header.n_backends = len(image.backends)
+    header.table_used = len(image.table)
+    header.connect_timeout_ms = image.limits.connect_timeout_ms
+    header.idle_timeout_ms = image.limits.idle_timeout_ms
+    header.retries = image.limits.retries
+    header.relay_mode = image.limits.relay_mode
     buf.services[: len(image.services)] = image.services
     buf.backends[: len(image.backends)] = image.backends
     buf.table[: len(image.table)] = image.table
