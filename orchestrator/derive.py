@@ -107,13 +107,16 @@ class Deriver:
 
     def audit(self) -> None:
         """I2 at rest: the published routing is what a full derivation from
-        the store gives, byte for byte; InconsistentSnapshotError if not
-        (and the next change is derived in full)."""
+        the store gives, byte for byte. If not: InconsistentSnapshotError,
+        after advancing the store's version, so that the next call derives
+        in full and publishes the correction as a new version (nodes take
+        only newer ones)."""
         state = self.store.read()
         if state.version == self.routing.version and derive_in_full(state).encode() != self.routing.encode():
             self._everything = True
+            self.store.advance_version()
             raise InconsistentSnapshotError(f"version {state.version}: the published routing differs "
-                                            "from a full derivation from the store")
+                                            "from a full derivation from the store; republishing")
 
     def _next_in_full(self) -> tuple[Routing, Delta] | None:
         state = self.store.read()

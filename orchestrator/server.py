@@ -192,7 +192,8 @@ class Orchestrator:
         try:
             self.deriver.audit()
         except InconsistentSnapshotError as exc:
-            self.log(f"AUDIT FAILED: {exc}; the next change is derived in full")
+            self.log(f"AUDIT FAILED: {exc}")
+            self._dirty = True  # the correction goes out as the next version
         except Exception as exc:  # the store's own error: the audit is tried again later
             self.log(f"audit not done ({exc.__class__.__name__}: {exc})")
 

@@ -56,6 +56,7 @@ class Store(Protocol):
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
     def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]: ...
     def seed(self, services: Sequence[Service]) -> bool: ...
+    def advance_version(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -297,3 +298,8 @@ class SqliteStore:
             return True
 
         return self._mutate(change)[0]
+
+    def advance_version(self) -> int:
+        """A new version that changes nothing: how the control plane
+        republishes a routing it had to correct (see Deriver.audit)."""
+        return self._mutate(lambda db: None)[1]
