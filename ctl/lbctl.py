@@ -187,8 +187,9 @@ def _show(result: Any, as_json: bool) -> str:
                                  f"failed {c['failed']}")
         return "\n".join(lines)
     if isinstance(result, dict) and "applied_version" in result:
-        verdict = "consistent with" if result["consistent"] else "DIFFERENT from" if result["current"] \
-            else "behind"
+        verdict = ("not yet audited against (its digest comes with its next report)"
+                   if result["consistent"] is None else "consistent with" if result["consistent"]
+                   else "DIFFERENT from" if result["current"] else "behind")
         return (f"node {result['node']}: applied version {result['applied_version']}, "
                 f"{verdict} the control plane")
     if isinstance(result, dict) and "snapshot" in result:

@@ -146,15 +146,21 @@ class ControlLink:
         self.refused, self._refused_until = version, time.monotonic() + REFUSED_RETRY_S
 
     def report(self, node: str, counters: dict[str, Any] | None) -> None:
-        """Tell the control plane what is applied (fire and forget)."""
-        digest = self.routing.digest() if self.routing.version >= 0 else ""
+        """Tell the control plane what is applied (fire and forget). The
+        ACK (no counters) carries no digest: hashing the whole snapshot
+        would delay it; the periodic report (with counters) does."""
+        digest = None
+        if counters is not None:
+            digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(node, self.routing.version, self.staleness_ms(), counters, digest)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
-        while readable(self.dealer):
-            self.dealer.recv_multipart()  # replies to reports: nothing to do
+        while readable(self.dealer):  # only refusals are answered
+            reply = self.dealer.recv_multipart()[-1]
+            if not reply.startswith(b'{"ok": true'):
+                self.log(f"report refused by the control plane: {reply[:300].decode(errors='replace')}")
 
     def close(self) -> None:
         for sock in (self.sub, self.dealer, self.fetcher):

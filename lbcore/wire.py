@@ -26,7 +26,10 @@ from lbcore.config import ConfigError, Service, parse_document
 #   {"verb": "snapshot.get", "args": {}}           -> {"snapshot": SNAPSHOT (text)}
 #   {"verb": "node.report", "args": {"node": ID, "version": APPLIED,
 #        "staleness_ms": MS, "digest": SHA256 of the applied SNAPSHOT,
-#        "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}  (counters optional)
+#        "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}
+#     counters and digest optional: the ACK sent right after an apply has
+#     neither; the periodic report both. Sent from a DEALER (no empty
+#     delimiter frame) a report is fire and forget: answered only if refused.
 # and what it receives on the PUB socket (two frames each):
 #   [b"snapshot", SNAPSHOT]  a full snapshot, applied only if newer (I6)
 #   [b"delta", DELTA]  what changed since its base version (format below)
@@ -47,11 +50,13 @@ MAX_REPORT_BYTES = 48 * 1024
 
 
 def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,
-                   digest: str = "") -> bytes:
+                   digest: str | None = None) -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
-    control plane keeps the ones last reported."""
-    args: dict[str, Any] = {"node": node, "version": version, "staleness_ms": staleness_ms,
-                            "digest": digest}
+    control plane keeps the ones last reported, without a digest it knows
+    none for a version it had no digest of."""
+    args: dict[str, Any] = {"node": node, "version": version, "staleness_ms": staleness_ms}
+    if digest is not None:
+        args["digest"] = digest
     if counters is not None:
         args["counters"] = counters
     message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()

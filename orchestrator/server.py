@@ -41,6 +41,8 @@ AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
 AUDIT_EVERY_S = 60.0
 MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
+# what ControlPlane.handle answers to an accepted node.report
+REPORT_TAKEN = b'{"ok": true, "result": {}}'
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
@@ -116,8 +118,12 @@ class Orchestrator:
         if version != previous.get("version"):
             committed = self._committed.get(version)
             propagation = round((now - committed) * 1000, 3) if committed is not None else None
+        # the ACK right after an apply carries no digest (hashing the snapshot
+        # would delay the node); the next periodic report brings it
+        digest = str(args["digest"]) if "digest" in args else \
+            previous.get("digest", "") if version == previous.get("version") else ""
         self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                            "digest": str(args.get("digest", "")), "reported": now,
+                            "digest": digest, "reported": now,
                             "propagation_ms": propagation}
         return {}
 
@@ -131,7 +137,9 @@ class Orchestrator:
         current = node["version"] == self.published_version == routing.version
         return {"node": args["node"], "applied_version": node["version"], "digest": node["digest"],
                 "current": current,
-                "consistent": current and node["digest"] == routing.digest(),
+                # None: the node has not reported the digest of this version yet
+                "consistent": None if current and not node["digest"] else
+                current and node["digest"] == routing.digest(),
                 "snapshot": routing.encode().decode() if current else None}
 
     def _status(self, args: dict[str, Any]) -> Any:
@@ -207,7 +215,10 @@ class Orchestrator:
         frames = self.control.recv_multipart()
         # REQ puts an empty delimiter between the identity and the body
         envelope, body = frames[:-1], frames[-1]
-        self.control.send_multipart([*envelope, self.plane.handle(body)])
+        reply = self.plane.handle(body)
+        if len(envelope) == 1 and reply == REPORT_TAKEN:
+            return  # a node's report (DEALER, no delimiter) is fire and forget: answered only if refused
+        self.control.send_multipart([*envelope, reply])
 
     def stop(self, *_args: object) -> None:
         self._stop = True

@@ -342,3 +342,38 @@ def test_a_refused_node_report_leaves_the_status_as_it_was(orch):
         assert (node["node"], node["applied_version"]) == ("n1", 1)
     finally:
         sock.close(0)
+
+
+def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_digest_of_its_version(orch):
+    """Nodes report from a DEALER (no delimiter frame): an accepted report
+    gets no reply (fire and forget), a refused one gets its reason. An ACK
+    without a digest keeps the digest the node last reported for that same
+    version, and knows none for a newer one."""
+    context = zmq.Context.instance()
+    dealer, req = context.socket(zmq.DEALER), context.socket(zmq.REQ)
+    try:
+        for sock in (dealer, req):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(orch.endpoint)
+
+        def report(**args: object) -> None:
+            dealer.send(json.dumps({"verb": "node.report", "args": args}).encode())
+
+        def node_view() -> dict:
+            req.send(json.dumps({"verb": "snapshot.node", "args": {"node": "n1"}}).encode())
+            assert req.poll(5000)
+            return json.loads(req.recv())["result"]
+
+        report(node="n1", version=1, staleness_ms=5, counters={}, digest="d1")
+        report(node="n1", version=1, staleness_ms=5)
+        assert not dealer.poll(300), "an accepted report was answered"
+        assert node_view()["digest"] == "d1"
+        report(node="n1", version=2, staleness_ms=5)
+        assert node_view()["digest"] == ""
+        report(node="n1", version="2", staleness_ms=5)
+        assert dealer.poll(5000), "a refused report got no answer"
+        refused = json.loads(dealer.recv())
+        assert refused["error"]["code"] == "bad_request" and "version" in refused["error"]["message"]
+    finally:
+        dealer.close(0)
+        req.close(0)

@@ -129,8 +129,12 @@ def test_add_and_remove_propagate_to_every_node(backends, lbproxy, control_plane
         return len(status["nodes"]) == 3 and applied == {status["version"]}
 
     wait_until(converged, 10)
+    def audited(node_id: str) -> dict:
+        return json.loads(orch.lbctl("snapshot", "show", "--node", node_id, "--json").stdout)
+
     for node in nodes:  # I2 audit: each node's applied snapshot hashes like the control plane's
-        shown = json.loads(orch.lbctl("snapshot", "show", "--node", node.node_id, "--json").stdout)
+        # the digest comes with the node's periodic report (every 0.5 s), not with its ACK
+        shown = wait_until(lambda n=node.node_id: (v := audited(n))["consistent"] is not None and v, 5)
         assert shown["current"] and shown["consistent"], shown
 
 
