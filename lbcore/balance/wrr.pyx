@@ -1,12 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Smooth weighted round robin with an O(1) pick.
 
-The agent precomputes the schedule (``lbcore.snapshot.wrr_schedule``): each
-eligible backend appears ``weight`` times, interleaved smoothly. Workers share
-one cursor per service in shared memory, so the shares are exact across all
+The agent precomputes the schedule (``build_schedule``, below): each eligible
+backend appears ``weight`` times, interleaved smoothly. Workers share one
+cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 """
-from libc.stdint cimport uint32_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_fetch_inc_u64
 from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
 
@@ -26,3 +26,131 @@ cdef int pick(PickContext *ctx) noexcept nogil:
         if not is_excluded(ctx, row):
             return <int>row
     return -1
+
+
+# Schedules are built by counting the reduced weights: a weight (divided by
+# the gcd) past this is refused (a node's weights are at most 256).
+cdef int64_t MAX_REDUCED = 1 << 16
+
+
+cdef inline bint _earlier(int64_t k_a, int64_t w_a, int64_t k_b, int64_t w_b) noexcept nogil:
+    # deadlines (2k + 1) / 2w compared exactly, by cross-multiplying
+    return (2 * k_a + 1) * w_b < (2 * k_b + 1) * w_a
+
+
+cdef inline bint _same_time(int64_t k_a, int64_t w_a, int64_t k_b, int64_t w_b) noexcept nogil:
+    return (2 * k_a + 1) * w_b == (2 * k_b + 1) * w_a
+
+
+cdef Py_ssize_t _merge_due(const uint32_t *owners, const Py_ssize_t *end, Py_ssize_t *cursor,
+                           Py_ssize_t n_due, uint32_t *out) noexcept nogil:
+    """The owners of groups due at the same time, merged by position; the
+    last group left is copied whole."""
+    cdef Py_ssize_t written = 0, j, best, left
+    while True:
+        best, left = -1, 0
+        for j in range(n_due):
+            if cursor[j] < end[j]:
+                left += 1
+                if best < 0 or owners[cursor[j]] < owners[cursor[best]]:
+                    best = j
+        if left <= 1:
+            break
+        out[written] = owners[cursor[best]]
+        written += 1
+        cursor[best] += 1
+    if best >= 0:
+        for j in range(cursor[best], end[best]):
+            out[written] = owners[j]
+            written += 1
+    return written
+
+
+cdef Py_ssize_t _fill(const uint32_t *owners, const Py_ssize_t *group_start, const int64_t *group_weight,
+                      Py_ssize_t groups, int64_t *turn, Py_ssize_t *scratch, uint32_t *out) noexcept nogil:
+    """Backends of one reduced weight share their deadlines, so the
+    schedule is a walk over each group's turns in deadline order: the
+    owners of the groups due next, merged by position. O(S + E * G) for S
+    entries, E distinct deadlines and G distinct weights (weights are few)."""
+    cdef Py_ssize_t written = 0, g, n_due, first
+    cdef Py_ssize_t *cursor = scratch
+    cdef Py_ssize_t *end = scratch + groups
+    cdef Py_ssize_t *due = scratch + 2 * groups
+    while True:
+        first = -1
+        for g in range(groups):  # the earliest deadline among the groups with turns left
+            if turn[g] < group_weight[g] and (first < 0 or _earlier(turn[g], group_weight[g],
+                                                                   turn[first], group_weight[first])):
+                first = g
+        if first < 0:
+            return written
+        n_due = 0
+        for g in range(groups):
+            if turn[g] < group_weight[g] and _same_time(turn[g], group_weight[g],
+                                                       turn[first], group_weight[first]):
+                due[n_due], cursor[n_due], end[n_due] = g, group_start[g], group_start[g + 1]
+                n_due += 1
+        written += _merge_due(owners, end, cursor, n_due, out + written)
+        for g in range(n_due):
+            turn[due[g]] += 1
+
+
+cdef int64_t _gcd(int64_t a, int64_t b) noexcept nogil:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+def build_schedule(weights):
+    """Positions into ``weights`` (a uint32 array): each i appears
+    weights[i] / g times (g the gcd of the positive weights), interleaved
+    smoothly by earliest deadline: the k-th turn of i is due at
+    (k + 1/2) / (weights[i] / g), ties to the lower position."""
+    import numpy as np  # here, not at import: workers load this module too
+    cdef int64_t[::1] w = np.ascontiguousarray(weights, dtype=np.int64)
+    cdef Py_ssize_t n = w.shape[0], i, total = 0, groups = 0, at
+    cdef int64_t g = 0, top = 0, r
+    for i in range(n):
+        if w[i] > 0:
+            g = _gcd(w[i], g)
+            top = max(top, w[i])
+    if g == 0:
+        return np.empty(0, dtype=np.uint32)
+    if top // g > MAX_REDUCED:
+        raise ValueError(f"weight {top} is too large for a schedule (at most {MAX_REDUCED} "
+                         "after division by the weights' gcd)")
+    # owners grouped by reduced weight (a counting sort: position order kept)
+    count_array = np.zeros(top // g + 2, dtype=np.intp)
+    cdef Py_ssize_t[::1] count = count_array
+    for i in range(n):
+        if w[i] > 0:
+            count[w[i] // g] += 1
+            total += w[i] // g
+    for r in range(1, top // g + 1):
+        groups += count[r] > 0
+    owners_array = np.empty(n, dtype=np.uint32)
+    start_array = np.empty(groups + 1, dtype=np.intp)
+    weight_array = np.empty(groups, dtype=np.int64)
+    scratch_array = np.empty(3 * groups, dtype=np.intp)
+    turn_array = np.zeros(groups, dtype=np.int64)
+    schedule = np.empty(total, dtype=np.uint32)
+    cdef uint32_t[::1] owners = owners_array, out = schedule
+    cdef Py_ssize_t[::1] group_start = start_array, scratch = scratch_array
+    cdef int64_t[::1] group_weight = weight_array, turn = turn_array
+    with nogil:
+        at = groups = 0
+        for r in range(1, top // g + 1):  # count[r] becomes where group r's owners go
+            if count[r]:
+                group_start[groups], group_weight[groups] = at, r
+                at += count[r]
+                count[r] = group_start[groups]
+                groups += 1
+        group_start[groups] = at
+        for i in range(n):
+            if w[i] > 0:
+                owners[count[w[i] // g]] = <uint32_t>i
+                count[w[i] // g] += 1
+        at = _fill(&owners[0], &group_start[0], &group_weight[0], groups, &turn[0], &scratch[0], &out[0])
+    if at != total:
+        raise AssertionError(f"schedule of {at} entries, {total} expected")
+    return schedule

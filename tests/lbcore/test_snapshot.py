@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lbcore.config import parse_config
 from lbcore.snapshot import SnapshotError, read_snapshot, wrr_schedule
@@ -73,6 +75,18 @@ def test_backend_slots_survive_reordering_and_removal(published):
 @pytest.mark.parametrize("weights", [[1], [1, 2, 3], [0, 4, 2], [100, 1, 50], list(range(1, 40))])
 def test_wrr_schedule_matches_reference(weights):
     assert wrr_schedule(weights).tolist() == reference.wrr_schedule(weights)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.integers(0, 256), st.sampled_from([0, 1, 2, 3, 4, 6, 12, 256])), max_size=60))
+def test_compiled_wrr_schedule_equals_the_exact_fraction_reference(weights):
+    assert wrr_schedule(weights).tolist() == reference.wrr_schedule(weights)
+
+
+def test_wrr_schedule_refuses_a_weight_it_cannot_count():
+    assert wrr_schedule([2**40, 2**41]).tolist() == [1, 0, 1]  # divided by the gcd first
+    with pytest.raises(ValueError, match="too large"):
+        wrr_schedule([1, 70_000])
 
 
 def test_wrr_schedule_for_ten_thousand_backends_is_round_robin():
