@@ -22,7 +22,7 @@ from lbcore import layout
 from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
-from lbcore.balance.wrr import build_schedule
+from lbcore.balance.wrr import build_schedule, schedule_of_rows
 from lbcore.config import RELAY_MODES, Backend, Config, ConfigError, Service, parse_address
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
@@ -149,10 +149,10 @@ def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
 
 def _with_tables(service: Service, slot: int, rows: np.ndarray,
                  index: Mapping[str, int] | None = None) -> ServiceTables:
-    eligible = rows["eligible"] == 1
-    schedule = wrr_schedule(np.where(eligible, rows["weight"], 0))
+    schedule, eligible_count = schedule_of_rows(rows)
     maglev = np.empty(0, dtype=np.uint32)
-    if service.algorithm == "maglev" and eligible.any():
+    if service.algorithm == "maglev" and eligible_count:
+        eligible = rows["eligible"] == 1
         ids = [i.decode() for i in rows["id"][eligible]]
         maglev = build_maglev_table(ids, rows["weight"][eligible],
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
@@ -161,7 +161,7 @@ def _with_tables(service: Service, slot: int, rows: np.ndarray,
     for shared in (rows, schedule, maglev):  # reused by later snapshots: never written again
         shared.flags.writeable = False
     return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index,
-                         int(eligible.sum()))
+                         eligible_count)
 
 
 def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous: ServiceTables | None = None,

@@ -7,7 +7,7 @@ cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 """
 from libc.stdint cimport int64_t, uint32_t, uint64_t
-from lbcore.includes.layout cimport flc_fetch_inc_u64
+from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
 from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
 
 
@@ -107,7 +107,32 @@ def build_schedule(weights):
     smoothly by earliest deadline: the k-th turn of i is due at
     (k + 1/2) / (weights[i] / g), ties to the lower position."""
     import numpy as np  # here, not at import: workers load this module too
-    cdef int64_t[::1] w = np.ascontiguousarray(weights, dtype=np.int64)
+    return _schedule(np.ascontiguousarray(weights, dtype=np.int64))
+
+
+def schedule_of_rows(rows):
+    """(schedule, eligible count) of one service's backend rows (a
+    contiguous layout.BACKEND array): build_schedule of each row's weight,
+    0 for a row not eligible, read straight from the rows."""
+    import numpy as np
+    if rows.dtype.itemsize != sizeof(flc_backend) or not rows.flags.c_contiguous:
+        raise ValueError("rows must be a contiguous array of layout.BACKEND")
+    weights = np.empty(len(rows), dtype=np.int64)
+    cdef int64_t[::1] w = weights
+    cdef Py_ssize_t i, n = len(rows), eligible = 0
+    if n == 0:
+        return np.empty(0, dtype=np.uint32), 0
+    cdef const unsigned char[::1] raw = rows.view(np.uint8).reshape(-1)
+    cdef const flc_backend *row = <const flc_backend *>&raw[0]
+    with nogil:
+        for i in range(n):
+            w[i] = row[i].weight if row[i].eligible else 0
+            eligible += row[i].eligible != 0
+    return _schedule(weights), eligible
+
+
+cdef _schedule(int64_t[::1] w):
+    import numpy as np
     cdef Py_ssize_t n = w.shape[0], i, total = 0, groups = 0, at
     cdef int64_t g = 0, top = 0, r
     for i in range(n):
