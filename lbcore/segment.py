@@ -90,6 +90,11 @@ class Segment:
         )
 
     @property
+    def base_pointer(self) -> object:
+        """The segment's first byte (cffi), for the compiled accessors."""
+        return self._base
+
+    @property
     def base_address(self) -> int:
         return int(ffi.cast("uintptr_t", self._base))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import socket
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from lbcore import layout
-from lbcore._layout import lib
+from lbcore._layout import ffi, lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
 from lbcore.balance.wrr import build_schedule, schedule_of_rows
@@ -81,11 +80,11 @@ def put_rows(destination: np.ndarray, rows: np.ndarray) -> None:
 
 
 def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
-    # the arrays' own buffers: no copy of the snapshot to hash it (all are
-    # contiguous as built; ascontiguousarray costs nothing then)
-    crc = zlib.crc32(np.ascontiguousarray(services).data)
-    crc = zlib.crc32(np.ascontiguousarray(backends).data, crc)
-    return zlib.crc32(np.ascontiguousarray(table).data, crc)
+    """CRC-32C of the tables as the header holds it (fulcrum_publish.h)."""
+    return int(lib.flc_snapshot_checksum(
+        ffi.from_buffer("flc_service[]", np.ascontiguousarray(services)), len(services),
+        ffi.from_buffer("flc_backend[]", np.ascontiguousarray(backends)), len(backends),
+        ffi.from_buffer("uint32_t[]", np.ascontiguousarray(table)), len(table)))
 
 
 def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -283,33 +282,31 @@ def check_buildable(config: Config) -> None:
 
 
 def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
-    """Write ``image`` into the buffer that is not current and make it current.
+    """Write ``image`` into the buffer that is not current and make it current
+    (one compiled call: the seqlock write, the copies, the checksum).
 
     Precondition: the caller is the segment's only publisher (the node agent).
     Returns the new generation.
     """
+    if len(image.services) > layout.MAX_SERVICES or len(image.backends) > layout.MAX_BACKENDS \
+            or len(image.table) > layout.TABLE_POOL:
+        raise SnapshotError("snapshot exceeds the segment's limits")
     generation = segment.generation() + 1
-    buf = segment.buffer(generation)
-    checksum = image.checksum  # everything computed before the write begins
-    header: Any = buf.header_ptr  # cffi: a field store each, no numpy scalar per field
-    lib.flc_write_begin(header)
-    header.magic = layout.MAGIC
-    header.layout_version = layout.LAYOUT_VERSION
-    header.snapshot_version = image.version
-    header.checksum = checksum
-    header.n_services = len(image.services)
-    header.n_backends = len(image.backends)
-    header.table_used = len(image.table)
-    header.connect_timeout_ms = image.limits.connect_timeout_ms
-    header.idle_timeout_ms = image.limits.idle_timeout_ms
-    header.retries = image.limits.retries
-    header.relay_mode = image.limits.relay_mode
-    put_rows(buf.services, image.services)
-    put_rows(buf.backends, image.backends)
-    put_rows(buf.table, image.table)
-    lib.flc_write_end(buf.header_ptr)
-    lib.flc_publish_generation(segment.control_ptr, generation)
+    fields: Any = _HEADER_FIELDS  # the agent is the only publisher: one scratch header will do
+    fields.snapshot_version = image.version
+    fields.n_services, fields.n_backends, fields.table_used = \
+        len(image.services), len(image.backends), len(image.table)
+    limits = image.limits
+    fields.connect_timeout_ms, fields.idle_timeout_ms = limits.connect_timeout_ms, limits.idle_timeout_ms
+    fields.retries, fields.relay_mode = limits.retries, limits.relay_mode
+    lib.flc_publish_snapshot(segment.base_pointer, generation, fields,
+                             ffi.from_buffer("flc_service[]", image.services),
+                             ffi.from_buffer("flc_backend[]", image.backends),
+                             ffi.from_buffer("uint32_t[]", image.table))
     return generation
+
+
+_HEADER_FIELDS = ffi.new("flc_snapshot_header *")
 
 
 def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:

@@ -90,7 +90,7 @@ typedef struct {
     uint32_t layout_version;
     uint64_t seq;               /* odd while the agent writes this buffer */
     uint64_t snapshot_version;
-    uint32_t checksum;          /* crc32 of the used part of the tables */
+    uint32_t checksum;          /* CRC-32C of the used part of the tables */
     uint32_t n_services;        /* service slots in use: [0, n_services) */
     uint32_t n_backends;        /* backend rows in use: [0, n_backends) */
     uint32_t table_used;

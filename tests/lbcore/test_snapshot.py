@@ -92,3 +92,15 @@ def test_wrr_schedule_refuses_a_weight_it_cannot_count():
 def test_wrr_schedule_for_ten_thousand_backends_is_round_robin():
     schedule = wrr_schedule([1] * 10_000)
     assert (schedule == np.arange(10_000)).all()
+
+
+def test_the_snapshot_checksum_is_crc32c_whichever_way_it_is_computed():
+    from lbcore._layout import lib
+
+    check = b"123456789"  # the CRC-32C check value of the standard test string
+    assert lib.flc_crc32c(0xFFFFFFFF, check, len(check)) ^ 0xFFFFFFFF == 0xE3069283
+    assert lib.flc_crc32c_portable(0xFFFFFFFF, check, len(check)) ^ 0xFFFFFFFF == 0xE3069283
+    rng = np.random.default_rng(7)
+    for n in (0, 1, 7, 8, 9, 63, 1001, 72_000):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert lib.flc_crc32c(0x1234, data, n) == lib.flc_crc32c_portable(0x1234, data, n), n
