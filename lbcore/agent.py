@@ -38,6 +38,7 @@ PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
 REPORT_BACKENDS = 500  # beyond, a node's report sums its counters per service
+REAP_EVERY_S = 0.2  # besides on SIGCHLD
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
 
@@ -130,6 +131,7 @@ class NodeAgent:
         self._signals: set[int] = set()
         self._service_retired_since: dict[int, float] = {}
         self._stopping = False
+        self._next_reap = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.remote: Remote | None = None  # services from a control plane
 
@@ -422,7 +424,9 @@ class NodeAgent:
             if signal.SIGUSR1 in received:
                 assert self.segment is not None
                 print(format_stats(node_stats(self.segment)), file=self._log_file, flush=True)
-            self._reap()
+            if signal.SIGCHLD in received or time.monotonic() >= self._next_reap:
+                self._reap()  # a process check per worker: not on every message
+                self._next_reap = time.monotonic() + REAP_EVERY_S
             self._respawn_due()
             if self.remote is not None:
                 update = self.remote.next_snapshot()

@@ -157,7 +157,8 @@ class ControlLink:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
-        while readable(self.dealer):  # only refusals are answered
+        # only refusals are answered: read with the periodic report, not the ACK
+        while counters is not None and readable(self.dealer):
             reply = self.dealer.recv_multipart()[-1]
             if not reply.startswith(b'{"ok": true'):
                 self.log(f"report refused by the control plane: {reply[:300].decode(errors='replace')}")

@@ -13,6 +13,7 @@ it. ``decode_snapshot`` refuses anything else with what was wrong and where.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -54,6 +55,8 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
     """A report; without counters (the ACK sent right after an apply) the
     control plane keeps the ones last reported, without a digest it knows
     none for a version it had no digest of."""
+    if counters is None and digest is None:  # the ACK, once per version: formatted, not encoded
+        return _ACK % (_json_text(node), staleness_ms, version)
     args: dict[str, Any] = {"node": node, "version": version, "staleness_ms": staleness_ms}
     if digest is not None:
         args["digest"] = digest
@@ -64,6 +67,15 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
         args["counters"] = {service: {"(all)": _summed(rows.values())} for service, rows in counters.items()}
         message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
     return message
+
+
+# json.dumps({"verb": "node.report", "args": {...}}, sort_keys=True) of an ACK
+_ACK = b'{"args": {"node": %s, "staleness_ms": %d, "version": %d}, "verb": "node.report"}'
+
+
+@functools.lru_cache(maxsize=16)
+def _json_text(text: str) -> bytes:
+    return json.dumps(text).encode()
 
 
 def _summed(rows: Any) -> dict[str, int]:

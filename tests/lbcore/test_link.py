@@ -149,3 +149,12 @@ def test_a_report_too_large_for_one_request_sums_its_counters_per_service(link):
     assert len(sent) <= MAX_REPORT_BYTES
     assert json.loads(sent)["args"]["counters"] == {
         "web": {"(all)": {"active": 600 * 10**9, "total": 600 * 10**12, "failed": 600 * 10**6}}}
+
+
+def test_an_ack_is_the_same_json_as_any_report():
+    from lbcore.wire import report_request
+
+    for node in ("n1", 'node "é" 2'):
+        args = {"node": node, "version": 12, "staleness_ms": 3}
+        expected = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+        assert report_request(node, 12, 3, None) == expected
