@@ -6,14 +6,21 @@ applied in every node's shared memory.
 
 For each (nodes, backends) it starts one lborch and N lbproxy nodes (1 worker
 each, on 127.0.0.2, .3, …), then repeats: set a backend's weight through the
-control socket and wait until every node's segment shows that version. Two
-clocks time it. The control plane's own (``lbctl status``: per node, from the
-commit of the version to the node's ACK of it, received): the slowest node
-per change, an upper bound of commit-to-applied since it includes the ACK's
-trip. And this script's: from receiving the write's acknowledgement (sent
-after the commit) to seeing the version in every node's shared memory,
-polled every POLL_S. Also prints the sizes of the full snapshot and of a
-one-weight delta, sustained writes per second, and CPU per version.
+control socket and wait until every node's segment shows that version.
+Three clocks time it, all on this machine's monotonic clock:
+
+- shm: from receiving the write's acknowledgement (sent after the commit)
+  to the last node's publish of the version, as the node stamped it in its
+  snapshot header (published_ns) when it made the version current;
+- polled: the same, up to when this script saw the version in every node's
+  segment, polled every POLL_S (adds the poll interval and this script's own
+  wake-up, which waits for the busy nodes' CPU);
+- ack: the control plane's (``lbctl status``: per node, from the commit of
+  the version to the node's ACK of it, received): the slowest node per
+  change, an upper bound of commit-to-applied that includes the ACK's trip.
+
+Also prints the sizes of the full snapshot and of a one-weight delta,
+sustained writes per second, and CPU per version.
 Every process it starts is stopped by PID at the end; only 127.0.0.0/8 is used.
 """
 from __future__ import annotations
@@ -33,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from fixtures import Fleet  # noqa: E402
 
+from lbcore._layout import lib  # noqa: E402
 from lbcore.segment import Segment  # noqa: E402
 
 
@@ -61,6 +69,20 @@ POLL_S = 0.001
 def applied(segment: Segment) -> int:
     # through cffi, not numpy: the poll must not take the CPU the nodes need
     return int(segment.buffer(segment.generation()).header_ptr.snapshot_version)  # type: ignore[attr-defined]
+
+
+def published_ns(segment: Segment, version: int) -> int:
+    """When the node published ``version`` (its own stamp, CLOCK_MONOTONIC:
+    the clock of time.monotonic_ns), read under the seqlock."""
+    for _ in range(100):
+        header = segment.buffer(segment.generation()).header_ptr  # type: ignore[attr-defined]
+        seq = lib.flc_read_begin(header)
+        stamp, seen = int(header.published_ns), int(header.snapshot_version)
+        if lib.flc_read_validate(header, seq):
+            if seen != version:
+                raise RuntimeError(f"version {seen} published where {version} was expected")
+            return stamp
+    raise RuntimeError("no stable read of the snapshot header")
 
 
 def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
@@ -94,18 +116,19 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
     sock.connect(f"tcp://127.0.0.1:{control}")
     try:
         size = len(request(sock, "snapshot.get")["snapshot"])
-        times, from_commit = [], []
+        times, polled, from_commit = [], [], []
         cpu_before = [cpu_seconds(pid) for pid in (orch.pid, *agents)]
         for trial in range(trials):
             weight = 1 + trial % 5
             version = request(sock, "backend.set_weight", service="web", id="b0", weight=weight)["version"]
-            acked = time.perf_counter()
+            acked = time.monotonic_ns()
             deadline = time.monotonic() + 30
             while any(applied(s) < version for s in segments):
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"version {version} not applied everywhere after 30 s")
                 time.sleep(POLL_S)
-            times.append((time.perf_counter() - acked) * 1000)
+            polled.append((time.monotonic_ns() - acked) / 1e6)
+            times.append((max(published_ns(s, version) for s in segments) - acked) / 1e6)
             from_commit.append(slowest_ack(sock, version, nodes))
             time.sleep(0.02)  # one change at a time
         cpu = [cpu_seconds(pid) - before for pid, before in zip((orch.pid, *agents), cpu_before, strict=True)]
@@ -120,10 +143,12 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
         for s in segments:
             s.close()
     times.sort()
+    polled.sort()
     from_commit.sort()
     return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "delta_bytes": delta,
             "trials": trials,
             "p50_ms": statistics.median(times), "p99_ms": percentile(times, 0.99), "max_ms": times[-1],
+            "p50_polled_ms": statistics.median(polled), "p99_polled_ms": percentile(polled, 0.99),
             "p50_commit_to_ack_ms": statistics.median(from_commit),
             "p99_commit_to_ack_ms": percentile(from_commit, 0.99),
             "writes_per_s": rate,
@@ -165,7 +190,8 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     print(f"{'nodes':>5} {'backends':>8} {'full B':>9} {'delta B':>8} {'p50 ack':>8} {'p99 ack':>8} "
-          f"{'p50 shm':>8} {'p99 shm':>8} {'writes/s':>9} {'orch cpu':>9} {'node cpu':>9}", flush=True)
+          f"{'p50 shm':>8} {'p99 shm':>8} {'p50 poll':>8} {'p99 poll':>8} "
+          f"{'writes/s':>9} {'orch cpu':>9} {'node cpu':>9}", flush=True)
     for backends in args.backends:
         for nodes in args.nodes:
             fleet = Fleet()
@@ -177,6 +203,7 @@ def main() -> int:
             print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>9,} {r['delta_bytes']:>8,} "
                   f"{r['p50_commit_to_ack_ms']:>8.2f} {r['p99_commit_to_ack_ms']:>8.2f} "
                   f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+                  f"{r['p50_polled_ms']:>8.2f} {r['p99_polled_ms']:>8.2f} "
                   f"{r['writes_per_s']:>9.0f} {r['orch_cpu_ms_per_version']:>9.2f} "
                   f"{r['node_cpu_ms_per_version']:>9.2f}", flush=True)
     out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-propagation.json"

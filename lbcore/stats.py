@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ def _service_backends(segment: Segment, image: SnapshotImage,
 
 def node_stats(segment: Segment) -> dict[str, Any]:
     image = read_snapshot(segment)
+    published_ns = int(segment.buffer(segment.generation()).header_ptr.published_ns)  # type: ignore[attr-defined]
     workers = [
         {"index": i, "pid": int(w["pid"]), "accepted": int(w["accepted"]), "active": int(w["active"]),
          "generation": int(w["generation"]), "accept_pauses": int(w["accept_pauses"])}
@@ -57,6 +59,7 @@ def node_stats(segment: Segment) -> dict[str, Any]:
     return {
         "node": bytes(segment.control["node_id"]).decode(),
         "version": image.version,
+        "snapshot_age_ms": max(0, time.monotonic_ns() - published_ns) // 1_000_000,
         "generation": segment.generation(),
         "draining": bool(segment.control["draining"]),
         "checksum": image.checksum,
@@ -67,8 +70,8 @@ def node_stats(segment: Segment) -> dict[str, Any]:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    lines = [f"node {stats['node']}  snapshot version {stats['version']}  "
-             f"workers {len(stats['workers'])}"]
+    lines = [f"node {stats['node']}  snapshot version {stats['version']} "
+             f"(published {stats['snapshot_age_ms']} ms ago)  workers {len(stats['workers'])}"]
     for w in stats["workers"]:
         lines.append(f"  worker {w['index']}  pid {w['pid']}  accepted {w['accepted']}  "
                      f"active {w['active']}  accept pauses {w['accept_pauses']}")

@@ -98,7 +98,7 @@ typedef struct {
     uint32_t idle_timeout_ms;
     uint32_t retries;           /* further backends tried after a failed connect */
     uint32_t relay_mode;        /* FLC_RELAY_*: how bytes are moved */
-    uint64_t pad;
+    uint64_t published_ns;      /* CLOCK_MONOTONIC when the agent published it */
 } flc_snapshot_header;
 
 typedef struct {

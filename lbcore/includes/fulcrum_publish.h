@@ -7,6 +7,7 @@
 
 #include <stddef.h>
 #include <string.h>
+#include <time.h>
 #include "fulcrum_atomic.h"
 
 /* CRC-32C (Castagnoli, reflected 0x82F63B78): the x86 crc32 instruction
@@ -64,6 +65,14 @@ static inline uint32_t flc_snapshot_checksum(const flc_service *services, uint32
     return ~crc;
 }
 
+/* The clock of Python's time.monotonic_ns() on Linux. */
+static inline uint64_t flc_monotonic_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
 /* Write the snapshot into the buffer of `generation` (the one that is not
  * current) under its seqlock, then make it current. `fields` carries the
  * header's values (its magic, seq and checksum are set here). The caller
@@ -92,6 +101,7 @@ static inline uint32_t flc_publish_snapshot(void *base, uint64_t generation,
     memcpy(flc_services_of(h), services, fields->n_services * sizeof(flc_service));
     memcpy(flc_backends_of(h), backends, fields->n_backends * sizeof(flc_backend));
     memcpy(flc_table_of(h), table, fields->table_used * sizeof(uint32_t));
+    h->published_ns = flc_monotonic_ns();
     flc_write_end(h);
     flc_publish_generation(flc_control_of(base), generation);
     return checksum;

@@ -22,7 +22,8 @@ def _backend_rows(table: str, ids: list[str]) -> dict[str, list[str]]:
 
 def _check_table(table: str, stats: dict, listen: str) -> None:
     node_id = stats["node"]
-    assert re.search(rf"^node {re.escape(node_id)}\s+snapshot version 1\s+workers 2$", table, re.M), table
+    heading = rf"^node {re.escape(node_id)}\s+snapshot version 1 \(published \d+ ms ago\)\s+workers 2$"
+    assert re.search(heading, table, re.M), table
     for w in stats["workers"]:
         assert re.search(rf"^\s+worker {w['index']}\s+pid {w['pid']}\s", table, re.M), table
     assert re.search(rf"^service web\s+listen {re.escape(listen)}\s+algorithm wrr\s+accepted 6$",
@@ -60,6 +61,8 @@ def test_stats_json_table_and_sigusr1(backends, lbproxy):
     assert stats["version"] == 1
     assert isinstance(stats["generation"], int) and stats["generation"] >= 1
     assert isinstance(stats["checksum"], int)
+    # the node stamps each snapshot as it publishes it (the monotonic clock)
+    assert 0 <= stats["snapshot_age_ms"] < 600_000
     assert sorted(w["index"] for w in stats["workers"]) == [0, 1]
     worker_pids = {w["pid"] for w in stats["workers"]}
     assert worker_pids == set(node.remember_pids()), "stats pids are not the agent's children"
