@@ -53,13 +53,17 @@ class ServiceRoutes:
     delta rewrote: what lets a node patch its tables without comparing the
     whole pool."""
 
-    __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "service", "keys", "changed", "_json")
+    __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "pieces_size", "service", "keys",
+                 "changed", "_json")
 
     def __init__(self, name: str, listen: str, algorithm: str, backends: dict[str, Backend],
                  pieces: dict[str, bytes], keys: tuple[str, ...] | None = None,
-                 changed: frozenset[str] = frozenset()) -> None:
+                 changed: frozenset[str] = frozenset(), pieces_size: int | None = None) -> None:
         self.name, self.listen, self.algorithm = name, listen, algorithm
         self.backends, self.pieces = backends, pieces
+        # the bytes of all pieces: kept up to date by each delta, so that the
+        # size of the snapshot is known without encoding it
+        self.pieces_size = sum(map(len, pieces.values())) if pieces_size is None else pieces_size
         self.service = Service(name, listen, algorithm, tuple(backends.values()))
         self.keys = keys if keys is not None else tuple(backends)
         self.changed = changed
@@ -71,12 +75,23 @@ class ServiceRoutes:
         return cls(service.name, service.listen, service.algorithm, {b.id: b for b in ordered},
                    {b.id: backend_json(b) for b in ordered})
 
+    def _frame(self) -> tuple[bytes, bytes]:
+        """What encode() puts before and after the pieces."""
+        return (b'{"algorithm":' + _quote(self.algorithm) + b',"backends":[',
+                b'],"listen":' + _quote(self.listen) + b',"name":' + _quote(self.name) + b"}")
+
     def encode(self) -> bytes:
         if self._json is None:
-            self._json = b"".join((
-                b'{"algorithm":', _quote(self.algorithm), b',"backends":[', b",".join(self.pieces.values()),
-                b'],"listen":', _quote(self.listen), b',"name":', _quote(self.name), b"}"))
+            head, tail = self._frame()
+            self._json = b"".join((head, b",".join(self.pieces.values()), tail))
         return self._json
+
+    def encoded_size(self) -> int:
+        """len(encode()), without encoding."""
+        if self._json is not None:
+            return len(self._json)
+        head, tail = self._frame()
+        return len(head) + self.pieces_size + max(0, len(self.pieces) - 1) + len(tail)
 
 
 class Routing:
@@ -107,6 +122,14 @@ class Routing:
             self._encoded = b'{"services":[%s],"version":%d}' % (
                 b",".join(s.encode() for s in self.services.values()), self.version)
         return self._encoded
+
+    def encoded_size(self) -> int:
+        """len(encode()), at the cost of what changed since the version before."""
+        if self._encoded is not None:
+            return len(self._encoded)
+        services = self.services.values()
+        return len(b'{"services":[],"version":%d}' % self.version) + max(0, len(services) - 1) + \
+            sum(s.encoded_size() for s in services)
 
     def digest(self) -> str:
         """What a node reports of what it applied (see wire.snapshot_digest)."""
@@ -145,7 +168,7 @@ class Routing:
             target = edit(row["service"], f"removed_backends[{i}]")
             if target.backends.pop(row["id"], None) is None:
                 raise WireError(f"delta: removed_backends[{i}]: no backend {row['service']}/{row['id']}")
-            del target.pieces[row["id"]]
+            target.pieces_size -= len(target.pieces.pop(row["id"]))
             target.keys = None
         for i, row in enumerate(delta.backends):
             if not isinstance(row, dict):
@@ -156,7 +179,9 @@ class Routing:
             target.reorder |= backend.id not in target.backends
             target.changed.add(backend.id)
             target.backends[backend.id] = backend
-            target.pieces[backend.id] = backend_json(backend)
+            piece = backend_json(backend)
+            target.pieces_size += len(piece) - len(target.pieces.get(backend.id, b""))
+            target.pieces[backend.id] = piece
         for name, target in edits.items():
             services[name] = target.build(name)
         _check_fits(services, listens_changed=bool(delta.services))
@@ -182,8 +207,9 @@ class _Edit:
     """A service being changed by a delta: copies, never the shared dicts."""
 
     def __init__(self, listen: str, algorithm: str, backends: dict[str, Backend],
-                 pieces: dict[str, bytes], keys: tuple[str, ...] | None) -> None:
+                 pieces: dict[str, bytes], keys: tuple[str, ...] | None, pieces_size: int) -> None:
         self.listen, self.algorithm, self.backends, self.pieces = listen, algorithm, backends, pieces
+        self.pieces_size = pieces_size
         self.keys = keys  # None once an id comes or goes
         self.changed: set[str] = set()
         self.reorder = False
@@ -191,11 +217,11 @@ class _Edit:
     @classmethod
     def of(cls, service: ServiceRoutes) -> _Edit:
         return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces),
-                   service.keys)
+                   service.keys, service.pieces_size)
 
     @classmethod
     def empty(cls) -> _Edit:
-        return cls("", "", {}, {}, None)
+        return cls("", "", {}, {}, None, 0)
 
     def build(self, name: str) -> ServiceRoutes:
         if self.reorder:
@@ -203,7 +229,7 @@ class _Edit:
             self.pieces = {i: self.pieces[i] for i in self.backends}
         keys = None if self.reorder else self.keys
         return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces, keys,
-                             frozenset(self.changed))
+                             frozenset(self.changed), self.pieces_size)
 
 
 def _read_row(where: str, row: Any, settings: list[Any]) -> dict[str, Any]:

@@ -147,7 +147,7 @@ class Orchestrator:
         return {
             "version": self.published_version,
             "last_error": self.last_error,
-            "snapshot_bytes": len(self.deriver.routing.encode()),
+            "snapshot_bytes": self.deriver.routing.encoded_size(),
             "last_delta_bytes": self.last_delta_bytes,
             "nodes": [{"node": name, "applied_version": n["version"],
                        "lag": self.published_version - n["version"] if self.published_version >= 0 else None,
@@ -183,7 +183,7 @@ class Orchestrator:
         if derived is None and self.published_version == routing.version:
             return
         delta = derived[1].encode() if derived is not None else b""
-        if self.published_version < 0 or not delta or len(delta) >= len(routing.encode()):
+        if self.published_version < 0 or not delta or len(delta) >= routing.encoded_size():
             self.publisher.send_multipart([b"snapshot", routing.encode()])
         else:
             self.publisher.send_multipart([b"delta", delta])

@@ -86,6 +86,7 @@ def state_of(routing: Routing) -> Any:
 def test_encode_is_encode_snapshot(version: int, state: list[Service]) -> None:
     routing = Routing.of(version, state)
     expected = encode_snapshot(version, state)
+    assert routing.encoded_size() == len(expected)  # known without encoding
     assert routing.encode() == expected
     assert routing.digest() == snapshot_digest(expected)
     # and a node reading those bytes holds the same routing
@@ -118,6 +119,7 @@ def test_a_delta_leads_to_the_new_state(base: int, version: int, old: list[Servi
     held = Routing.of(base, old)
     before = state_of(held)
     applied = held.apply(decode_delta(encode_delta(base, old, version, new)))
+    assert applied.encoded_size() == len(encode_snapshot(version, new))  # kept up to date by the delta
     assert applied.encode() == encode_snapshot(version, new)
     assert applied.digest() == snapshot_digest(encode_snapshot(version, new))
     assert applied.version == version
@@ -132,6 +134,7 @@ def test_deltas_chain(old: list[Service], new: list[Service], newer: list[Servic
     held = Routing.of(1, old)
     second = held.apply(diff_delta(1, old, 2, new))
     third = second.apply(decode_delta(encode_delta(2, new, 3, newer)))
+    assert third.encoded_size() == len(encode_snapshot(3, newer))
     assert third.encode() == encode_snapshot(3, newer)
     assert second.encode() == encode_snapshot(2, new)
     assert held.encode() == encode_snapshot(1, old)
