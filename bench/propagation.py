@@ -147,8 +147,10 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
     from_commit.sort()
     return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "delta_bytes": delta,
             "trials": trials,
-            "p50_ms": statistics.median(times), "p99_ms": percentile(times, 0.99), "max_ms": times[-1],
-            "p50_polled_ms": statistics.median(polled), "p99_polled_ms": percentile(polled, 0.99),
+            # p50_ms/p99_ms: polled, as in every result file before the stamp existed
+            "p50_ms": statistics.median(polled), "p99_ms": percentile(polled, 0.99), "max_ms": polled[-1],
+            "p50_stamp_ms": statistics.median(times), "p99_stamp_ms": percentile(times, 0.99),
+            "max_stamp_ms": times[-1],
             "p50_commit_to_ack_ms": statistics.median(from_commit),
             "p99_commit_to_ack_ms": percentile(from_commit, 0.99),
             "writes_per_s": rate,
@@ -202,8 +204,8 @@ def main() -> int:
             results.append(r)
             print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>9,} {r['delta_bytes']:>8,} "
                   f"{r['p50_commit_to_ack_ms']:>8.2f} {r['p99_commit_to_ack_ms']:>8.2f} "
+                  f"{r['p50_stamp_ms']:>8.2f} {r['p99_stamp_ms']:>8.2f} "
                   f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-                  f"{r['p50_polled_ms']:>8.2f} {r['p99_polled_ms']:>8.2f} "
                   f"{r['writes_per_s']:>9.0f} {r['orch_cpu_ms_per_version']:>9.2f} "
                   f"{r['node_cpu_ms_per_version']:>9.2f}", flush=True)
     out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-propagation.json"

@@ -97,7 +97,8 @@ class Remote:
 
     def applied(self, routing: Routing) -> None:
         """Record what the node now serves and tell the control plane at once
-        (the ACK: version and digest; counters follow with the next report)."""
+        (the ACK: the version only; digest and counters follow with the next
+        periodic report)."""
         self.link.routing = routing
         self.link.report(self.config.node.id, None)
 

@@ -52,6 +52,7 @@ class SnapshotImage:
     table: np.ndarray      # table_used, uint32
     # per service, for building the next snapshot (not part of the bytes)
     parts: Mapping[str, ServiceTables] = dataclasses.field(default_factory=dict, compare=False)
+    published_ns: int = dataclasses.field(default=0, compare=False)  # when read back: the node's stamp
 
     @property
     def checksum(self) -> int:
@@ -72,11 +73,6 @@ def copy_rows(rows: np.ndarray) -> np.ndarray:
     """A copy of structured rows, as bytes: numpy copies a structured dtype
     field by field (ten times slower for backend rows)."""
     return rows.view(np.uint8).copy().view(rows.dtype)
-
-
-def put_rows(destination: np.ndarray, rows: np.ndarray) -> None:
-    """destination[:len(rows)] = rows, as one byte copy (see copy_rows)."""
-    destination[: len(rows)].view(np.uint8)[:] = rows.view(np.uint8)
 
 
 def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
@@ -330,5 +326,6 @@ def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:
             raise SnapshotError("snapshot checksum mismatch")
         limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
                         int(header["retries"]), int(header["relay_mode"]))
-        return SnapshotImage(int(header["snapshot_version"]), limits, services, backends, table)
+        return SnapshotImage(int(header["snapshot_version"]), limits, services, backends, table,
+                             published_ns=int(header["published_ns"]))
     raise SnapshotError("no stable snapshot after repeated reads (publisher too busy?)")

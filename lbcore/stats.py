@@ -31,7 +31,6 @@ def _service_backends(segment: Segment, image: SnapshotImage,
 
 def node_stats(segment: Segment) -> dict[str, Any]:
     image = read_snapshot(segment)
-    published_ns = int(segment.buffer(segment.generation()).header_ptr.published_ns)  # type: ignore[attr-defined]
     workers = [
         {"index": i, "pid": int(w["pid"]), "accepted": int(w["accepted"]), "active": int(w["active"]),
          "generation": int(w["generation"]), "accept_pauses": int(w["accept_pauses"])}
@@ -59,7 +58,7 @@ def node_stats(segment: Segment) -> dict[str, Any]:
     return {
         "node": bytes(segment.control["node_id"]).decode(),
         "version": image.version,
-        "snapshot_age_ms": max(0, time.monotonic_ns() - published_ns) // 1_000_000,
+        "snapshot_age_ms": max(0, time.monotonic_ns() - image.published_ns) // 1_000_000,
         "generation": segment.generation(),
         "draining": bool(segment.control["draining"]),
         "checksum": image.checksum,

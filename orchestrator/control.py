@@ -95,6 +95,12 @@ class ControlPlane:
 
     def handle(self, raw: bytes) -> bytes:
         """One request to one reply; never raises, whatever the request."""
+        return self.answer(raw)[2]
+
+    def answer(self, raw: bytes) -> tuple[str | None, bool, bytes]:
+        """(the verb, if the request named a known one; whether it was
+        carried out; the reply). Never raises."""
+        verb = None
         try:
             verb, args = parse_request(raw)
             reply = {"ok": True, "result": self._dispatch(verb, args)}
@@ -104,7 +110,7 @@ class ControlPlane:
             reply = _reply_error(BadRequestError(f"request refused: {exc.__class__.__name__}: {exc}"))
         except Exception as exc:  # the store failed (disk, lock): the daemon answers and goes on
             reply = _reply_error(ControlError(f"{exc.__class__.__name__}: {exc}"))
-        return json.dumps(reply, sort_keys=True).encode()
+        return verb, reply["ok"], json.dumps(reply, sort_keys=True).encode()
 
     def _write(self, commit: Callable[[], int], change: Change) -> dict[str, Any]:
         version = commit()

@@ -41,8 +41,6 @@ AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
 AUDIT_EVERY_S = 60.0
 MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
-# what ControlPlane.handle answers to an accepted node.report
-REPORT_TAKEN = b'{"ok": true, "result": {}}'
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
@@ -129,7 +127,10 @@ class Orchestrator:
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
         """What a node reported applying, audited against the control
-        plane's own snapshot of that version (I2: same inputs, same bytes)."""
+        plane's own snapshot of that version (I2: same inputs, same bytes).
+        ``consistent``: true, false, or null while the node has not reported
+        the digest of the version it applied (its ACK carries none; its next
+        periodic report, within 0.5 s, does)."""
         node = self.nodes.get(args["node"])
         if node is None:
             raise NotFoundError(f"no report from node {args['node']!r}")
@@ -215,8 +216,8 @@ class Orchestrator:
         frames = self.control.recv_multipart()
         # REQ puts an empty delimiter between the identity and the body
         envelope, body = frames[:-1], frames[-1]
-        reply = self.plane.handle(body)
-        if len(envelope) == 1 and reply == REPORT_TAKEN:
+        verb, done, reply = self.plane.answer(body)
+        if done and verb == "node.report" and len(envelope) == 1:
             return  # a node's report (DEALER, no delimiter) is fire and forget: answered only if refused
         self.control.send_multipart([*envelope, reply])
 

@@ -29,7 +29,8 @@ cdef int pick(PickContext *ctx) noexcept nogil:
 
 
 # Schedules are built by counting the reduced weights: a weight (divided by
-# the gcd) past this is refused (a node's weights are at most 256).
+# the gcd) past this is refused; a backend row holds a 16-bit weight
+# (flc_backend.weight), and config.MAX_WEIGHT keeps it far lower.
 cdef int64_t MAX_REDUCED = 1 << 16
 
 
@@ -131,7 +132,8 @@ def schedule_of_rows(rows):
     return _schedule(weights), eligible
 
 
-cdef _schedule(int64_t[::1] w):
+def _schedule(int64_t[::1] w):
+    """build_schedule of int64 weights (the agent's side, like build_schedule)."""
     import numpy as np
     cdef Py_ssize_t n = w.shape[0], i, total = 0, groups = 0, at
     cdef int64_t g = 0, top = 0, r

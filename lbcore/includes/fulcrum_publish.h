@@ -1,7 +1,8 @@
 /* The node agent's write of a snapshot (lbcore.snapshot.publish_snapshot):
  * one call per version, so the agent pays no Python cost per field or per
- * array; and the checksum every reader verifies. Workers never write
- * snapshots and do not include this. */
+ * array; and the checksum read_snapshot verifies. Workers never write
+ * snapshots and do not include this (their system calls are declared in
+ * system.pxd; the agent's one clock read is here, with the write it stamps). */
 #ifndef FULCRUM_PUBLISH_H
 #define FULCRUM_PUBLISH_H
 
