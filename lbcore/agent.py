@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import resource
+import select
 import signal
 import socket
 import subprocess
@@ -21,8 +22,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-
-import zmq
 
 from lbcore import layout
 from lbcore._layout import ffi, lib
@@ -403,10 +402,13 @@ class NodeAgent:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT. Call after start()."""
-        poller = zmq.Poller()
-        poller.register(self._wake_r, zmq.POLLIN)
+        # A plain poll on the descriptors: the SUB socket's ZMQ_FD signals
+        # an edge, and every wake drains the socket until ZMQ_EVENTS says it
+        # is empty (ControlLink.receive), so no message waits for a timeout.
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
         if self.remote is not None:
-            poller.register(self.remote.poll_fd(), zmq.POLLIN)
+            poller.register(self.remote.poll_fd(), select.POLLIN)
         while True:
             poller.poll(200)
             try:

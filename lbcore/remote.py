@@ -8,7 +8,6 @@ restarts it if it dies, and serves its last snapshot meanwhile.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -17,6 +16,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import zmq
 
 from lbcore.config import Config, ConfigError, Service, parse_address, tomllib
 from lbcore.link import ControlLink
@@ -43,10 +44,10 @@ def endpoints(config: Config) -> tuple[str, str]:
 def localize(config: Config, services: tuple[Service, ...]) -> Config:
     """The node's config with ``services``, listeners moved to node.address."""
     address = config.node.address
-    if address:
-        services = tuple(dataclasses.replace(s, listen=f"{address}:{parse_address(s.listen)[1]}")
+    if address:  # constructors, not dataclasses.replace: this runs once per version
+        services = tuple(Service(s.name, f"{address}:{parse_address(s.listen)[1]}", s.algorithm, s.backends)
                          for s in services)
-    return dataclasses.replace(config, services=services)
+    return Config(config.path, config.node, services)
 
 
 class Remote:
@@ -89,8 +90,9 @@ class Remote:
             self.log(f"embedded control plane exited with status {self.child.returncode}; restarting")
             self._start_child()
 
-    def poll_fd(self) -> Any:
-        return self.link.sub
+    def poll_fd(self) -> int:
+        """The descriptor that signals (edge) new messages on the SUB socket."""
+        return int(self.link.sub.getsockopt(zmq.FD))
 
     def next_snapshot(self) -> Routing | None:
         return self.link.receive()

@@ -174,8 +174,7 @@ class Routing:
             if not isinstance(row, dict):
                 raise WireError(f"delta: backends[{i}]: must be an object")
             target = edit(row.get("service"), f"backends[{i}]")
-            backend = Backend(**_read_row(f"backends[{i}]", {k: v for k, v in row.items() if k != "service"},
-                                          BACKEND_SETTINGS))
+            backend = _backend_row(f"backends[{i}]", row)
             target.reorder |= backend.id not in target.backends
             target.changed.add(backend.id)
             target.backends[backend.id] = backend
@@ -230,6 +229,22 @@ class _Edit:
         keys = None if self.reorder else self.keys
         return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces, keys,
                              frozenset(self.changed), self.pieces_size)
+
+
+_ID, _ADDRESS, _WEIGHT = BACKEND_SETTINGS
+_DELTA_BACKEND_KEYS = frozenset({"service"} | {s.name for s in BACKEND_SETTINGS})
+
+
+def _backend_row(where: str, row: dict[str, Any]) -> Backend:
+    """A delta's backend row, checked by the config file's rules: the usual
+    row in line (a delta may carry thousands), anything else through
+    read_table, which says what is wrong (and accepts no less)."""
+    backend_id, address, weight = row.get("id"), row.get("address"), row.get("weight")
+    if row.keys() == _DELTA_BACKEND_KEYS and type(backend_id) is str and type(address) is str \
+            and type(weight) is int and not (_ID.check(backend_id) or _ADDRESS.check(address)
+                                             or _WEIGHT.check(weight)):
+        return Backend(backend_id, address, weight)
+    return Backend(**_read_row(where, {k: v for k, v in row.items() if k != "service"}, BACKEND_SETTINGS))
 
 
 def _read_row(where: str, row: Any, settings: list[Any]) -> dict[str, Any]:

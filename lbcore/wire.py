@@ -100,7 +100,7 @@ def _load(what: str, data: bytes) -> Any:
     """JSON, or WireError: whatever the bytes (bad UTF-8, bad JSON, nesting
     deep enough to exhaust the parser)."""
     try:
-        return json.loads(data)
+        return json.loads(data.decode())  # UTF-8 only (the format's), and no encoding to detect
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise WireError(f"{what}: not JSON: {exc.__class__.__name__}: {exc}") from None
 
