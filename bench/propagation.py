@@ -192,7 +192,7 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     print(f"{'nodes':>5} {'backends':>8} {'full B':>9} {'delta B':>8} {'p50 ack':>8} {'p99 ack':>8} "
-          f"{'p50 shm':>8} {'p99 shm':>8} {'p50 poll':>8} {'p99 poll':>8} "
+          f"{'p50 stmp':>8} {'p99 stmp':>8} {'p50 poll':>8} {'p99 poll':>8} "
           f"{'writes/s':>9} {'orch cpu':>9} {'node cpu':>9}", flush=True)
     for backends in args.backends:
         for nodes in args.nodes:
