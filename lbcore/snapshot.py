@@ -21,7 +21,7 @@ from lbcore import layout
 from lbcore._layout import ffi, lib
 from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
-from lbcore.balance.wrr import build_schedule, schedule_of_rows
+from lbcore.balance.wrr import schedule_of_rows
 from lbcore.config import RELAY_MODES, Backend, Config, ConfigError, Service, parse_address
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
@@ -81,14 +81,6 @@ def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndar
         ffi.from_buffer("flc_service[]", np.ascontiguousarray(services)), len(services),
         ffi.from_buffer("flc_backend[]", np.ascontiguousarray(backends)), len(backends),
         ffi.from_buffer("uint32_t[]", np.ascontiguousarray(table)), len(table)))
-
-
-def wrr_schedule(weights: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Positions into ``weights``: each i appears weights[i] / g times (g the
-    gcd), interleaved smoothly by earliest deadline: the k-th turn of i falls
-    at (k + 0.5) / w_i of the cycle, ties by position (compiled: see
-    lbcore.balance.wrr.build_schedule)."""
-    return build_schedule(weights)
 
 
 @functools.lru_cache(maxsize=1 << 10)

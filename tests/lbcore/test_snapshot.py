@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lbcore.balance.wrr import build_schedule as wrr_schedule
 from lbcore.config import parse_config
-from lbcore.snapshot import SnapshotError, read_snapshot, wrr_schedule
+from lbcore.snapshot import SnapshotError, read_snapshot
 from tests.conftest import config_text
 from tests.lbcore import reference
 
