@@ -410,11 +410,11 @@ class NodeAgent:
         if self.remote is not None:
             poller.register(self.remote.poll_fd(), select.POLLIN)
         while True:
-            poller.poll(200)
-            try:
-                os.read(self._wake_r, 512)
-            except BlockingIOError:
-                pass
+            if any(fd == self._wake_r for fd, _ in poller.poll(200)):
+                try:
+                    os.read(self._wake_r, 512)
+                except BlockingIOError:
+                    pass
             received, self._signals = self._signals, set()
             if received & {signal.SIGTERM, signal.SIGINT}:
                 self.log("stopping: draining open connections")

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,6 +72,19 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
 
 # json.dumps({"verb": "node.report", "args": {...}}, sort_keys=True) of an ACK
 _ACK = b'{"args": {"node": %s, "staleness_ms": %d, "version": %d}, "verb": "node.report"}'
+# ... and the same bytes read back, for a node id that json.dumps leaves as it is
+_ACK_READ = re.compile(rb'\{"args": \{"node": "([A-Za-z0-9_.:-]{1,128})", "staleness_ms": ([0-9]{1,19}), '
+                       rb'"version": ([0-9]{1,19})\}, "verb": "node\.report"\}')
+
+
+def read_ack(message: bytes) -> tuple[str, int, int] | None:
+    """(node, version, staleness_ms) of an ACK exactly as ``report_request``
+    writes it, else None (then it is a request like any other): the control
+    plane takes ten per version, and this costs a fifth of a JSON parse."""
+    match = _ACK_READ.fullmatch(message)
+    if match is None:
+        return None
+    return match[1].decode(), int(match[3]), int(match[2])
 
 
 @functools.lru_cache(maxsize=16)

@@ -54,12 +54,16 @@ def _reply_error(error: ControlError) -> dict[str, Any]:
     return {"ok": False, "error": body}
 
 
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, sort_keys=True).encode()
+
+
 def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
     """(verb, args), or BadRequestError saying what is wrong."""
     if len(raw) > MAX_REQUEST:
         raise BadRequestError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
     try:
-        request = json.loads(raw)
+        request = json.loads(raw.decode())  # UTF-8, the format's: no encoding to detect
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequestError(f"request is not JSON: {exc.__class__.__name__}: {exc}") from None
     if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
@@ -95,11 +99,11 @@ class ControlPlane:
 
     def handle(self, raw: bytes) -> bytes:
         """One request to one reply; never raises, whatever the request."""
-        return self.answer(raw)[2]
+        return encode_reply(self.answer(raw)[1])
 
-    def answer(self, raw: bytes) -> tuple[str | None, bool, bytes]:
-        """(the verb, if the request named a known one; whether it was
-        carried out; the reply). Never raises."""
+    def answer(self, raw: bytes) -> tuple[str | None, dict[str, Any]]:
+        """(the verb, if the request named a known one; the reply, not yet
+        encoded: a node's accepted report is not answered). Never raises."""
         verb = None
         try:
             verb, args = parse_request(raw)
@@ -110,7 +114,7 @@ class ControlPlane:
             reply = _reply_error(BadRequestError(f"request refused: {exc.__class__.__name__}: {exc}"))
         except Exception as exc:  # the store failed (disk, lock): the daemon answers and goes on
             reply = _reply_error(ControlError(f"{exc.__class__.__name__}: {exc}"))
-        return verb, reply["ok"], json.dumps(reply, sort_keys=True).encode()
+        return verb, reply
 
     def _write(self, commit: Callable[[], int], change: Change) -> dict[str, Any]:
         version = commit()

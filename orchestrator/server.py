@@ -29,7 +29,9 @@ from typing import Any
 
 import zmq
 
-from orchestrator.control import MAX_REQUEST, ControlPlane
+from lbcore.link import readable
+from lbcore.wire import read_ack
+from orchestrator.control import MAX_REQUEST, ControlPlane, encode_reply
 from orchestrator.derive import Deriver, InconsistentSnapshotError
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError
 from orchestrator.model import Change
@@ -104,11 +106,18 @@ class Orchestrator:
         version, staleness = args["version"], args["staleness_ms"]
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
             raise BadRequestError("node.report: version and staleness_ms must be integers")
-        name, now = args["node"], time.monotonic()
         if not isinstance(args.get("counters", {}), dict):
             raise BadRequestError("node.report: counters must be an object")
+        self._record_report(args["node"], version, staleness, args.get("counters"),
+                            str(args["digest"]) if "digest" in args else None)
+        return {}
+
+    def _record_report(self, name: str, version: int, staleness: int,
+                       counters: dict[str, Any] | None = None, digest: str | None = None) -> None:
+        now = time.monotonic()
         previous = self.nodes.pop(name, {})  # re-inserted below: the dict keeps report order
-        counters = args.get("counters", previous.get("counters", {}))  # an ACK carries none
+        if counters is None:  # an ACK carries none
+            counters = previous.get("counters", {})
         if len(self.nodes) >= MAX_NODES:
             del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
         # from the commit of the version to this node's first word of it
@@ -118,12 +127,11 @@ class Orchestrator:
             propagation = round((now - committed) * 1000, 3) if committed is not None else None
         # the ACK right after an apply carries no digest (hashing the snapshot
         # would delay the node); the next periodic report brings it
-        digest = str(args["digest"]) if "digest" in args else \
-            previous.get("digest", "") if version == previous.get("version") else ""
+        if digest is None:
+            digest = previous.get("digest", "") if version == previous.get("version") else ""
         self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
                             "digest": digest, "reported": now,
                             "propagation_ms": propagation}
-        return {}
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
         """What a node reported applying, audited against the control
@@ -216,10 +224,13 @@ class Orchestrator:
         frames = self.control.recv_multipart()
         # REQ puts an empty delimiter between the identity and the body
         envelope, body = frames[:-1], frames[-1]
-        verb, done, reply = self.plane.answer(body)
-        if done and verb == "node.report" and len(envelope) == 1:
+        if len(envelope) == 1 and (ack := read_ack(body)) is not None:
+            self._record_report(*ack)  # a node's ACK (DEALER): never answered
+            return
+        verb, reply = self.plane.answer(body)
+        if reply["ok"] and verb == "node.report" and len(envelope) == 1:
             return  # a node's report (DEALER, no delimiter) is fire and forget: answered only if refused
-        self.control.send_multipart([*envelope, reply])
+        self.control.send_multipart([*envelope, encode_reply(reply)])
 
     def stop(self, *_args: object) -> None:
         self._stop = True
@@ -243,7 +254,7 @@ class Orchestrator:
                 if dict(poller.poll(timeout_ms)).get(self.control):
                     for _ in range(256):  # answer what is queued, then publish once
                         self._answer()
-                        if not self.control.poll(0):
+                        if not readable(self.control):
                             break
                 self._publish_if_dirty()
                 self._audit_if_idle()

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from lbcore.wire import report_request
 from tests.support import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -375,6 +376,13 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
         assert view_at(1)["digest"] == "d1"
         report(node="n1", version=2, staleness_ms=5)
         assert view_at(2)["digest"] == ""
+        # the ACK exactly as a node writes it (read without a JSON parse): the same rules
+        report(node="n1", version=3, staleness_ms=5, counters={}, digest="d3")
+        dealer.send(report_request("n1", 3, 7, None))
+        assert view_at(3)["digest"] == "d3"
+        dealer.send(report_request("n1", 4, 7, None))
+        assert view_at(4)["digest"] == ""
+        assert not dealer.poll(300), "an ACK was answered"
         report(node="n1", version="2", staleness_ms=5)
         assert dealer.poll(5000), "a refused report got no answer"
         refused = json.loads(dealer.recv())

@@ -158,3 +158,23 @@ def test_an_ack_is_the_same_json_as_any_report():
         args = {"node": node, "version": 12, "staleness_ms": 3}
         expected = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
         assert report_request(node, 12, 3, None) == expected
+
+
+def test_the_control_plane_reads_an_ack_as_the_node_writes_it_and_nothing_else():
+    from lbcore.wire import read_ack, report_request
+
+    assert read_ack(report_request("prop-1.a_b:c", 12, 3, None)) == ("prop-1.a_b:c", 12, 3)
+    assert read_ack(report_request("n1", 2**62 - 1, 0, None)) == ("n1", 2**62 - 1, 0)
+    not_acks = [
+        report_request('node "é" 2', 12, 3, None),          # an id json.dumps escapes: parsed as JSON
+        report_request("n1", 12, 3, {}),                      # a report with counters
+        report_request("n1", 12, 3, None, "d"),               # ... or a digest
+        report_request("n1", -1, 3, None),                    # what the regular path refuses or checks
+        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"} ',
+        b'{"args":{"node":"n1","staleness_ms":3,"version":12},"verb":"node.report"}',
+        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12345678901234567890}, '
+        b'"verb": "node.report"}',
+        b'{"args": {"node": "", "staleness_ms": 3, "version": 12}, "verb": "node.report"}',
+    ]
+    for message in not_acks:
+        assert read_ack(message) is None, message
