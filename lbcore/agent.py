@@ -30,7 +30,7 @@ from lbcore.remote import Remote, localize
 from lbcore.routing import Routing, rows_changed
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
-from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
+from lbcore.snapshot import SnapshotImage, patched_tables, publish_snapshot, snapshot_from_config
 from lbcore.stats import format_stats, node_stats, report_counters
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -192,6 +192,21 @@ class NodeAgent:
         image = snapshot_from_config(config, version, service_slots, backend_slots, previous, changed)
         return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
 
+    def _plan_rows(self, routing: Routing, rewritten: Mapping[str, frozenset[str]]) -> Plan:
+        """The plan of ``routing`` when it rewrote only the rows ``rewritten``
+        names since the published snapshot (Routing.rewritten_rows): those
+        rows patched into the published tables. The config is kept as it is:
+        services, ids and order are unchanged, and its rows are read only
+        to compare with the next config built whole (see patched_tables)."""
+        assert self.image is not None
+        parts = dict(self.image.parts)
+        for name, ids in rewritten.items():
+            if ids:
+                parts[name] = patched_tables(parts[name], {i: routing.backend(name, i) for i in ids})
+        image = snapshot_from_config(self.config, routing.version, self.service_slots, self.backend_slots,
+                                     parts)
+        return Plan(self.config, image, self.service_slots, self.backend_slots, [], [])
+
     def _apply(self, plan: Plan) -> None:
         """Publish a plan. A slot given to a new service or backend starts
         from zero: nothing refers to it any more (see the slot maps)."""
@@ -316,10 +331,15 @@ class NodeAgent:
         """Apply a snapshot from the control plane (newer than the applied
         one: see ControlLink), or refuse it and keep serving the old one."""
         assert self.remote is not None
-        config = localize(self.config, routing.as_services())
+        held = self.remote.link.routing
+        rewritten = routing.rewritten_rows(held) if self.version == held.version else None
+        config = self.config if rewritten is not None else localize(self.config, routing.as_services())
         listens_before = {s.listen for s in self.config.services}
         try:
-            plan = self._plan(config, routing.version, rows_changed(self.remote.link.routing, routing))
+            if rewritten is not None:  # rows only: patched in, and the routing stays thin
+                plan = self._plan_rows(routing, rewritten)
+            else:
+                plan = self._plan(config, routing.version, rows_changed(held, routing))
             self.listeners.reserve(config)
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "

@@ -117,7 +117,7 @@ class ControlLink:
                     if delta.base != newest.version:
                         gap = True  # its base is not what we hold: fetch in full (I6)
                         continue
-                    newest = newest.apply(delta)
+                    newest = newest.with_rows(delta) or newest.apply(delta)
                 elif kind == b"snapshot":
                     routing = Routing.of(*decode_snapshot(body))
                     if routing.version > newest.version:

@@ -30,6 +30,10 @@ from lbcore.config import (
 )
 from lbcore.wire import Delta, WireError, snapshot_digest
 
+# Rows a thin Routing (with_rows) holds over its root before the next delta
+# builds it whole: a bound on what a digest or a larger delta has to build.
+OVERLAY_ROWS = 256
+
 # What json.dumps writes unchanged between quotes: ids (NAME_PATTERN) and
 # canonical IPv4 addresses always are; anything else goes through json.
 _PLAIN = re.compile(r"[A-Za-z0-9_.:-]*")
@@ -96,13 +100,20 @@ class ServiceRoutes:
 
 class Routing:
     """A routing snapshot: its version and its services in name order;
-    ``base`` is the version one delta made it from (-2: built whole)."""
+    ``base`` is the version one delta made it from (-2: built whole).
 
-    __slots__ = ("version", "base", "services", "_encoded", "_digest", "_tuple")
+    One made by ``with_rows`` is thin until something reads its services:
+    a root (built) and the backend rows rewritten since, checked already."""
+
+    __slots__ = ("version", "base", "_services", "_root", "_overlay", "_last", "_encoded", "_digest",
+                 "_tuple")
 
     def __init__(self, version: int, services: Mapping[str, ServiceRoutes], base: int = -2) -> None:
         self.version, self.base = version, base
-        self.services = dict(sorted(services.items()))
+        self._services: dict[str, ServiceRoutes] | None = dict(sorted(services.items()))
+        self._root: Routing | None = None
+        self._overlay: dict[str, dict[str, Backend]] = {}  # thin: service -> id -> row, since the root
+        self._last: dict[str, frozenset[str]] = {}  # thin: the ids the last delta rewrote
         self._encoded: bytes | None = None
         self._digest: str | None = None
         self._tuple: tuple[Service, ...] | None = None
@@ -110,6 +121,65 @@ class Routing:
     @classmethod
     def of(cls, version: int, services: Iterable[Service]) -> Routing:
         return cls(version, {s.name: ServiceRoutes.of(s) for s in services})
+
+    @property
+    def services(self) -> dict[str, ServiceRoutes]:
+        services = self._services
+        if services is None:  # thin: built now, from the root and the rows checked already
+            assert self._root is not None
+            rows = [{"service": name, "id": backend_id, "address": b.address, "weight": b.weight}
+                    for name, changed in self._overlay.items() for backend_id, b in changed.items()]
+            services = self._services = self._root.apply(Delta(self.version, self._root.version,
+                                                                backends=rows)).services
+        return services
+
+    def with_rows(self, delta: Delta) -> Routing | None:
+        """What ``apply`` gives, when ``delta`` only rewrites backend rows
+        this routing has (a weight or an address: the common update), but
+        thin: the rows are checked now, by the same rules and with the same
+        messages as ``apply``; the services are built when something reads
+        them (a digest, a delta that does more), at most OVERLAY_ROWS rows
+        later. None when the delta does more: then ``apply``."""
+        if delta.base != self.version or delta.services or delta.removed_services or delta.removed_backends \
+                or len(delta.backends) > OVERLAY_ROWS:
+            return None
+        root = self if self._services is not None else self._root
+        assert root is not None
+        held = root.services  # along thin routings the ids are the root's
+        last: dict[str, dict[str, Backend]] = {}
+        for i, row in enumerate(delta.backends):
+            if not isinstance(row, dict):
+                return None
+            name, backend_id = row.get("service"), row.get("id")
+            if type(name) is not str or type(backend_id) is not str or name not in held \
+                    or backend_id not in held[name].backends:
+                return None  # an id that comes, or a row apply refuses and says why
+            last.setdefault(name, {})[backend_id] = _backend_row(f"backends[{i}]", row)
+        overlay = {} if root is self else dict(self._overlay)
+        for name, rows in last.items():
+            overlay[name] = {**overlay.get(name, {}), **rows}
+        if sum(map(len, overlay.values())) > OVERLAY_ROWS:
+            return None
+        thin = Routing(delta.version, {}, base=self.version)
+        thin._services, thin._root, thin._overlay = None, root, overlay
+        thin._last = {name: frozenset(rows) for name, rows in last.items()}
+        return thin
+
+    def rewritten_rows(self, held: Routing) -> dict[str, frozenset[str]] | None:
+        """The ids, per service, of the only rows that differ from ``held``
+        when this routing is ``held`` after one ``with_rows``; else None."""
+        root = self._root
+        if root is None or self.base != held.version or (held is not root and held._root is not root):
+            return None
+        return self._last
+
+    def backend(self, service: str, backend_id: str) -> Backend:
+        """One row, without building a thin routing."""
+        if self._services is None:
+            assert self._root is not None
+            row = self._overlay.get(service, {}).get(backend_id)
+            return row if row is not None else self._root.services[service].backends[backend_id]
+        return self._services[service].backends[backend_id]
 
     def as_services(self) -> tuple[Service, ...]:
         if self._tuple is None:

@@ -97,7 +97,7 @@ class ServiceTables:
     service's first row: the agent keeps them, so that the next snapshot
     rebuilds only the services that changed, and of those only what changed."""
 
-    backends: tuple[Backend, ...]
+    backends: tuple[Backend, ...]  # a row's values may be older than ``rows`` (see patched_tables)
     algorithm: str
     slot: int
     rows: np.ndarray       # BACKEND, in the order of ``backends``
@@ -136,19 +136,35 @@ def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
 
 def _with_tables(service: Service, slot: int, rows: np.ndarray,
                  index: Mapping[str, int] | None = None) -> ServiceTables:
+    if index is None:
+        index = {b.id: i for i, b in enumerate(service.backends)}
+    return _tables(service.backends, service.algorithm, slot, rows, index)
+
+
+def _tables(backends: tuple[Backend, ...], algorithm: str, slot: int, rows: np.ndarray,
+            index: Mapping[str, int]) -> ServiceTables:
     schedule, eligible_count = schedule_of_rows(rows)
     maglev = np.empty(0, dtype=np.uint32)
-    if service.algorithm == "maglev" and eligible_count:
+    if algorithm == "maglev" and eligible_count:
         eligible = rows["eligible"] == 1
         ids = [i.decode() for i in rows["id"][eligible]]
         maglev = build_maglev_table(ids, rows["weight"][eligible],
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
-    if index is None:
-        index = {b.id: i for i, b in enumerate(service.backends)}
     for shared in (rows, schedule, maglev):  # reused by later snapshots: never written again
         shared.flags.writeable = False
-    return ServiceTables(service.backends, service.algorithm, slot, rows, schedule, maglev, index,
-                         eligible_count)
+    return ServiceTables(backends, algorithm, slot, rows, schedule, maglev, index, eligible_count)
+
+
+def patched_tables(tables: ServiceTables, rows: Mapping[str, Backend]) -> ServiceTables:
+    """``tables`` with the rows of ``rows`` (ids it has) rewritten: what a
+    delta that changed only those rows leads to, without the service's
+    other rows as objects. ``backends`` is kept as it was: ids and order are
+    still exact, and the old object of a rewritten row only makes the next
+    build from a Service (service_tables) patch that row again."""
+    patched = copy_rows(tables.rows)
+    for backend_id, backend in rows.items():
+        _patch_row(patched, tables.index[backend_id], backend)
+    return _tables(tables.backends, tables.algorithm, tables.slot, patched, tables.index)
 
 
 def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous: ServiceTables | None = None,

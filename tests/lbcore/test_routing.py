@@ -356,3 +356,88 @@ def test_text_that_json_escapes_is_encoded_as_json_does_and_refused_by_the_row_r
                        ({"service": "web", "id": "c\n", "address": "1.2.3.4:80", "weight": 2}, "id")]:
         with pytest.raises(WireError, match=f"backends\\[0\\]\\.{where}"):
             plain.apply(decode_delta(Delta(2, 1, backends=[row]).encode()))
+
+
+# ------------------------------------------------------------ thin routings (with_rows)
+
+
+@st.composite
+def row_rewrites(draw: Any, routing: Routing) -> Delta:
+    """A delta against ``routing`` that only rewrites rows it has (weights,
+    addresses), or None when it holds no backend."""
+    rows = [(name, backend_id) for name, s in routing.services.items() for backend_id in s.backends]
+    picked = draw(st.lists(st.sampled_from(rows), max_size=4, unique=True)) if rows else []
+    return Delta(routing.version + 1, routing.version, backends=[
+        {"service": name, "id": backend_id, "address": draw(addresses()), "weight": draw(weights())}
+        for name, backend_id in picked])
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), old=pooled_services)
+def test_a_chain_of_row_rewrites_held_thin_is_what_apply_gives(data: st.DataObject,
+                                                               old: list[Service]) -> None:
+    """with_rows gives, once its services are read, exactly apply's routing;
+    along a chain its root is kept, the base is never touched, and
+    rewritten_rows names the last delta's rows."""
+    built = thin = Routing.of(1, old)
+    before = state_of(built)
+    for step in range(data.draw(st.integers(1, 6), label="steps")):
+        delta = data.draw(row_rewrites(built), label=f"delta {step}")
+        held, thin = thin, thin.with_rows(delta)
+        built = built.apply(delta)
+        assert thin is not None and thin.version == built.version and thin.base == held.version
+        assert thin.rewritten_rows(held) == {
+            name: frozenset(r["id"] for r in delta.backends if r["service"] == name)
+            for name in {r["service"] for r in delta.backends}}
+        # only from the routing it was made from: not from an equal one built apart, nor an older one
+        assert thin.rewritten_rows(Routing.of(held.version, held.as_services())) is None
+        assert thin.rewritten_rows(thin) is None
+        for row in delta.backends:  # read without building it
+            expected = Backend(row["id"], row["address"], row["weight"])
+            assert thin.backend(row["service"], row["id"]) == expected
+        if data.draw(st.booleans(), label=f"read {step}"):  # a digest builds it: the next chains from it
+            assert thin.digest() == built.digest()
+    assert thin.encode() == built.encode() and thin.as_services() == built.as_services()
+    assert state_of(thin) == state_of(built)
+    assert state_of(Routing.of(1, old)) == before
+
+
+def test_with_rows_leaves_to_apply_what_is_more_than_a_row_rewrite() -> None:
+    rows = (Backend("a", "10.0.0.1:1", 1), Backend("b", "10.0.0.1:2", 2))
+    held = Routing.of(3, [Service("web", "127.0.0.1:80", "wrr", rows)])
+    row = {"service": "web", "id": "a", "address": "10.0.0.1:1", "weight": 5}
+    for delta in [
+        Delta(4, 3, backends=[{**row, "id": "c"}]),                                   # an id comes
+        Delta(4, 3, removed_backends=[{"service": "web", "id": "a"}]),              # ... or goes
+        Delta(4, 3, services=[{"name": "web", "listen": "127.0.0.1:81", "algorithm": "wrr"}]),
+        Delta(4, 3, removed_services=["web"]),
+        Delta(4, 2, backends=[row]),                                                  # not our base
+        Delta(4, 3, backends=[{**row, "service": "nope"}]),                           # apply says why
+        Delta(4, 3, backends=[{**row, "service": ["web"]}]),
+        Delta(4, 3, backends=[row, "not a row"]),
+    ]:
+        assert held.with_rows(delta) is None, delta
+    # a row apply refuses is refused here too, with apply's words
+    bad = Delta(4, 3, backends=[row, {**row, "id": "b", "address": "10.0.0.1:0"}])
+    with pytest.raises(WireError) as by_apply:
+        held.apply(bad)
+    with pytest.raises(WireError) as thin:
+        held.with_rows(bad)
+    assert str(thin.value) == str(by_apply.value) and "backends[1].address" in str(thin.value)
+
+
+def test_a_thin_routing_is_built_before_its_rows_pass_the_bound() -> None:
+    from lbcore.routing import OVERLAY_ROWS
+
+    web = Service("web", "127.0.0.1:80", "wrr", tuple(Backend(f"b{i}", "10.0.0.1:1", 1)
+                                                      for i in range(OVERLAY_ROWS + 1)))
+    routing = Routing.of(1, [web])
+    for i in range(OVERLAY_ROWS):
+        thin = routing.with_rows(Delta(i + 2, i + 1, backends=[
+            {"service": "web", "id": f"b{i}", "address": "10.0.0.1:1", "weight": 2}]))
+        assert thin is not None and thin.rewritten_rows(routing) is not None
+        routing = thin
+    last = Delta(OVERLAY_ROWS + 2, OVERLAY_ROWS + 1, backends=[
+        {"service": "web", "id": f"b{OVERLAY_ROWS}", "address": "10.0.0.1:1", "weight": 2}])
+    assert routing.with_rows(last) is None  # past the bound: apply, which builds it
+    assert [b.weight for b in routing.apply(last).as_services()[0].backends] == [2] * (OVERLAY_ROWS + 1)

@@ -1,0 +1,99 @@
+"""A node applying deltas: whether a delta only rewrote rows (patched into
+the published tables, the routing kept thin) or did more (the config built
+whole), what the node publishes is exactly a build from scratch of the
+routing the control plane derived."""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, event, given, settings
+
+from lbcore.agent import NodeAgent
+from lbcore.config import parse_document
+from lbcore.remote import Remote, localize
+from lbcore.routing import Routing
+from lbcore.segment import Segment
+from lbcore.snapshot import read_snapshot, snapshot_from_config
+from lbcore.wire import Delta
+from tests.support import free_port
+
+ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
+IDS = [f"b{n}" for n in range(8)]
+
+
+@st.composite
+def delta_rows(draw: Any) -> dict[str, Any]:
+    """One change: mostly weights and addresses of existing ids (rows only),
+    sometimes an id that comes or goes, or an algorithm."""
+    return {"kind": draw(st.sampled_from(["weight", "weight", "weight", "address", "add", "remove",
+                                          "algorithm"])),
+            "service": draw(st.sampled_from(["web", "api"])), "id": draw(st.sampled_from(IDS)),
+            "weight": draw(st.integers(0, 9)), "port": draw(st.integers(9000, 9009)),
+            "algorithm": draw(st.sampled_from(ALGORITHMS))}
+
+
+def delta_of(held: Routing, rows: list[dict[str, Any]]) -> Delta:
+    delta = Delta(held.version + 1, held.version)
+    touched: set[tuple[str, str]] = set()
+    for row in rows:
+        service = held.services[row["service"]]
+        if (row["service"], row["id"]) in touched:
+            continue
+        touched.add((row["service"], row["id"]))
+        present = row["id"] in service.backends
+        if row["kind"] == "remove" and present:
+            delta.removed_backends.append({"service": row["service"], "id": row["id"]})
+        elif row["kind"] == "algorithm" and row["service"] not in {s["name"] for s in delta.services}:
+            delta.services.append({"name": service.name, "listen": service.listen,
+                                   "algorithm": row["algorithm"]})
+        elif row["kind"] == "add" or present:
+            address = f"127.0.0.1:{row['port']}" if row["kind"] == "address" or not present \
+                else service.backends[row["id"]].address
+            delta.backends.append({"service": row["service"], "id": row["id"], "address": address,
+                                   "weight": row["weight"]})
+    return delta
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.lists(delta_rows(), max_size=3), st.booleans()), min_size=1, max_size=12))
+def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: list[Any]) -> None:
+    node_id = f"deltas-{os.getpid()}"
+    ports = [free_port("127.0.0.7") for _ in range(2)]
+    config = parse_document({
+        "node": {"id": node_id, "control": f"tcp://127.0.0.1:{free_port()}",
+                 "subscribe": f"tcp://127.0.0.1:{free_port()}", "address": "127.0.0.7"}}, "test")
+    held = Routing.of(1, [
+        *parse_document({"node": {"id": "x"}, "service": [
+            {"name": "web", "listen": f"127.0.0.1:{ports[0]}", "algorithm": "wrr",
+             "backend": [{"id": i, "address": "127.0.0.1:9000"} for i in IDS[:5]]},
+            {"name": "api", "listen": f"127.0.0.1:{ports[1]}", "algorithm": "maglev",
+             "backend": [{"id": "b0", "address": "127.0.0.1:9000", "weight": 2}]}]}, "test").services])
+    # a node that applied ``held`` (as start() and apply_remote leave it; no workers here)
+    agent = NodeAgent(localize(config, held.as_services()), log=io.StringIO())
+    agent.segment = Segment.create(node_id)
+    try:
+        agent._apply(agent._plan(agent.config, held.version))
+        agent.remote = Remote(agent.config, agent.log)
+        agent.remote.link.routing = held
+        reference = held  # the same deltas, applied whole: the control plane's view
+        for rows, audit in steps:
+            held = agent.remote.link.routing
+            delta = delta_of(reference, rows)
+            thin = held.with_rows(delta)
+            event("rows only" if thin is not None else "built whole")
+            routing = thin or held.apply(delta)
+            reference = reference.apply(delta)
+            agent.apply_remote(routing)
+            assert agent.version == routing.version and agent.remote.link.routing is routing
+            fresh = snapshot_from_config(localize(agent.config, reference.as_services()), routing.version,
+                                         agent.service_slots, agent.backend_slots)
+            assert read_snapshot(agent.segment).to_bytes() == fresh.to_bytes()
+            assert [(s.name, [b.id for b in s.backends]) for s in agent.config.services] == \
+                [(s.name, [b.id for b in s.backends]) for s in reference.as_services()]
+            if audit:  # the periodic report's digest builds the routing: the next delta chains from it
+                agent.remote.link.routing.digest()
+    finally:
+        agent.shutdown(drain=False)
