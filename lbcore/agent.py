@@ -196,8 +196,10 @@ class NodeAgent:
         """The plan of ``routing`` when it rewrote only the rows ``rewritten``
         names since the published snapshot (Routing.rewritten_rows): those
         rows patched into the published tables. The config is kept as it is:
-        services, ids and order are unchanged, and its rows are read only
-        to compare with the next config built whole (see patched_tables)."""
+        services, ids and order are unchanged; the values of its patched
+        rows are then older than the snapshot's, and nothing reads them (the
+        next config built whole is compared with the tables by identity:
+        see patched_tables)."""
         assert self.image is not None
         parts = dict(self.image.parts)
         for name, ids in rewritten.items():

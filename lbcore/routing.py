@@ -6,7 +6,10 @@ changed rather than the size of the pool.
 the version before it. ``apply(delta)`` checks the delta against it, row by
 row with the config file's own rules, and returns the next version: the
 control plane runs that same step on what it derived before publishing, so
-what it checks is what every node will compute. ``encode()`` gives exactly
+what it checks is what every node will compute. A node takes a delta that
+only rewrites rows with ``with_rows``, which accepts and refuses exactly as
+``apply`` does but builds the services only when they are read (the
+periodic digest, a delta that does more). ``encode()`` gives exactly
 the canonical bytes of ``lbcore.wire.encode_snapshot``, assembled from the
 canonical JSON of each backend, kept since it last changed.
 """
@@ -54,8 +57,10 @@ class ServiceRoutes:
 
     ``keys`` (the ids in order) is the very object of the version before
     when a delta changed no id, and ``changed`` names the ids whose row the
-    delta rewrote: what lets a node patch its tables without comparing the
-    whole pool."""
+    delta rewrote (built from a thin routing: every row rewritten since its
+    root, more than the last delta's, which only makes a node patch rows
+    that are right already): what lets a node patch its tables without
+    comparing the whole pool."""
 
     __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "pieces_size", "service", "keys",
                  "changed", "_json")
@@ -105,15 +110,15 @@ class Routing:
     One made by ``with_rows`` is thin until something reads its services:
     a root (built) and the backend rows rewritten since, checked already."""
 
-    __slots__ = ("version", "base", "_services", "_root", "_overlay", "_last", "_encoded", "_digest",
-                 "_tuple")
+    __slots__ = ("version", "base", "_services", "_root", "_overlay", "_rewritten", "_encoded", "_digest",
+                 "_tuple", "__weakref__")
 
     def __init__(self, version: int, services: Mapping[str, ServiceRoutes], base: int = -2) -> None:
         self.version, self.base = version, base
         self._services: dict[str, ServiceRoutes] | None = dict(sorted(services.items()))
         self._root: Routing | None = None
         self._overlay: dict[str, dict[str, Backend]] = {}  # thin: service -> id -> row, since the root
-        self._last: dict[str, frozenset[str]] = {}  # thin: the ids the last delta rewrote
+        self._rewritten: dict[str, frozenset[str]] = {}  # thin: the ids the last delta rewrote
         self._encoded: bytes | None = None
         self._digest: str | None = None
         self._tuple: tuple[Service, ...] | None = None
@@ -131,6 +136,9 @@ class Routing:
                     for name, changed in self._overlay.items() for backend_id, b in changed.items()]
             services = self._services = self._root.apply(Delta(self.version, self._root.version,
                                                                 backends=rows)).services
+            # built, it is the root of the next ones: holding its own root
+            # would keep every version built since the last full one
+            self._root, self._overlay = None, {}
         return services
 
     def with_rows(self, delta: Delta) -> Routing | None:
@@ -162,16 +170,17 @@ class Routing:
             return None
         thin = Routing(delta.version, {}, base=self.version)
         thin._services, thin._root, thin._overlay = None, root, overlay
-        thin._last = {name: frozenset(rows) for name, rows in last.items()}
+        thin._rewritten = {name: frozenset(rows) for name, rows in last.items()}
         return thin
 
     def rewritten_rows(self, held: Routing) -> dict[str, frozenset[str]] | None:
         """The ids, per service, of the only rows that differ from ``held``
-        when this routing is ``held`` after one ``with_rows``; else None."""
+        when this routing is still thin and is ``held`` after one
+        ``with_rows``; else None (then compare: see rows_changed)."""
         root = self._root
         if root is None or self.base != held.version or (held is not root and held._root is not root):
             return None
-        return self._last
+        return self._rewritten
 
     def backend(self, service: str, backend_id: str) -> Backend:
         """One row, without building a thin routing."""
@@ -259,8 +268,10 @@ class Routing:
 
 def rows_changed(held: Routing, routing: Routing) -> dict[str, frozenset[str]] | None:
     """Per service, the ids of the backend rows ``routing`` rewrote from
-    ``held``, when one delta made it from ``held`` and no id came or went;
-    else None (then whoever builds from it compares for itself)."""
+    ``held`` (or more: see ServiceRoutes.changed), when one delta made it
+    from ``held`` and no id came or went; else None (then whoever builds
+    from it compares for itself). For a thin routing not yet built,
+    ``routing.rewritten_rows(held)`` answers without building it."""
     if routing.base != held.version or routing.services.keys() != held.services.keys():
         return None
     changed = {}

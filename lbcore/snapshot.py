@@ -180,6 +180,9 @@ def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous
     old = previous.backends
     if old is new and previous.algorithm == service.algorithm:
         return previous
+    # Rows are compared by identity (``is``), never by value: a row patched
+    # in by patched_tables keeps its old object in ``old``, which must count
+    # as changed (equal by value it would not be patched again).
     if changed is not None and len(old) == len(new):
         rows = copy_rows(previous.rows)
         for backend_id in changed:

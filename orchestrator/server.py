@@ -4,7 +4,9 @@ Sockets (ZeroMQ, addresses from the [orchestrator] table):
 
 - control (ROUTER): ctl requests from lbctl (REQ/DEALER), answered with the
   admin API of control.py; nodes use the same socket to fetch the current
-  snapshot (verb ``snapshot.get``) and to report what they applied.
+  snapshot (verb ``snapshot.get``) and to report what they applied (the
+  ACK after each apply is read as the exact bytes nodes write: see
+  lbcore.wire.read_ack; a node's accepted report is never answered).
 - publish (PUB): ``[b"delta", DELTA]`` whenever the routing state changes
   (what changed since the previous version; a full ``[b"snapshot",
   SNAPSHOT]`` instead for the first one and whenever the full one is
@@ -29,7 +31,6 @@ from typing import Any
 
 import zmq
 
-from lbcore.link import readable
 from lbcore.wire import read_ack
 from orchestrator.control import MAX_REQUEST, ControlPlane, encode_reply
 from orchestrator.derive import Deriver, InconsistentSnapshotError
@@ -254,7 +255,8 @@ class Orchestrator:
                 if dict(poller.poll(timeout_ms)).get(self.control):
                     for _ in range(256):  # answer what is queued, then publish once
                         self._answer()
-                        if not readable(self.control):
+                        events = self.control.getsockopt(zmq.EVENTS)  # one call: poll(0) builds a poller
+                        if not (isinstance(events, int) and events & zmq.POLLIN):
                             break
                 self._publish_if_dirty()
                 self._audit_if_idle()

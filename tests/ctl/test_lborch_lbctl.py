@@ -377,11 +377,19 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
         report(node="n1", version=2, staleness_ms=5)
         assert view_at(2)["digest"] == ""
         # the ACK exactly as a node writes it (read without a JSON parse): the same rules
+        def staleness() -> int:
+            req.send(json.dumps({"verb": "status", "args": {}}).encode())
+            assert req.poll(5000)
+            (node,) = json.loads(req.recv())["result"]["nodes"]
+            return node["staleness_ms"]
+
         report(node="n1", version=3, staleness_ms=5, counters={}, digest="d3")
-        dealer.send(report_request("n1", 3, 7, None))
-        assert view_at(3)["digest"] == "d3"
-        dealer.send(report_request("n1", 4, 7, None))
-        assert view_at(4)["digest"] == ""
+        dealer.send(report_request("n1", 3, 7, None))  # after the report: the same connection
+        wait_for(lambda: staleness() == 7, 5, "the ACK of version 3")
+        assert node_view()["digest"] == "d3"
+        dealer.send(report_request("n1", 4, 8, None))
+        wait_for(lambda: staleness() == 8, 5, "the ACK of version 4")
+        assert node_view()["applied_version"] == 4 and node_view()["digest"] == ""
         assert not dealer.poll(300), "an ACK was answered"
         report(node="n1", version="2", staleness_ms=5)
         assert dealer.poll(5000), "a refused report got no answer"

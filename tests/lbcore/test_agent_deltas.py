@@ -57,8 +57,14 @@ def delta_of(held: Routing, rows: list[dict[str, Any]]) -> Delta:
     return delta
 
 
+# how the link hands a version to the agent: one delta; two drained at once
+# (one routing, two deltas past what the agent holds); a full snapshot (fetch)
+ARRIVALS = ["one", "one", "one", "two", "fetch"]
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(st.tuples(st.lists(delta_rows(), max_size=3), st.booleans()), min_size=1, max_size=12))
+@given(steps=st.lists(st.tuples(st.lists(delta_rows(), max_size=3), st.sampled_from(ARRIVALS), st.booleans()),
+                      min_size=1, max_size=12))
 def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: list[Any]) -> None:
     node_id = f"deltas-{os.getpid()}"
     ports = [free_port("127.0.0.7") for _ in range(2)]
@@ -79,21 +85,27 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
         agent.remote = Remote(agent.config, agent.log)
         agent.remote.link.routing = held
         reference = held  # the same deltas, applied whole: the control plane's view
-        for rows, audit in steps:
-            held = agent.remote.link.routing
-            delta = delta_of(reference, rows)
-            thin = held.with_rows(delta)
-            event("rows only" if thin is not None else "built whole")
-            routing = thin or held.apply(delta)
-            reference = reference.apply(delta)
+        for rows, arrival, audit in steps:
+            held = routing = agent.remote.link.routing
+            config_before = agent.config
+            if arrival == "fetch":
+                reference = Routing.of(reference.version + 1, reference.as_services())
+                routing = Routing.of(reference.version, reference.as_services())
+            for _ in range(2 if arrival == "two" else 1 if arrival == "one" else 0):
+                delta = delta_of(reference, rows)
+                routing = routing.with_rows(delta) or routing.apply(delta)  # as ControlLink.receive
+                reference = reference.apply(delta)
+            rewritten = routing.rewritten_rows(held)
+            event(f"{arrival}: {'rows patched' if rewritten is not None else 'built whole'}")
             agent.apply_remote(routing)
             assert agent.version == routing.version and agent.remote.link.routing is routing
+            assert (agent.config is config_before) == (rewritten is not None)  # the path taken
             fresh = snapshot_from_config(localize(agent.config, reference.as_services()), routing.version,
                                          agent.service_slots, agent.backend_slots)
             assert read_snapshot(agent.segment).to_bytes() == fresh.to_bytes()
             assert [(s.name, [b.id for b in s.backends]) for s in agent.config.services] == \
                 [(s.name, [b.id for b in s.backends]) for s in reference.as_services()]
             if audit:  # the periodic report's digest builds the routing: the next delta chains from it
-                agent.remote.link.routing.digest()
+                assert agent.remote.link.routing.digest() == reference.digest()
     finally:
         agent.shutdown(drain=False)

@@ -169,7 +169,8 @@ def test_the_control_plane_reads_an_ack_as_the_node_writes_it_and_nothing_else()
         report_request('node "é" 2', 12, 3, None),          # an id json.dumps escapes: parsed as JSON
         report_request("n1", 12, 3, {}),                      # a report with counters
         report_request("n1", 12, 3, None, "d"),               # ... or a digest
-        report_request("n1", -1, 3, None),                    # what the regular path refuses or checks
+        report_request("n1", -1, 3, None),                    # left to the regular path
+        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 012}, "verb": "node.report"}',  # not JSON
         b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"} ',
         b'{"args":{"node":"n1","staleness_ms":3,"version":12},"verb":"node.report"}',
         b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12345678901234567890}, '

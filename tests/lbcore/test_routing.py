@@ -379,8 +379,8 @@ def test_a_chain_of_row_rewrites_held_thin_is_what_apply_gives(data: st.DataObje
     """with_rows gives, once its services are read, exactly apply's routing;
     along a chain its root is kept, the base is never touched, and
     rewritten_rows names the last delta's rows."""
-    built = thin = Routing.of(1, old)
-    before = state_of(built)
+    first = built = thin = Routing.of(1, old)
+    before = state_of(first)
     for step in range(data.draw(st.integers(1, 6), label="steps")):
         delta = data.draw(row_rewrites(built), label=f"delta {step}")
         held, thin = thin, thin.with_rows(delta)
@@ -399,7 +399,7 @@ def test_a_chain_of_row_rewrites_held_thin_is_what_apply_gives(data: st.DataObje
             assert thin.digest() == built.digest()
     assert thin.encode() == built.encode() and thin.as_services() == built.as_services()
     assert state_of(thin) == state_of(built)
-    assert state_of(Routing.of(1, old)) == before
+    assert state_of(first) == before
 
 
 def test_with_rows_leaves_to_apply_what_is_more_than_a_row_rewrite() -> None:
@@ -441,3 +441,24 @@ def test_a_thin_routing_is_built_before_its_rows_pass_the_bound() -> None:
         {"service": "web", "id": f"b{OVERLAY_ROWS}", "address": "10.0.0.1:1", "weight": 2}])
     assert routing.with_rows(last) is None  # past the bound: apply, which builds it
     assert [b.weight for b in routing.apply(last).as_services()[0].backends] == [2] * (OVERLAY_ROWS + 1)
+
+
+def test_a_built_thin_routing_lets_go_of_its_root() -> None:
+    """Built (by a digest), a thin routing is the root of the next ones and
+    holds no root of its own: a long run of row rewrites keeps one root."""
+    import gc
+    import weakref
+
+    web = Service("web", "127.0.0.1:80", "wrr", (Backend("a", "10.0.0.1:1", 1),))
+    routing = Routing.of(1, [web])
+    first = weakref.ref(routing)
+    for version in range(2, 6):
+        thin = routing.with_rows(Delta(version, version - 1, backends=[
+            {"service": "web", "id": "a", "address": "10.0.0.1:1", "weight": version}]))
+        assert thin is not None and thin.rewritten_rows(routing) == {"web": frozenset({"a"})}
+        thin.digest()
+        assert thin.rewritten_rows(routing) is None  # built: compared, not told
+        routing = thin
+    gc.collect()
+    assert first() is None
+    assert routing.as_services()[0].backends == (Backend("a", "10.0.0.1:1", 5),)
