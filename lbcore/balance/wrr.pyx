@@ -6,6 +6,7 @@ backend appears ``weight`` times, interleaved smoothly. Workers share one
 cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 """
+from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
 from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
@@ -96,6 +97,10 @@ cdef Py_ssize_t _fill(const uint32_t *owners, const Py_ssize_t *group_start, con
             turn[due[g]] += 1
 
 
+cdef inline int64_t _reduced(int64_t weight, int64_t g) noexcept nogil:
+    return weight if g == 1 else weight // g
+
+
 cdef int64_t _gcd(int64_t a, int64_t b) noexcept nogil:
     while b:
         a, b = b, a % b
@@ -108,7 +113,10 @@ def build_schedule(weights):
     smoothly by earliest deadline: the k-th turn of i is due at
     (k + 1/2) / (weights[i] / g), ties to the lower position."""
     import numpy as np  # here, not at import: workers load this module too
-    return _schedule(np.ascontiguousarray(weights, dtype=np.int64))
+    cdef int64_t[::1] w = np.ascontiguousarray(weights, dtype=np.int64)
+    if w.shape[0] == 0:
+        return np.empty(0, dtype=np.uint32)
+    return _schedule(&w[0], w.shape[0])
 
 
 def schedule_of_rows(rows):
@@ -118,54 +126,83 @@ def schedule_of_rows(rows):
     import numpy as np
     if rows.dtype.itemsize != sizeof(flc_backend) or not rows.flags.c_contiguous:
         raise ValueError("rows must be a contiguous array of layout.BACKEND")
-    weights = np.empty(len(rows), dtype=np.int64)
-    cdef int64_t[::1] w = weights
     cdef Py_ssize_t i, n = len(rows), eligible = 0
     if n == 0:
         return np.empty(0, dtype=np.uint32), 0
-    cdef const unsigned char[::1] raw = rows.view(np.uint8).reshape(-1)
+    cdef const unsigned char[::1] raw = rows.view(np.uint8)
     cdef const flc_backend *row = <const flc_backend *>&raw[0]
-    with nogil:
-        for i in range(n):
-            w[i] = row[i].weight if row[i].eligible else 0
-            eligible += row[i].eligible != 0
-    return _schedule(weights), eligible
+    # scratch from the allocator, not numpy: this runs once per version a node applies
+    cdef int64_t *w = <int64_t *>PyMem_Malloc(n * sizeof(int64_t))
+    if w == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            for i in range(n):
+                w[i] = row[i].weight if row[i].eligible else 0
+                eligible += row[i].eligible != 0
+        return _schedule(w, n), eligible
+    finally:
+        PyMem_Free(w)
 
 
-def _schedule(int64_t[::1] w):
-    """build_schedule of int64 weights (the agent's side, like build_schedule)."""
+cdef object _schedule(const int64_t *w, Py_ssize_t n):
+    """build_schedule of n int64 weights (n > 0)."""
     import numpy as np
-    cdef Py_ssize_t n = w.shape[0], i, total = 0, groups = 0, at
+    cdef Py_ssize_t i, total = 0, groups = 0, at, slots
     cdef int64_t g = 0, top = 0, r
     for i in range(n):
         if w[i] > 0:
-            g = _gcd(w[i], g)
+            if g != 1:  # 1 divides everything: no more divisions (they cost more than the rest)
+                g = _gcd(w[i], g)
             top = max(top, w[i])
     if g == 0:
         return np.empty(0, dtype=np.uint32)
     if top // g > MAX_REDUCED:
         raise ValueError(f"weight {top} is too large for a schedule (at most {MAX_REDUCED} "
                          "after division by the weights' gcd)")
+    slots = top // g + 2
     # owners grouped by reduced weight (a counting sort: position order kept)
-    count_array = np.zeros(top // g + 2, dtype=np.intp)
-    cdef Py_ssize_t[::1] count = count_array
-    for i in range(n):
-        if w[i] > 0:
-            count[w[i] // g] += 1
-            total += w[i] // g
-    for r in range(1, top // g + 1):
-        groups += count[r] > 0
-    owners_array = np.empty(n, dtype=np.uint32)
-    start_array = np.empty(groups + 1, dtype=np.intp)
-    weight_array = np.empty(groups, dtype=np.int64)
-    scratch_array = np.empty(3 * groups, dtype=np.intp)
-    turn_array = np.zeros(groups, dtype=np.int64)
-    schedule = np.empty(total, dtype=np.uint32)
-    cdef uint32_t[::1] owners = owners_array, out = schedule
-    cdef Py_ssize_t[::1] group_start = start_array, scratch = scratch_array
-    cdef int64_t[::1] group_weight = weight_array, turn = turn_array
+    cdef Py_ssize_t *count = <Py_ssize_t *>PyMem_Calloc(slots, sizeof(Py_ssize_t))
+    if count == NULL:
+        raise MemoryError()
+    cdef Py_ssize_t *group_start = NULL
+    cdef int64_t *group_weight = NULL
+    cdef int64_t *turn = NULL
+    cdef uint32_t *owners = NULL
+    try:
+        for i in range(n):
+            if w[i] > 0:
+                r = _reduced(w[i], g)
+                count[r] += 1
+                total += r
+        for r in range(1, top // g + 1):
+            groups += count[r] > 0
+        # one block: group starts (groups + 1) and three scratch columns, then weights and turns
+        group_start = <Py_ssize_t *>PyMem_Malloc((4 * groups + 1) * sizeof(Py_ssize_t))
+        group_weight = <int64_t *>PyMem_Calloc(2 * groups, sizeof(int64_t))
+        owners = <uint32_t *>PyMem_Malloc(n * sizeof(uint32_t))
+        if group_start == NULL or group_weight == NULL or owners == NULL:
+            raise MemoryError()
+        turn = group_weight + groups
+        schedule = np.empty(total, dtype=np.uint32)
+        out_view = schedule
+        at = _fill_schedule(w, n, g, top, count, owners, group_start, group_weight, turn, out_view)
+    finally:
+        PyMem_Free(count)
+        PyMem_Free(group_start)
+        PyMem_Free(group_weight)
+        PyMem_Free(owners)
+    if at != total:
+        raise AssertionError(f"schedule of {at} entries, {total} expected")
+    return schedule
+
+
+cdef Py_ssize_t _fill_schedule(const int64_t *w, Py_ssize_t n, int64_t g, int64_t top, Py_ssize_t *count,
+                               uint32_t *owners, Py_ssize_t *group_start, int64_t *group_weight,
+                               int64_t *turn, uint32_t[::1] out):
+    cdef Py_ssize_t i, at = 0, groups = 0
+    cdef int64_t r
     with nogil:
-        at = groups = 0
         for r in range(1, top // g + 1):  # count[r] becomes where group r's owners go
             if count[r]:
                 group_start[groups], group_weight[groups] = at, r
@@ -175,9 +212,9 @@ def _schedule(int64_t[::1] w):
         group_start[groups] = at
         for i in range(n):
             if w[i] > 0:
-                owners[count[w[i] // g]] = <uint32_t>i
-                count[w[i] // g] += 1
-        at = _fill(&owners[0], &group_start[0], &group_weight[0], groups, &turn[0], &scratch[0], &out[0])
-    if at != total:
-        raise AssertionError(f"schedule of {at} entries, {total} expected")
-    return schedule
+                r = _reduced(w[i], g)
+                owners[count[r]] = <uint32_t>i
+                count[r] += 1
+        if out.shape[0] == 0:
+            return 0
+        return _fill(owners, group_start, group_weight, groups, turn, group_start + groups + 1, &out[0])
