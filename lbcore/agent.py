@@ -358,7 +358,7 @@ class NodeAgent:
 
     def _remote_counters(self) -> dict[str, Any]:
         assert self.segment is not None
-        return report_counters(self.segment, REPORT_BACKENDS)
+        return report_counters(self.segment, REPORT_BACKENDS, self.image)  # what it published: no copy back
 
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""

@@ -90,11 +90,14 @@ def format_stats(stats: dict[str, Any]) -> str:
 REPORTED_FIELDS = ("active", "total", "failed")
 
 
-def report_counters(segment: Segment, max_backends: int) -> dict[str, dict[str, dict[str, int]]]:
+def report_counters(segment: Segment, max_backends: int,
+                    image: SnapshotImage | None = None) -> dict[str, dict[str, dict[str, int]]]:
     """What a node reports to the control plane: per service and backend,
     or per service only (as backend "(all)") past ``max_backends``, so that
-    a report stays one small message whatever the pool."""
-    image = read_snapshot(segment)
+    a report stays one small message whatever the pool. ``image``: the
+    snapshot published (the agent's own; else it is read back, checked)."""
+    if image is None:
+        image = read_snapshot(segment)
     active = [row for row in image.services if row["active"]]
     summed = sum(int(row["backend_count"]) for row in active) > max_backends
     report = {}

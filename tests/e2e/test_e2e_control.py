@@ -129,6 +129,14 @@ def test_add_and_remove_propagate_to_every_node(backends, lbproxy, control_plane
         return len(status["nodes"]) == 3 and applied == {status["version"]}
 
     wait_until(converged, 10)
+
+    def w2_totals() -> list[int]:  # per node, from its periodic report (every 0.5 s)
+        status = json.loads(orch.lbctl("status", "--json").stdout)
+        return [n["counters"].get("web", {}).get("w2", {}).get("total", -1) for n in status["nodes"]]
+
+    # per-backend counters, per node: 3 connections to w2 while w1 was there, 6 after
+    wait_until(lambda: w2_totals() == [9, 9, 9], 10)
+
     def audited(node_id: str) -> dict:
         return json.loads(orch.lbctl("snapshot", "show", "--node", node_id, "--json").stdout)
 
