@@ -7,11 +7,15 @@ applied in every node's shared memory.
 For each (nodes, backends) it starts one lborch and N lbproxy nodes (1 worker
 each, on 127.0.0.2, .3, …), then repeats: set a backend's weight through the
 control socket and wait until every node's segment shows that version.
-Three clocks time it, all on this machine's monotonic clock:
+Clocks, all this machine's monotonic clock:
 
-- shm: from receiving the write's acknowledgement (sent after the commit)
-  to the last node's publish of the version, as the node stamped it in its
-  snapshot header (published_ns) when it made the version current;
+- commit: from the commit of the write (the control plane's stamp,
+  ``lbctl status``: version_committed_ns) to the last node's publish of the
+  version, as the node stamped it in its snapshot header (published_ns)
+  when it made the version current: commit to applied on all nodes;
+- stamp: the same from this script's receipt of the write's
+  acknowledgement (later than the commit by the reply's trip and this
+  script's wake-up, which waits for the CPU the nodes are taking);
 - polled: the same, up to when this script saw the version in every node's
   segment, polled every POLL_S (adds the poll interval and this script's own
   wake-up, which waits for the busy nodes' CPU);
@@ -116,7 +120,7 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
     sock.connect(f"tcp://127.0.0.1:{control}")
     try:
         size = len(request(sock, "snapshot.get")["snapshot"])
-        times, polled, from_commit = [], [], []
+        times, polled, from_commit, commit_to_ack = [], [], [], []
         cpu_before = [cpu_seconds(pid) for pid in (orch.pid, *agents)]
         for trial in range(trials):
             weight = 1 + trial % 5
@@ -128,8 +132,11 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
                     raise RuntimeError(f"version {version} not applied everywhere after 30 s")
                 time.sleep(POLL_S)
             polled.append((time.monotonic_ns() - acked) / 1e6)
-            times.append((max(published_ns(s, version) for s in segments) - acked) / 1e6)
-            from_commit.append(slowest_ack(sock, version, nodes))
+            last_publish = max(published_ns(s, version) for s in segments)
+            times.append((last_publish - acked) / 1e6)
+            committed_ns, slowest = slowest_ack(sock, version, nodes)
+            commit_to_ack.append(slowest)
+            from_commit.append((last_publish - committed_ns) / 1e6)
             time.sleep(0.02)  # one change at a time
         cpu = [cpu_seconds(pid) - before for pid, before in zip((orch.pid, *agents), cpu_before, strict=True)]
         delta = request(sock, "status")["last_delta_bytes"]  # the last trial's: one weight change
@@ -145,30 +152,39 @@ def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:
     times.sort()
     polled.sort()
     from_commit.sort()
+    commit_to_ack.sort()
     return {"nodes": nodes, "backends": backends, "snapshot_bytes": size, "delta_bytes": delta,
             "trials": trials,
             # p50_ms/p99_ms: polled, as in every result file before the stamp existed
             "p50_ms": statistics.median(polled), "p99_ms": percentile(polled, 0.99), "max_ms": polled[-1],
             "p50_stamp_ms": statistics.median(times), "p99_stamp_ms": percentile(times, 0.99),
             "max_stamp_ms": times[-1],
-            "p50_commit_to_ack_ms": statistics.median(from_commit),
-            "p99_commit_to_ack_ms": percentile(from_commit, 0.99),
+            "p50_commit_ms": statistics.median(from_commit), "p99_commit_ms": percentile(from_commit, 0.99),
+            "max_commit_ms": from_commit[-1],
+            "p50_commit_to_ack_ms": statistics.median(commit_to_ack),
+            "p99_commit_to_ack_ms": percentile(commit_to_ack, 0.99),
             "writes_per_s": rate,
+            # every trial, sorted (ms, 3 decimals): runs can be pooled
+            "stamp_ms": [round(t, 3) for t in times], "polled_ms": [round(t, 3) for t in polled],
+            "commit_ms": [round(t, 3) for t in from_commit],
             # CPU per version (all threads; over the trials, reports and heartbeats included)
             "orch_cpu_ms_per_version": cpu[0] / trials * 1000,
             "node_cpu_ms_per_version": statistics.mean(cpu[1:]) / trials * 1000}
 
 
-def slowest_ack(sock: zmq.Socket[bytes], version: int, nodes: int) -> float:
-    """The control plane's time from the commit of ``version`` to the last
-    node's ACK of it, once every node has reported it."""
+def slowest_ack(sock: zmq.Socket[bytes], version: int, nodes: int) -> tuple[int, float]:
+    """(when ``version`` committed, on the control plane's monotonic clock;
+    its time from that commit to the last node's ACK), once every node has
+    reported it."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        reported = [n for n in request(sock, "status")["nodes"] if n["applied_version"] >= version]
+        status = request(sock, "status")
+        reported = [n for n in status["nodes"] if n["applied_version"] >= version]
         if len(reported) == nodes:
-            if any(n["applied_version"] > version or n["propagation_ms"] is None for n in reported):
-                raise RuntimeError(f"version {version}: a node reported a later one first")
-            return max(n["propagation_ms"] for n in reported)
+            if any(n["applied_version"] > version or n["propagation_ms"] is None for n in reported) \
+                    or status["version"] != version or status["version_committed_ns"] is None:
+                raise RuntimeError(f"version {version}: a later one came first, or no commit time")
+            return status["version_committed_ns"], max(n["propagation_ms"] for n in reported)
         time.sleep(0.005)
     raise RuntimeError(f"version {version}: not every node reported it within 10 s")
 
@@ -192,7 +208,7 @@ def main() -> int:
     args = parser.parse_args()
     results = []
     print(f"{'nodes':>5} {'backends':>8} {'full B':>9} {'delta B':>8} {'p50 ack':>8} {'p99 ack':>8} "
-          f"{'p50 stmp':>8} {'p99 stmp':>8} {'p50 poll':>8} {'p99 poll':>8} "
+          f"{'p50 cmt':>8} {'p99 cmt':>8} {'p50 stmp':>8} {'p99 stmp':>8} {'p50 poll':>8} {'p99 poll':>8} "
           f"{'writes/s':>9} {'orch cpu':>9} {'node cpu':>9}", flush=True)
     for backends in args.backends:
         for nodes in args.nodes:
@@ -204,6 +220,7 @@ def main() -> int:
             results.append(r)
             print(f"{r['nodes']:>5} {r['backends']:>8} {r['snapshot_bytes']:>9,} {r['delta_bytes']:>8,} "
                   f"{r['p50_commit_to_ack_ms']:>8.2f} {r['p99_commit_to_ack_ms']:>8.2f} "
+                  f"{r['p50_commit_ms']:>8.2f} {r['p99_commit_ms']:>8.2f} "
                   f"{r['p50_stamp_ms']:>8.2f} {r['p99_stamp_ms']:>8.2f} "
                   f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
                   f"{r['writes_per_s']:>9.0f} {r['orch_cpu_ms_per_version']:>9.2f} "

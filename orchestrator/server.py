@@ -69,7 +69,7 @@ class Orchestrator:
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._dirty = True  # publish once at start
-        self._committed: dict[int, float] = {}  # version -> when its write committed (monotonic)
+        self._committed: dict[int, int] = {}  # version -> when its write committed (monotonic ns)
         self._last_publish = self._retry_at = 0.0
         self._last_audit = time.monotonic()
         self.published_version = -1
@@ -93,7 +93,7 @@ class Orchestrator:
     def _changed(self, change: Change, version: int) -> None:
         self.deriver.touch(change)
         self._dirty = True
-        self._committed[version] = time.monotonic()
+        self._committed[version] = time.monotonic_ns()
         if len(self._committed) > KEEP_COMMIT_TIMES:
             del self._committed[next(iter(self._committed))]
 
@@ -125,7 +125,7 @@ class Orchestrator:
         propagation = previous.get("propagation_ms")
         if version != previous.get("version"):
             committed = self._committed.get(version)
-            propagation = round((now - committed) * 1000, 3) if committed is not None else None
+            propagation = round((time.monotonic_ns() - committed) / 1e6, 3) if committed is not None else None
         # the ACK right after an apply carries no digest (hashing the snapshot
         # would delay the node); the next periodic report brings it
         if digest is None:
@@ -156,6 +156,10 @@ class Orchestrator:
         now = time.monotonic()
         return {
             "version": self.published_version,
+            # when the write that made it committed, on this host's monotonic
+            # clock (time.monotonic_ns): comparable with stamps taken on the
+            # same host only, as bench/propagation.py does; null if unknown
+            "version_committed_ns": self._committed.get(self.published_version),
             "last_error": self.last_error,
             "snapshot_bytes": self.deriver.routing.encoded_size(),
             "last_delta_bytes": self.last_delta_bytes,

@@ -129,6 +129,9 @@ def test_add_and_remove_propagate_to_every_node(backends, lbproxy, control_plane
         return len(status["nodes"]) == 3 and applied == {status["version"]}
 
     wait_until(converged, 10)
+    # the published version's commit, on this host's monotonic clock (what the benchmark times from)
+    committed = json.loads(orch.lbctl("status", "--json").stdout)["version_committed_ns"]
+    assert isinstance(committed, int) and t0 * 1e9 < committed < time.monotonic_ns()
 
     def w2_totals() -> list[int]:  # per node, from its periodic report (every 0.5 s)
         status = json.loads(orch.lbctl("status", "--json").stdout)
