@@ -156,7 +156,7 @@ def test_one_weight_delta(benchmark, path, algorithm, size):
         parts = dict(image.parts)
         for name, ids in (routing.rewritten_rows(base) or {}).items():
             parts[name] = patched_tables(parts[name], {i: routing.backend(name, i) for i in ids})
-        return build_snapshot(services, LIMITS, 2, service_slots, backend_slots, parts)
+        return build_snapshot(base.as_services(), LIMITS, 2, service_slots, backend_slots, parts)  # as held
 
     expected = apply().to_bytes()
     assert patch().to_bytes() == expected
