@@ -6,7 +6,7 @@ backend appears ``weight`` times, interleaved smoothly. Workers share one
 cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 """
-from cpython.mem cimport PyMem_Calloc, PyMem_Free, PyMem_Malloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
 from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
@@ -113,10 +113,7 @@ def build_schedule(weights):
     smoothly by earliest deadline: the k-th turn of i is due at
     (k + 1/2) / (weights[i] / g), ties to the lower position."""
     import numpy as np  # here, not at import: workers load this module too
-    cdef int64_t[::1] w = np.ascontiguousarray(weights, dtype=np.int64)
-    if w.shape[0] == 0:
-        return np.empty(0, dtype=np.uint32)
-    return _schedule(&w[0], w.shape[0])
+    return _schedule(np.ascontiguousarray(weights, dtype=np.int64))
 
 
 def schedule_of_rows(rows):
@@ -129,92 +126,100 @@ def schedule_of_rows(rows):
     cdef Py_ssize_t i, n = len(rows), eligible = 0
     if n == 0:
         return np.empty(0, dtype=np.uint32), 0
+    weights = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] w = weights
     cdef const unsigned char[::1] raw = rows.view(np.uint8)
     cdef const flc_backend *row = <const flc_backend *>&raw[0]
-    # scratch from the allocator, not numpy: this runs once per version a node applies
-    cdef int64_t *w = <int64_t *>PyMem_Malloc(n * sizeof(int64_t))
-    if w == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            for i in range(n):
-                w[i] = row[i].weight if row[i].eligible else 0
-                eligible += row[i].eligible != 0
-        return _schedule(w, n), eligible
-    finally:
-        PyMem_Free(w)
+    with nogil:
+        for i in range(n):
+            w[i] = row[i].weight if row[i].eligible else 0
+            eligible += row[i].eligible != 0
+    return _schedule(weights), eligible
 
 
-cdef object _schedule(const int64_t *w, Py_ssize_t n):
-    """build_schedule of n int64 weights (n > 0)."""
+def _schedule(int64_t[::1] w):
+    """build_schedule of int64 weights. Its scratch comes from malloc, not
+    numpy: a node builds one per version it applies."""
     import numpy as np
-    cdef Py_ssize_t i, total = 0, groups = 0, at, slots
-    cdef int64_t g = 0, top = 0, r
-    for i in range(n):
-        if w[i] > 0:
-            if g != 1:  # 1 divides everything: no more divisions (they cost more than the rest)
-                g = _gcd(w[i], g)
-            top = max(top, w[i])
+    cdef Py_ssize_t n = w.shape[0], total = 0, groups, at
+    cdef int64_t g = 0, top = 0
+    if n:
+        _gcd_and_top(&w[0], n, &g, &top)
     if g == 0:
         return np.empty(0, dtype=np.uint32)
     if top // g > MAX_REDUCED:
         raise ValueError(f"weight {top} is too large for a schedule (at most {MAX_REDUCED} "
                          "after division by the weights' gcd)")
-    slots = top // g + 2
     # owners grouped by reduced weight (a counting sort: position order kept)
-    cdef Py_ssize_t *count = <Py_ssize_t *>PyMem_Calloc(slots, sizeof(Py_ssize_t))
-    if count == NULL:
-        raise MemoryError()
-    cdef Py_ssize_t *group_start = NULL
+    cdef Py_ssize_t *count = <Py_ssize_t *>calloc(top // g + 2, sizeof(Py_ssize_t))
+    cdef Py_ssize_t *starts = NULL
     cdef int64_t *group_weight = NULL
-    cdef int64_t *turn = NULL
     cdef uint32_t *owners = NULL
+    cdef uint32_t[::1] out
     try:
-        for i in range(n):
-            if w[i] > 0:
-                r = _reduced(w[i], g)
-                count[r] += 1
-                total += r
-        for r in range(1, top // g + 1):
-            groups += count[r] > 0
-        # one block: group starts (groups + 1) and three scratch columns, then weights and turns
-        group_start = <Py_ssize_t *>PyMem_Malloc((4 * groups + 1) * sizeof(Py_ssize_t))
-        group_weight = <int64_t *>PyMem_Calloc(2 * groups, sizeof(int64_t))
-        owners = <uint32_t *>PyMem_Malloc(n * sizeof(uint32_t))
-        if group_start == NULL or group_weight == NULL or owners == NULL:
+        if count == NULL:
             raise MemoryError()
-        turn = group_weight + groups
+        groups = _count_weights(&w[0], n, g, top, count, &total)
+        # group starts (groups + 1) then three scratch columns; weights then turns (zeroed)
+        starts = <Py_ssize_t *>malloc((4 * groups + 1) * sizeof(Py_ssize_t))
+        group_weight = <int64_t *>calloc(2 * groups, sizeof(int64_t))
+        owners = <uint32_t *>malloc(n * sizeof(uint32_t))
+        if starts == NULL or group_weight == NULL or owners == NULL:
+            raise MemoryError()
         schedule = np.empty(total, dtype=np.uint32)
-        out_view = schedule
-        at = _fill_schedule(w, n, g, top, count, owners, group_start, group_weight, turn, out_view)
+        out = schedule
+        with nogil:
+            at = _fill_schedule(&w[0], n, g, top, count, owners, starts, group_weight, &out[0])
     finally:
-        PyMem_Free(count)
-        PyMem_Free(group_start)
-        PyMem_Free(group_weight)
-        PyMem_Free(owners)
+        free(count)
+        free(starts)
+        free(group_weight)
+        free(owners)
     if at != total:
         raise AssertionError(f"schedule of {at} entries, {total} expected")
     return schedule
 
 
+cdef void _gcd_and_top(const int64_t *w, Py_ssize_t n, int64_t *g, int64_t *top) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        if w[i] > 0:
+            if g[0] != 1:  # 1 divides everything: no more divisions (they cost more than the rest)
+                g[0] = _gcd(w[i], g[0])
+            if w[i] > top[0]:
+                top[0] = w[i]
+
+
+cdef Py_ssize_t _count_weights(const int64_t *w, Py_ssize_t n, int64_t g, int64_t top, Py_ssize_t *count,
+                               Py_ssize_t *total) noexcept nogil:
+    """count[r]: the backends of reduced weight r; returns how many weights occur."""
+    cdef Py_ssize_t i, groups = 0
+    cdef int64_t r
+    for i in range(n):
+        if w[i] > 0:
+            r = _reduced(w[i], g)
+            count[r] += 1
+            total[0] += r
+    for r in range(1, top // g + 1):
+        groups += count[r] > 0
+    return groups
+
+
 cdef Py_ssize_t _fill_schedule(const int64_t *w, Py_ssize_t n, int64_t g, int64_t top, Py_ssize_t *count,
-                               uint32_t *owners, Py_ssize_t *group_start, int64_t *group_weight,
-                               int64_t *turn, uint32_t[::1] out):
+                               uint32_t *owners, Py_ssize_t *starts, int64_t *group_weight,
+                               uint32_t *out) noexcept nogil:
     cdef Py_ssize_t i, at = 0, groups = 0
     cdef int64_t r
-    with nogil:
-        for r in range(1, top // g + 1):  # count[r] becomes where group r's owners go
-            if count[r]:
-                group_start[groups], group_weight[groups] = at, r
-                at += count[r]
-                count[r] = group_start[groups]
-                groups += 1
-        group_start[groups] = at
-        for i in range(n):
-            if w[i] > 0:
-                r = _reduced(w[i], g)
-                owners[count[r]] = <uint32_t>i
-                count[r] += 1
-        if out.shape[0] == 0:
-            return 0
-        return _fill(owners, group_start, group_weight, groups, turn, group_start + groups + 1, &out[0])
+    for r in range(1, top // g + 1):  # count[r] becomes where group r's owners go
+        if count[r]:
+            starts[groups], group_weight[groups] = at, r
+            at += count[r]
+            count[r] = starts[groups]
+            groups += 1
+    starts[groups] = at
+    for i in range(n):
+        if w[i] > 0:
+            r = _reduced(w[i], g)
+            owners[count[r]] = <uint32_t>i
+            count[r] += 1
+    return _fill(owners, starts, group_weight, groups, group_weight + groups, starts + groups + 1, out)
