@@ -17,54 +17,18 @@ from lbcore.remote import Remote, localize
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.snapshot import read_snapshot, snapshot_from_config
-from lbcore.wire import Delta
+from tests.lbcore.deltas import IDS, delta_of, delta_rows
 from tests.support import free_port
-
-ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
-IDS = [f"b{n}" for n in range(8)]
-
-
-@st.composite
-def delta_rows(draw: Any) -> dict[str, Any]:
-    """One change: mostly weights and addresses of existing ids (rows only),
-    sometimes an id that comes or goes, or an algorithm."""
-    return {"kind": draw(st.sampled_from(["weight", "weight", "weight", "address", "add", "remove",
-                                          "algorithm"])),
-            "service": draw(st.sampled_from(["web", "api"])), "id": draw(st.sampled_from(IDS)),
-            "weight": draw(st.integers(0, 9)), "port": draw(st.integers(9000, 9009)),
-            "algorithm": draw(st.sampled_from(ALGORITHMS))}
-
-
-def delta_of(held: Routing, rows: list[dict[str, Any]]) -> Delta:
-    delta = Delta(held.version + 1, held.version)
-    touched: set[tuple[str, str]] = set()
-    for row in rows:
-        service = held.services[row["service"]]
-        if (row["service"], row["id"]) in touched:
-            continue
-        touched.add((row["service"], row["id"]))
-        present = row["id"] in service.backends
-        if row["kind"] == "remove" and present:
-            delta.removed_backends.append({"service": row["service"], "id": row["id"]})
-        elif row["kind"] == "algorithm" and row["service"] not in {s["name"] for s in delta.services}:
-            delta.services.append({"name": service.name, "listen": service.listen,
-                                   "algorithm": row["algorithm"]})
-        elif row["kind"] == "add" or present:
-            address = f"127.0.0.1:{row['port']}" if row["kind"] == "address" or not present \
-                else service.backends[row["id"]].address
-            delta.backends.append({"service": row["service"], "id": row["id"], "address": address,
-                                   "weight": row["weight"]})
-    return delta
-
 
 # how the link hands a version to the agent: one delta; two drained at once
 # (one routing, two deltas past what the agent holds); a full snapshot (fetch)
 ARRIVALS = ["one", "one", "one", "two", "fetch"]
+ROWS_MOSTLY = ("weight", "weight", "weight", "address", "add", "remove", "algorithm")
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(steps=st.lists(st.tuples(st.lists(delta_rows(), max_size=3), st.sampled_from(ARRIVALS), st.booleans()),
-                      min_size=1, max_size=12))
+@given(steps=st.lists(st.tuples(st.lists(delta_rows(ROWS_MOSTLY), max_size=3), st.sampled_from(ARRIVALS),
+                                st.booleans()), min_size=1, max_size=12))
 def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: list[Any]) -> None:
     node_id = f"deltas-{os.getpid()}"
     ports = [free_port("127.0.0.7") for _ in range(2)]

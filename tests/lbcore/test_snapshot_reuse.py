@@ -16,6 +16,7 @@ from lbcore import layout
 from lbcore.config import Backend, Service
 from lbcore.slots import SlotMap
 from lbcore.snapshot import Limits, ServiceTables, SnapshotImage, build_snapshot
+from tests.lbcore.deltas import IDS, delta_of, delta_rows
 
 LIMITS = Limits(connect_timeout_ms=2000, idle_timeout_ms=300_000, retries=3, relay_mode=1)
 ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
@@ -306,25 +307,10 @@ def test_a_service_that_comes_back_is_built_afresh() -> None:
     node.publish([api, web])
 
 
-IDS = [f"b{i}" for i in range(8)]
-
-
-@st.composite
-def delta_rows(draw: Any) -> dict[str, Any]:
-    """One row of a delta against services "web" and "api": mostly weight
-    and address changes of existing ids (the hinted path), sometimes an
-    added or removed id or an algorithm change."""
-    kind = draw(st.sampled_from(["weight", "weight", "address", "add", "remove", "algorithm"]))
-    return {"kind": kind, "service": draw(st.sampled_from(["web", "api"])), "id": draw(st.sampled_from(IDS)),
-            "weight": draw(st.integers(0, 9)), "port": draw(st.integers(9000, 9009)),
-            "algorithm": draw(st.sampled_from(ALGORITHMS))}
-
-
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=st.lists(st.lists(delta_rows(), min_size=0, max_size=3), min_size=1, max_size=10))
 def test_a_build_told_which_rows_a_delta_changed_equals_a_build_from_scratch(steps):
     from lbcore.routing import Routing, rows_changed
-    from lbcore.wire import Delta
 
     held = Routing.of(1, [Service("web", "127.0.0.1:80", "wrr",
                                   tuple(Backend(i, "127.0.0.1:9000", 1) for i in IDS[:4])),
@@ -332,25 +318,7 @@ def test_a_build_told_which_rows_a_delta_changed_equals_a_build_from_scratch(ste
     node = Node()
     node.publish(held.as_services())
     for rows in steps:
-        delta = Delta(held.version + 1, held.version)
-        touched: set[tuple[str, str]] = set()
-        for row in rows:
-            service = held.services[row["service"]]
-            key = (row["service"], row["id"])
-            if key in touched:
-                continue
-            touched.add(key)
-            present = row["id"] in service.backends
-            if row["kind"] == "remove" and present:
-                delta.removed_backends.append({"service": row["service"], "id": row["id"]})
-            elif row["kind"] == "algorithm" and row["service"] not in {s["name"] for s in delta.services}:
-                delta.services.append({"name": service.name, "listen": service.listen,
-                                       "algorithm": row["algorithm"]})
-            elif row["kind"] == "add" or present:
-                address = f"127.0.0.1:{row['port']}" if row["kind"] == "address" or not present \
-                    else service.backends[row["id"]].address
-                delta.backends.append({"service": row["service"], "id": row["id"], "address": address,
-                                       "weight": row["weight"]})
+        delta = delta_of(held, rows)
         routing = held.apply(delta)
         hints = rows_changed(held, routing)
         event("hinted" if hints is not None else "compared")
