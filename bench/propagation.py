@@ -226,7 +226,9 @@ def main() -> int:
                   f"{r['writes_per_s']:>9.0f} {r['orch_cpu_ms_per_version']:>9.2f} "
                   f"{r['node_cpu_ms_per_version']:>9.2f}", flush=True)
     out = ROOT / "bench" / "results" / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-propagation.json"
-    out.write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=2))
+    # one line per result: every trial's times are in it
+    lines = ",\n".join(json.dumps(r) for r in results)
+    out.write_text(f'{{"command": {json.dumps(" ".join(sys.argv))}, "results": [\n{lines}\n]}}\n')
     print(f"saved {out.relative_to(ROOT)}")
     return 0
 
