@@ -29,12 +29,6 @@ FETCH_TIMEOUT_S = 2.0
 REFUSED_RETRY_S = 30.0
 
 
-def readable(sock: zmq.Socket[bytes]) -> bool:
-    """A message is waiting (one getsockopt; socket.poll builds a poller per call)."""
-    events = sock.getsockopt(zmq.EVENTS)
-    return isinstance(events, int) and bool(events & zmq.POLLIN)
-
-
 class ControlLink:
     def __init__(self, control: str, subscribe: str, log: Callable[[str], None]) -> None:
         self.control_endpoint = control
@@ -161,8 +155,11 @@ class ControlLink:
         except zmq.Again:
             pass
         # only refusals are answered: read with the periodic report, not the ACK
-        while counters is not None and readable(self.dealer):
-            reply = self.dealer.recv_multipart()[-1]
+        while counters is not None:
+            try:
+                reply = self.dealer.recv_multipart(zmq.NOBLOCK)[-1]
+            except zmq.Again:
+                break
             if not reply.startswith(b'{"ok": true'):
                 self.log(f"report refused by the control plane: {reply[:300].decode(errors='replace')}")
 

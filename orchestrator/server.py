@@ -115,7 +115,7 @@ class Orchestrator:
 
     def _record_report(self, name: str, version: int, staleness: int,
                        counters: dict[str, Any] | None = None, digest: str | None = None) -> None:
-        now = time.monotonic()
+        now_ns = time.monotonic_ns()
         previous = self.nodes.pop(name, {})  # re-inserted below: the dict keeps report order
         if counters is None:  # an ACK carries none
             counters = previous.get("counters", {})
@@ -125,13 +125,13 @@ class Orchestrator:
         propagation = previous.get("propagation_ms")
         if version != previous.get("version"):
             committed = self._committed.get(version)
-            propagation = round((time.monotonic_ns() - committed) / 1e6, 3) if committed is not None else None
+            propagation = round((now_ns - committed) / 1e6, 3) if committed is not None else None
         # the ACK right after an apply carries no digest (hashing the snapshot
         # would delay the node); the next periodic report brings it
         if digest is None:
             digest = previous.get("digest", "") if version == previous.get("version") else ""
         self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                            "digest": digest, "reported": now,
+                            "digest": digest, "reported": now_ns / 1e9,
                             "propagation_ms": propagation}
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
@@ -225,8 +225,7 @@ class Orchestrator:
         body = json.dumps({"version": self.published_version}).encode()
         self.publisher.send_multipart([b"heartbeat", body])
 
-    def _answer(self) -> None:
-        frames = self.control.recv_multipart()
+    def _answer(self, frames: list[bytes]) -> None:
         # REQ puts an empty delimiter between the identity and the body
         envelope, body = frames[:-1], frames[-1]
         if len(envelope) == 1 and (ack := read_ack(body)) is not None:
@@ -258,10 +257,11 @@ class Orchestrator:
                     timeout_ms = min(timeout_ms, int(wait_s * 1000) + 1 if wait_s > 0 else COALESCE_MS)
                 if dict(poller.poll(timeout_ms)).get(self.control):
                     for _ in range(256):  # answer what is queued, then publish once
-                        self._answer()
-                        events = self.control.getsockopt(zmq.EVENTS)  # one call: poll(0) builds a poller
-                        if not (isinstance(events, int) and events & zmq.POLLIN):
+                        try:  # as the nodes drain theirs: one call into libzmq per message
+                            frames = self.control.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
                             break
+                        self._answer(frames)
                 self._publish_if_dirty()
                 self._audit_if_idle()
                 if time.monotonic() >= next_heartbeat:
