@@ -1,6 +1,6 @@
 # The worker's state: one Worker per process, a fixed pool of Conn.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
-from lbcore.balance.pick cimport MAX_EXCLUDED
+from lbcore.balance.context cimport MAX_EXCLUDED
 from lbcore.includes.layout cimport (
     flc_control, flc_counter, flc_service_state, flc_worker_state, flc_snapshot_header,
     FLC_MAX_SERVICES,

@@ -18,8 +18,8 @@ from libc.string cimport memcpy, memmove, memset
 
 from lbcore.includes.system cimport *
 from lbcore.includes.layout cimport *
-from lbcore.balance.pick cimport MAX_EXCLUDED, PickContext, row_is_eligible
-from lbcore.balance cimport wrr, least_conn, p2c, maglev
+from lbcore.balance.context cimport MAX_EXCLUDED, PickContext, row_is_eligible
+from lbcore.balance.pick cimport pick_backend
 from lbcore.worker cimport *
 
 
@@ -301,14 +301,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         memcpy(ctx.excluded, c.tried, sizeof(c.tried))
         ctx.observed_active = -1
         algorithm = service.algorithm
-        if algorithm == FLC_ALGO_LEAST_CONN:
-            row = least_conn.pick(&ctx)
-        elif algorithm == FLC_ALGO_P2C:
-            row = p2c.pick(&ctx)
-        elif algorithm == FLC_ALGO_MAGLEV:
-            row = maglev.pick(&ctx)
-        else:
-            row = wrr.pick(&ctx)
+        row = pick_backend(&ctx)
         w.rng = ctx.rng
         w.tiebreak = ctx.tiebreak
         if not service.active or not backend_is_eligible(snap, c.service_slot, row):

@@ -10,7 +10,7 @@ without a shared cache line written on every pick.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.pick cimport PickContext, is_excluded, row_is_eligible
+from lbcore.balance.context cimport PickContext, is_excluded, row_is_eligible
 
 
 cdef int pick(PickContext *ctx) noexcept nogil:

@@ -10,7 +10,7 @@ table read, plus a short probe when a retry excludes the first choice.
 import hashlib
 
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from lbcore.balance.pick cimport PickContext, is_excluded, scan_for_any, table_in_pool
+from lbcore.balance.context cimport PickContext, is_excluded, scan_for_any, table_in_pool
 
 cdef enum:
     PROBES = 64   # bound on the probe after a failed connect excludes rows

@@ -8,7 +8,7 @@ avoids the first backend, so there is a real choice whenever two exist.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.pick cimport PickContext, is_excluded, next_random, scan_for_any, table_in_pool
+from lbcore.balance.context cimport PickContext, is_excluded, next_random, scan_for_any, table_in_pool
 
 cdef enum:
     DRAWS = 16   # bound on draws when retries exclude most of a small pool

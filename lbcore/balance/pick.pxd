@@ -1,76 +1,24 @@
-# The one interface every balancing algorithm implements:
+# The one interface every balancing algorithm implements (one module each:
+# wrr, least_conn, p2c, maglev):
 #
 #     cdef int pick(PickContext *ctx) noexcept nogil
 #
 # returning a row of the backend table (absolute index) or -1 when the
-# service has no eligible backend left that is not excluded. Preconditions:
-# ctx.snap is the snapshot buffer the worker holds, read under its seqlock, so
-# any value read may be torn: every index taken from shared memory is checked
-# against its bound before use, and the worker validates the pick afterwards.
-from libc.stdint cimport uint32_t, uint64_t, int64_t
-from lbcore.includes.layout cimport (
-    FLC_MAX_BACKENDS, FLC_TABLE_POOL, flc_next_random, flc_snapshot_header, flc_service,
-    flc_backend, flc_counter, flc_service_state,
-)
-
-cdef enum:
-    MAX_EXCLUDED = 8              # backends one connection may try: 1 + retries (<= 7)
+# service has no eligible backend left that is not excluded. The context and
+# the helpers the algorithms share are in context.pxd; ``pick_backend`` is
+# the one dispatch on the service's algorithm, for the worker and the probe.
+from libc.stdint cimport uint8_t
+from lbcore.includes.layout cimport FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C
+from lbcore.balance.context cimport PickContext
+from lbcore.balance cimport least_conn, maglev, p2c, wrr
 
 
-cdef struct PickContext:
-    flc_snapshot_header *snap
-    const flc_service *service
-    const flc_backend *backends
-    const uint32_t *table
-    flc_counter *counters
-    flc_service_state *service_state
-    uint32_t client_hash          # Maglev key: hash of the client address
-    uint64_t rng                  # per-worker xorshift state
-    uint64_t tiebreak             # per-worker rotation for equal least_conn scores
-    uint32_t excluded[MAX_EXCLUDED]  # slots already tried for this connection
-    int n_excluded
-    int64_t observed_active       # least_conn: raw count seen, claimed by CAS; else -1
-
-
-cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
-    # The eligibility rule of a snapshot row, written once: the worker's I1
-    # check (backend_is_eligible) and every scan use it.
-    return b.eligible == 1 and b.weight > 0
-
-
-cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogil:
-    # Rows out of range (a torn read) count as excluded: never dereferenced.
-    # Exclusion is by slot, which stays the same when a retry meets a newer
-    # snapshot whose rows moved.
-    cdef int i
-    if row >= FLC_MAX_BACKENDS:
-        return True
-    for i in range(ctx.n_excluded):
-        if ctx.excluded[i] == ctx.backends[row].slot:
-            return True
-    return False
-
-
-cdef inline bint table_in_pool(uint32_t offset, uint32_t length) noexcept nogil:
-    # a torn read may give any offset and length: never index past the pool
-    return length > 0 and offset < FLC_TABLE_POOL and length <= FLC_TABLE_POOL - offset
-
-
-cdef inline uint64_t next_random(PickContext *ctx) noexcept nogil:
-    return flc_next_random(&ctx.rng)
-
-
-cdef inline int scan_for_any(const PickContext *ctx, uint32_t start) noexcept nogil:
-    # After a failed connect, a bounded draw or probe can miss the few rows
-    # left (one heavy backend excluded dominates the table): the retry then
-    # walks the service's rows, O(backends) on retries only.
-    cdef uint32_t first = ctx.service.backend_first
-    cdef uint32_t count = ctx.service.backend_count
-    cdef uint32_t i, row
-    if count == 0 or first >= FLC_MAX_BACKENDS or count > FLC_MAX_BACKENDS - first:
-        return -1
-    for i in range(count):
-        row = first + (start + i) % count
-        if row_is_eligible(&ctx.backends[row]) and not is_excluded(ctx, row):
-            return <int>row
-    return -1
+cdef inline int pick_backend(PickContext *ctx) noexcept nogil:
+    cdef uint8_t algorithm = ctx.service.algorithm
+    if algorithm == FLC_ALGO_LEAST_CONN:
+        return least_conn.pick(ctx)
+    if algorithm == FLC_ALGO_P2C:
+        return p2c.pick(ctx)
+    if algorithm == FLC_ALGO_MAGLEV:
+        return maglev.pick(ctx)
+    return wrr.pick(ctx)

@@ -8,19 +8,8 @@ so least-connections sees its own earlier picks.
 import numpy as np
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
-from lbcore.balance.pick cimport MAX_EXCLUDED, PickContext
-from lbcore.balance cimport wrr, least_conn, p2c, maglev
-
-
-cdef int pick_once(PickContext *ctx) noexcept nogil:
-    cdef uint8_t algorithm = ctx.service.algorithm
-    if algorithm == FLC_ALGO_LEAST_CONN:
-        return least_conn.pick(ctx)
-    if algorithm == FLC_ALGO_P2C:
-        return p2c.pick(ctx)
-    if algorithm == FLC_ALGO_MAGLEV:
-        return maglev.pick(ctx)
-    return wrr.pick(ctx)
+from lbcore.balance.context cimport MAX_EXCLUDED, PickContext
+from lbcore.balance.pick cimport pick_backend
 
 
 def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
@@ -57,7 +46,7 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
         for i in range(n):
             ctx.client_hash = hashes[i]
             ctx.observed_active = -1
-            row = pick_once(&ctx)
+            row = pick_backend(&ctx)
             out[i] = row
             if hold and row >= 0:
                 flc_add_i64(&counters[ctx.backends[row].slot].active, 1)

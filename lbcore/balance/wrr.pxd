@@ -1,3 +1,3 @@
-from lbcore.balance.pick cimport PickContext
+from lbcore.balance.context cimport PickContext
 
 cdef int pick(PickContext *ctx) noexcept nogil

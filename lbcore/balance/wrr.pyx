@@ -9,7 +9,7 @@ workers of a node, not only per worker.
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
-from lbcore.balance.pick cimport PickContext, is_excluded, table_in_pool
+from lbcore.balance.context cimport PickContext, is_excluded, table_in_pool
 
 
 cdef int pick(PickContext *ctx) noexcept nogil:
