@@ -20,10 +20,10 @@ from lbcore import layout
 from lbcore.balance.maglev import build_table
 from lbcore.balance.probe import notice_loop, picks
 from lbcore.config import Backend, Service
+from lbcore.image import Image, Limits, build_image, patched_tables, publish_image
 from lbcore.routing import Routing, rows_changed
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
-from lbcore.snapshot import Limits, SnapshotImage, build_snapshot, patched_tables, publish_snapshot
 from lbcore.wire import Delta, decode_delta
 from orchestrator.derive import derive_in_full
 from orchestrator.store import SqliteStore
@@ -39,12 +39,12 @@ def pool(algorithm: str, size: int) -> list[Service]:
     return [Service("svc", "127.0.0.1:8080", algorithm, backends)]
 
 
-def build(services: list[Service], version: int = 1) -> SnapshotImage:
+def build(services: list[Service], version: int = 1) -> Image:
     service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
     backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
     service_slots.assign((s.name for s in services), lambda slot: True)
     backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), lambda slot: True)
-    return build_snapshot(services, LIMITS, version, service_slots, backend_slots)
+    return build_image(services, LIMITS, version, service_slots, backend_slots)
 
 
 @pytest.fixture
@@ -60,7 +60,7 @@ def segment() -> Iterator[Segment]:
 @pytest.mark.parametrize("size", [10, 1_000, 10_000])
 @pytest.mark.parametrize("algorithm", ["wrr", "least_conn", "p2c", "maglev"])
 def test_pick_cost(benchmark, segment, algorithm, size):
-    publish_snapshot(segment, build(pool(algorithm, size)))
+    publish_image(segment, build(pool(algorithm, size)))
     hashes = (np.arange(PICKS_PER_CALL, dtype=np.uint64) * 2654435761 % (1 << 32)).astype(np.uint32)
     benchmark.pedantic(picks, args=(segment.base_address, 0, PICKS_PER_CALL, hashes),
                        rounds=5, iterations=1, warmup_rounds=1)
@@ -90,14 +90,14 @@ def test_maglev_table_build_10k_backends(benchmark):
 
 def test_snapshot_publish_10k_backends(benchmark, segment):
     image = build(pool("maglev", 10_000))
-    benchmark.pedantic(publish_snapshot, args=(segment, image), rounds=20, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(publish_image, args=(segment, image), rounds=20, iterations=1, warmup_rounds=2)
     benchmark.extra_info["ms_per_publish"] = benchmark.stats.stats.median * 1e3
 
 
 def test_snapshot_notice_per_accept(benchmark, segment):
     """What a worker pays per accept to notice a new version: one atomic
     load of the generation, compared with the one it holds."""
-    publish_snapshot(segment, build(pool("wrr", 10)))
+    publish_image(segment, build(pool("wrr", 10)))
     loops = 1_000_000
     benchmark.pedantic(notice_loop, args=(segment.base_address, loops), rounds=5, iterations=1)
     benchmark.extra_info["ns_per_notice"] = benchmark.stats.stats.median / loops * 1e9
@@ -141,25 +141,28 @@ def test_one_weight_delta(benchmark, path, algorithm, size):
     service_slots.assign(["svc"], lambda slot: True)
     backend_slots.assign((("svc", b.id) for b in services[0].backends), lambda slot: True)
     base = Routing.of(1, services)
-    image = build_snapshot(base.as_services(), LIMITS, 1, service_slots, backend_slots)
+    image = build_image(base.as_services(), LIMITS, 1, service_slots, backend_slots)
     row = {"service": "svc", "id": "b0", "address": services[0].backends[0].address, "weight": 7}
     data = Delta(2, 1, backends=[row]).encode()
 
-    def apply() -> SnapshotImage:
+    def apply() -> Image:
         routing = base.apply(decode_delta(data))
-        return build_snapshot(routing.as_services(), LIMITS, 2, service_slots, backend_slots, image.parts,
+        return build_image(routing.as_services(), LIMITS, 2, service_slots, backend_slots, image.parts,
                               rows_changed(base, routing))
 
-    def patch() -> SnapshotImage:
+    def patch() -> Image:
         routing = base.with_rows(decode_delta(data))
         assert routing is not None
         parts = dict(image.parts)
         for name, ids in (routing.rewritten_rows(base) or {}).items():
             parts[name] = patched_tables(parts[name], {i: routing.backend(name, i) for i in ids})
-        return build_snapshot(base.as_services(), LIMITS, 2, service_slots, backend_slots, parts)  # as held
+        return build_image(base.as_services(), LIMITS, 2, service_slots, backend_slots, parts)  # as held
 
-    expected = apply().to_bytes()
-    assert patch().to_bytes() == expected
+    def tables(image: Image) -> tuple[int, bytes, bytes, bytes]:
+        return image.version, image.services.tobytes(), image.backends.tobytes(), image.table.tobytes()
+
+    expected = tables(apply())
+    assert tables(patch()) == expected
     benchmark.pedantic(apply if path == "applied" else patch, rounds=20, iterations=1, warmup_rounds=2)
     benchmark.extra_info["ms_per_apply"] = benchmark.stats.stats.median * 1e3
     benchmark.extra_info["backends"] = size

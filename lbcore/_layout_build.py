@@ -11,27 +11,27 @@ from cffi import FFI
 INCLUDES = Path(__file__).resolve().parent / "includes"
 
 # The accessors the agent and `lbproxy stats` call; bodies in fulcrum_atomic.h
-# and (the agent's snapshot write) fulcrum_publish.h.
+# and (the agent's image write) fulcrum_publish.h.
 ACCESSORS = """
 uint64_t flc_load_acquire_u64(const uint64_t *p);
 int64_t flc_load_i64(const int64_t *p);
 uint64_t flc_load_u64(const uint64_t *p);
 void flc_add_i64(int64_t *p, int64_t v);
-void flc_write_begin(flc_snapshot_header *h);
-void flc_write_end(flc_snapshot_header *h);
+void flc_write_begin(flc_image_header *h);
+void flc_write_end(flc_image_header *h);
 void flc_publish_generation(flc_control *c, uint64_t generation);
-uint64_t flc_read_begin(const flc_snapshot_header *h);
-int flc_read_validate(const flc_snapshot_header *h, uint64_t seq);
+uint64_t flc_read_begin(const flc_image_header *h);
+int flc_read_validate(const flc_image_header *h, uint64_t seq);
 uint64_t flc_segment_size(void);
 uint64_t flc_off_buffers(void);
 uint64_t flc_buffer_size(void);
 uint64_t flc_off_worker_active(void);
 uint32_t flc_crc32c(uint32_t crc, const void *data, size_t n);
 uint32_t flc_crc32c_portable(uint32_t crc, const uint8_t *p, size_t n);
-uint32_t flc_snapshot_checksum(const flc_service *services, uint32_t n_services,
+uint32_t flc_image_checksum(const flc_service *services, uint32_t n_services,
                                const flc_backend *backends, uint32_t n_backends,
                                const uint32_t *table, uint32_t table_used);
-uint32_t flc_publish_snapshot(void *base, uint64_t generation, const flc_snapshot_header *fields,
+uint32_t flc_publish_image(void *base, uint64_t generation, const flc_image_header *fields,
                               const flc_service *services, const flc_backend *backends,
                               const uint32_t *table);
 """

@@ -26,11 +26,11 @@ from typing import Any, TextIO
 from lbcore import layout
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, Service, load_config, parse_address
+from lbcore.image import Image, image_of_config, patched_tables, publish_image
 from lbcore.remote import Remote, localize
 from lbcore.routing import Routing, rows_changed
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
-from lbcore.snapshot import SnapshotImage, patched_tables, publish_snapshot, snapshot_from_config
 from lbcore.stats import format_stats, node_stats, report_counters
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -100,7 +100,7 @@ class Listeners:
 @dataclass(frozen=True)
 class Plan:
     config: Config
-    image: SnapshotImage
+    image: Image
     service_slots: SlotMap[str]
     backend_slots: SlotMap[tuple[str, str]]
     fresh_services: list[int]
@@ -122,7 +122,7 @@ class NodeAgent:
         self.listeners = Listeners()
         self.segment: Segment | None = None
         self.version = 0
-        self.image: SnapshotImage | None = None  # the one published
+        self.image: Image | None = None  # the one published
         self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
         self.workers: dict[int, WorkerProcess] = {}
@@ -189,7 +189,7 @@ class NodeAgent:
             raise ConfigError(config.path, "service", str(exc)) from None
         version = self.version + 1 if version is None else version
         previous = self.image.parts if self.image is not None else None
-        image = snapshot_from_config(config, version, service_slots, backend_slots, previous, changed)
+        image = image_of_config(config, version, service_slots, backend_slots, previous, changed)
         return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
 
     def _plan_rows(self, routing: Routing, rewritten: Mapping[str, frozenset[str]]) -> Plan:
@@ -205,7 +205,7 @@ class NodeAgent:
         for name, ids in rewritten.items():
             if ids:
                 parts[name] = patched_tables(parts[name], {i: routing.backend(name, i) for i in ids})
-        image = snapshot_from_config(self.config, routing.version, self.service_slots, self.backend_slots,
+        image = image_of_config(self.config, routing.version, self.service_slots, self.backend_slots,
                                      parts)
         return Plan(self.config, image, self.service_slots, self.backend_slots, [], [])
 
@@ -217,7 +217,7 @@ class NodeAgent:
             self.segment.counters[slot] = 0
         for slot in plan.fresh_services:
             self.segment.service_states[slot] = 0
-        publish_snapshot(self.segment, plan.image)
+        publish_image(self.segment, plan.image)
         self.service_slots, self.backend_slots = plan.service_slots, plan.backend_slots
         self.image = plan.image
         self.version = plan.image.version

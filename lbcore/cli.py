@@ -14,8 +14,8 @@ import json
 import sys
 
 from lbcore.config import ConfigError, load_config, read_node_id
+from lbcore.image import ImageError
 from lbcore.segment import Segment, SegmentError
-from lbcore.snapshot import SnapshotError
 
 EXIT_ERROR, EXIT_CONFIG = 1, 2
 COMMANDS = ("run", "check", "stats", "quickstart")
@@ -57,7 +57,7 @@ def _stats(path: str, as_json: bool) -> int:
         return EXIT_ERROR
     try:
         stats = node_stats(segment)
-    except SnapshotError as exc:
+    except ImageError as exc:
         print(f"lbproxy: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.config)
         if args.command == "check":
-            from lbcore.snapshot import check_buildable
+            from lbcore.image import check_buildable
 
             config = load_config(args.config)
             check_buildable(config)

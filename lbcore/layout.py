@@ -46,7 +46,7 @@ WORKER_STATE = np.dtype([
     ("pad", "<u8", (3,)),
 ])
 
-SNAPSHOT_HEADER = np.dtype([
+IMAGE_HEADER = np.dtype([
     ("magic", "<u4"), ("layout_version", "<u4"), ("seq", "<u8"),
     ("snapshot_version", "<u8"), ("checksum", "<u4"),
     ("n_services", "<u4"), ("n_backends", "<u4"), ("table_used", "<u4"),
@@ -75,7 +75,7 @@ STRUCTS = {
     "flc_counter": COUNTER,
     "flc_service_state": SERVICE_STATE,
     "flc_worker_state": WORKER_STATE,
-    "flc_snapshot_header": SNAPSHOT_HEADER,
+    "flc_image_header": IMAGE_HEADER,
     "flc_service": SERVICE,
     "flc_backend": BACKEND,
 }
@@ -83,7 +83,7 @@ STRUCTS = {
 OFF_COUNTERS = CONTROL.itemsize
 OFF_SERVICE_STATE = OFF_COUNTERS + MAX_BACKENDS * COUNTER.itemsize
 OFF_WORKERS = OFF_SERVICE_STATE + MAX_SERVICES * SERVICE_STATE.itemsize
-BUF_OFF_SERVICES = SNAPSHOT_HEADER.itemsize
+BUF_OFF_SERVICES = IMAGE_HEADER.itemsize
 BUF_OFF_BACKENDS = BUF_OFF_SERVICES + MAX_SERVICES * SERVICE.itemsize
 BUF_OFF_TABLE = BUF_OFF_BACKENDS + MAX_BACKENDS * BACKEND.itemsize
 

@@ -46,13 +46,13 @@ def _pid_alive(pid: int) -> bool:
 
 @dataclass
 class BufferViews:
-    """One snapshot buffer as numpy arrays over the shared memory."""
+    """One image buffer as numpy arrays over the shared memory."""
 
-    header: np.ndarray     # shape (), SNAPSHOT_HEADER
+    header: np.ndarray     # shape (), IMAGE_HEADER
     services: np.ndarray   # MAX_SERVICES, SERVICE
     backends: np.ndarray   # MAX_BACKENDS, BACKEND
     table: np.ndarray      # TABLE_POOL, uint32
-    header_ptr: object     # cffi flc_snapshot_header *
+    header_ptr: object     # cffi flc_image_header *
 
 
 class Segment:
@@ -82,11 +82,11 @@ class Segment:
     def _buffer_views(self, index: int) -> BufferViews:
         base = layout.OFF_BUFFERS + index * layout.BUFFER_SIZE
         return BufferViews(
-            header=self._array(base, layout.SNAPSHOT_HEADER, 1),
+            header=self._array(base, layout.IMAGE_HEADER, 1),
             services=self._array(base + layout.BUF_OFF_SERVICES, layout.SERVICE, layout.MAX_SERVICES),
             backends=self._array(base + layout.BUF_OFF_BACKENDS, layout.BACKEND, layout.MAX_BACKENDS),
             table=self._array(base + layout.BUF_OFF_TABLE, np.dtype("<u4"), layout.TABLE_POOL),
-            header_ptr=ffi.cast("flc_snapshot_header *", self._base + base),
+            header_ptr=ffi.cast("flc_image_header *", self._base + base),
         )
 
     @property

@@ -1,5 +1,5 @@
 """Stable slots: a backend keeps its counter slot (a service its service slot)
-across snapshot versions, so a new snapshot neither resets nor misattributes
+across versions, so a new image neither resets nor misattributes
 the connections already open."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class SlotMap(Generic[Key]):
 
     A key that leaves keeps its slot until ``releasable(slot)`` says nothing
     still refers to it (no open connection, no worker still on an older
-    snapshot); only then is the slot given to a new key.
+    image); only then is the slot given to a new key.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -36,7 +36,7 @@ class SlotMap(Generic[Key]):
         afresh there (the caller resets whatever the slot counts)."""
         wanted = dict.fromkeys(keys)  # ordered, and O(1) membership
         # Keys retired by an earlier call may be released now; the ones this
-        # call retires are still in the snapshot that workers hold.
+        # call retires are still in the image that workers hold.
         for key in list(self._retired):
             if key in wanted:
                 self._slots[key] = self._retired.pop(key)

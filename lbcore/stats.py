@@ -10,8 +10,8 @@ import numpy as np
 
 from lbcore import layout
 from lbcore.balance import ALGORITHMS
+from lbcore.image import Image, read_image
 from lbcore.segment import Segment
-from lbcore.snapshot import SnapshotImage, read_snapshot
 
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
@@ -21,7 +21,7 @@ def _address(ip: int, port: int) -> str:
     return f"{socket.inet_ntoa(int(ip).to_bytes(4, 'little'))}:{int(port)}"
 
 
-def _service_backends(segment: Segment, image: SnapshotImage,
+def _service_backends(segment: Segment, image: Image,
                       row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(backend rows, their counters) of one service, a column at a time."""
     first, count = int(row["backend_first"]), int(row["backend_count"])
@@ -30,7 +30,7 @@ def _service_backends(segment: Segment, image: SnapshotImage,
 
 
 def node_stats(segment: Segment) -> dict[str, Any]:
-    image = read_snapshot(segment)
+    image = read_image(segment)
     workers = [
         {"index": i, "pid": int(w["pid"]), "accepted": int(w["accepted"]), "active": int(w["active"]),
          "generation": int(w["generation"]), "accept_pauses": int(w["accept_pauses"])}
@@ -91,13 +91,13 @@ REPORTED_FIELDS = ("active", "total", "failed")
 
 
 def report_counters(segment: Segment, max_backends: int,
-                    image: SnapshotImage | None = None) -> dict[str, dict[str, dict[str, int]]]:
+                    image: Image | None = None) -> dict[str, dict[str, dict[str, int]]]:
     """What a node reports to the control plane: per service and backend,
     or per service only (as backend "(all)") past ``max_backends``, so that
     a report stays one small message whatever the pool. ``image``: the
-    snapshot published (the agent's own; else it is read back, checked)."""
+    image published (the agent's own; else it is read back, checked)."""
     if image is None:
-        image = read_snapshot(segment)
+        image = read_image(segment)
     active = [row for row in image.services if row["active"]]
     summed = sum(int(row["backend_count"]) for row in active) > max_backends
     report = {}

@@ -2,7 +2,7 @@
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from lbcore.balance.context cimport MAX_EXCLUDED
 from lbcore.includes.layout cimport (
-    flc_control, flc_counter, flc_service_state, flc_worker_state, flc_snapshot_header,
+    flc_control, flc_counter, flc_service_state, flc_worker_state, flc_image_header,
     FLC_MAX_SERVICES,
 )
 
@@ -12,7 +12,7 @@ cdef enum:
     SPLICE_LEAVE = 4096       # a splice read smaller than this returns to read/write
     MAX_EVENTS = 256
     ACCEPT_BATCH = 32         # accepts per listener event, so relays are not starved
-    TICK_MS = 100             # timeouts, counter flush and snapshot notice when idle
+    TICK_MS = 100             # timeouts, counter flush and image notice when idle
     ACCEPT_PAUSE_MS = 100     # after EMFILE / ENFILE: retry accepting after this
     MAX_PIPES = 512           # pipes per worker; beyond, bulk data uses read/write
     MAX_SPARE_BUFFERS = 256   # pending-data buffers kept for reuse
@@ -86,7 +86,7 @@ cdef struct Worker:
     flc_service_state *service_states
     flc_worker_state *me
     int32_t *my_active        # this worker's share of each slot's active count
-    flc_snapshot_header *snap
+    flc_image_header *snap
     uint64_t generation
     uint32_t connect_timeout_ms
     uint32_t idle_timeout_ms

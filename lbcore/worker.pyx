@@ -9,7 +9,7 @@ request/response); when a read fills RW_CHUNK the direction switches to
 splice(2) through a pipe from the worker's pool, held only while bytes are in
 flight.
 
-The snapshot is read from shared memory under its seqlock (see
+The image (the routing snapshot in shared memory) is read under its seqlock (see
 includes/fulcrum_layout.h); a new generation is noticed with one atomic load
 per accept, and once per tick when idle.
 """
@@ -51,13 +51,13 @@ cdef inline bint out_of_resources() noexcept nogil:
     return errno == EMFILE or errno == ENFILE or errno == ENOBUFS or errno == ENOMEM
 
 
-# ---------------------------------------------------------------- snapshot
+# ---------------------------------------------------------------- image
 
-cdef bint backend_is_eligible(flc_snapshot_header *snap, uint32_t service_slot,
+cdef bint backend_is_eligible(flc_image_header *snap, uint32_t service_slot,
                               int row) noexcept nogil:
     """I1, enforced here and only here: a worker connects only to a backend
-    that is eligible in the snapshot it holds at decision time (a row of that
-    snapshot, of the connection's service, marked eligible, weight > 0)."""
+    that is eligible in the image it holds at decision time (a row of that
+    image, of the connection's service, marked eligible, weight > 0)."""
     cdef const flc_backend *b
     if row < 0 or <uint32_t>row >= snap.n_backends or <uint32_t>row >= FLC_MAX_BACKENDS:
         return False
@@ -94,7 +94,7 @@ cdef int open_listener(Worker *w, int slot, uint32_t ip, uint16_t port) noexcept
     return 0
 
 
-cdef bint read_listeners(flc_snapshot_header *snap, uint32_t *ips, uint16_t *ports,
+cdef bint read_listeners(flc_image_header *snap, uint32_t *ips, uint16_t *ports,
                          uint32_t *limits) noexcept nogil:
     """Copy the listener set and limits out of ``snap``; False if torn."""
     cdef uint64_t seq = flc_read_begin(snap)
@@ -115,10 +115,10 @@ cdef bint read_listeners(flc_snapshot_header *snap, uint32_t *ips, uint16_t *por
         and snap.layout_version == FLC_LAYOUT_VERSION
 
 
-cdef void notice_snapshot(Worker *w) noexcept nogil:
+cdef void notice_image(Worker *w) noexcept nogil:
     """Adopt a new generation if the agent published one: one atomic load."""
     cdef uint64_t generation = flc_load_acquire_u64(&w.control.generation)
-    cdef flc_snapshot_header *snap
+    cdef flc_image_header *snap
     cdef uint32_t ips[FLC_MAX_SERVICES]
     cdef uint16_t ports[FLC_MAX_SERVICES]
     cdef uint32_t limits[4]
@@ -272,7 +272,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
     """Pick a backend for ``c`` and claim it (count it active); fills ``sa``.
     Returns 0, or -1 when the service has no eligible backend left to try."""
     cdef PickContext ctx
-    cdef flc_snapshot_header *snap
+    cdef flc_image_header *snap
     cdef flc_service *service
     cdef const flc_backend *b
     cdef uint64_t seq
@@ -282,10 +282,10 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
     for attempt in range(16):
         snap = w.snap
         if snap == NULL:
-            return -1  # no snapshot adopted yet: nothing is eligible
+            return -1  # no image adopted yet: nothing is eligible
         seq = flc_read_begin(snap)
         if seq & 1 or c.service_slot >= snap.n_services or c.service_slot >= FLC_MAX_SERVICES:
-            notice_snapshot(w)
+            notice_image(w)
             continue
         service = &flc_services_of(snap)[c.service_slot]
         ctx.snap = snap
@@ -314,7 +314,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             sa.sin_port = htons(b.port)
             sa.sin_addr.s_addr = b.ip
         if not flc_read_validate(snap, seq):
-            notice_snapshot(w)  # torn: the agent rewrote this buffer meanwhile
+            notice_image(w)  # torn: the agent rewrote this buffer meanwhile
             continue
         if row < 0:
             return -1
@@ -338,7 +338,7 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
 
 cdef bint connect_backend(Worker *w, int index) noexcept nogil:
     """Start a nonblocking connect to a backend, trying others (up to the
-    snapshot's retries) when one refuses at once. False: no backend left."""
+    image's retries) when one refuses at once. False: no backend left."""
     cdef Conn *c = &w.conns[index]
     cdef sockaddr_in sa
     cdef int fd
@@ -398,7 +398,7 @@ cdef bint accept_clients(Worker *w, int slot) noexcept nogil:
             if out_of_resources():
                 pause_accepts(w)
             return False  # EAGAIN, or a connection that died in the queue
-        notice_snapshot(w)
+        notice_image(w)
         if w.free_head < 0:
             close(fd)  # max_connections reached: refuse rather than queue forever
             continue
@@ -671,13 +671,13 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
 # ---------------------------------------------------------------- time
 
 cdef void tick(Worker *w) noexcept nogil:
-    """Every TICK_MS: timeouts, byte counters, snapshot notice, accept resume."""
+    """Every TICK_MS: timeouts, byte counters, image notice, accept resume."""
     cdef int i
     cdef Conn *c
     w.next_tick_ms = w.now_ms + TICK_MS
     if w.me.listening == 0 and not w.draining:
         w.generation = <uint64_t>-1  # a listener failed to open: try again
-    notice_snapshot(w)
+    notice_image(w)
     if w.accepts_paused and w.now_ms >= w.accepts_resume_ms and not w.draining:
         resume_accepts(w)
     for i in range(w.high_water):
@@ -713,7 +713,7 @@ cdef void on_signal(Worker *w) noexcept nogil:
         if info.ssi_signo == SIGTERM or info.ssi_signo == SIGINT:
             start_drain(w)
         elif info.ssi_signo == SIGUSR1:
-            notice_snapshot(w)  # the agent published: take it up now
+            notice_image(w)  # the agent published: take it up now
 
 
 # ---------------------------------------------------------------- loop
@@ -804,7 +804,7 @@ cdef int setup(Worker *w, const char *path, int index, int max_conns,
     w.me.pid = getpid()
     w.generation = <uint64_t>-1
     w.now_ms = monotonic_ms()
-    notice_snapshot(w)
+    notice_image(w)
     return 0
 
 

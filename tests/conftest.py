@@ -1,5 +1,5 @@
 """Fixtures shared by the unit tests: a real shared-memory segment with a
-published snapshot, built through the same code the node agent uses."""
+published image, built through the same code the node agent uses."""
 from __future__ import annotations
 
 import itertools
@@ -10,9 +10,9 @@ import pytest
 
 from lbcore import layout
 from lbcore.config import Config, parse_config
+from lbcore.image import Image, image_of_config, publish_image
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
-from lbcore.snapshot import SnapshotImage, publish_snapshot, snapshot_from_config
 
 _names = itertools.count()
 
@@ -42,18 +42,18 @@ class Published:
         self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
         self.version = 0
-        self.image: SnapshotImage | None = None
+        self.image: Image | None = None
 
-    def publish(self, config: Config) -> SnapshotImage:
+    def publish(self, config: Config) -> Image:
         self.service_slots.assign((s.name for s in config.services), lambda slot: True)
         self.backend_slots.assign(((s.name, b.id) for s in config.services for b in s.backends),
                                   lambda slot: int(self.segment.counters[slot]["active"]) == 0)
         self.version += 1
-        self.image = snapshot_from_config(config, self.version, self.service_slots, self.backend_slots)
-        publish_snapshot(self.segment, self.image)
+        self.image = image_of_config(config, self.version, self.service_slots, self.backend_slots)
+        publish_image(self.segment, self.image)
         return self.image
 
-    def publish_text(self, services: list[dict]) -> SnapshotImage:
+    def publish_text(self, services: list[dict]) -> Image:
         return self.publish(parse_config(config_text(services)))
 
 

@@ -7,6 +7,18 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+def image_bytes(image: Any) -> bytes:
+    """An image (lbcore.image.Image) as bytes: equal images, equal bytes."""
+    limits = image.limits
+    head = np.array([image.version, limits.connect_timeout_ms, limits.idle_timeout_ms, limits.retries,
+                     limits.relay_mode, len(image.services), len(image.backends), len(image.table)],
+                    dtype="<u8")
+    return head.tobytes() + image.services.tobytes() + image.backends.tobytes() + image.table.tobytes()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

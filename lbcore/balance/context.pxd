@@ -1,13 +1,13 @@
 # cython: cdivision=True
 # What a pick reads and may update: the context a worker (or the test
 # probe) fills per connection, and the helpers every algorithm shares.
-# Preconditions: ctx.snap is the snapshot buffer the worker holds, read under
+# Preconditions: ctx.snap is the image buffer the worker holds, read under
 # its seqlock, so any value read may be torn: every index taken from shared
 # memory is checked against its bound before use, and the worker validates
 # the pick afterwards.
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport (
-    FLC_MAX_BACKENDS, FLC_TABLE_POOL, flc_next_random, flc_snapshot_header, flc_service,
+    FLC_MAX_BACKENDS, FLC_TABLE_POOL, flc_next_random, flc_image_header, flc_service,
     flc_backend, flc_counter, flc_service_state,
 )
 
@@ -16,7 +16,7 @@ cdef enum:
 
 
 cdef struct PickContext:
-    flc_snapshot_header *snap
+    flc_image_header *snap
     const flc_service *service
     const flc_backend *backends
     const uint32_t *table
@@ -31,7 +31,7 @@ cdef struct PickContext:
 
 
 cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
-    # The eligibility rule of a snapshot row, written once: the worker's I1
+    # The eligibility rule of an image row, written once: the worker's I1
     # check (backend_is_eligible) and every scan use it.
     return b.eligible == 1 and b.weight > 0
 
@@ -39,7 +39,7 @@ cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
 cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogil:
     # Rows out of range (a torn read) count as excluded: never dereferenced.
     # Exclusion is by slot, which stays the same when a retry meets a newer
-    # snapshot whose rows moved.
+    # image whose rows moved.
     cdef int i
     if row >= FLC_MAX_BACKENDS:
         return True

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Run the compiled picks from Python, for tests and micro benchmarks.
 
-Picks read a real snapshot in a real segment, exactly as a worker does;
+Picks read a real image in a real segment, exactly as a worker does;
 ``hold`` counts each pick as an open connection (what a worker's claim does),
 so least-connections sees its own earlier picks.
 """
@@ -16,7 +16,7 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
           bint hold=False, excluded_slots=(), uint64_t seed=12345):
     """Rows picked for ``n`` connections of the service in slot ``service_slot``."""
     cdef void *segment = <void *>base
-    cdef flc_snapshot_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
+    cdef flc_image_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
         &flc_control_of(segment).generation))
     cdef PickContext ctx
     cdef flc_counter *counters = flc_counters_of(segment)
@@ -59,7 +59,7 @@ def hash_address(uint32_t ip_network_order):
 
 
 def notice_loop(uintptr_t base, Py_ssize_t n):
-    """What a worker does per accept to notice a new snapshot: an atomic load
+    """What a worker does per accept to notice a new image: an atomic load
     of the generation and a compare. Returns how many changes it saw."""
     cdef flc_control *control = flc_control_of(<void *>base)
     cdef uint64_t held = flc_load_acquire_u64(&control.generation)
@@ -76,13 +76,13 @@ def notice_loop(uintptr_t base, Py_ssize_t n):
 
 def read_backends_under_seqlock(uintptr_t base, Py_ssize_t reads, uint8_t[:, ::1] out):
     """Read the current buffer's backend table ``reads`` times the way a
-    worker reads a snapshot: seqlock begin, copy, validate. The buffer pointer
+    worker reads an image: seqlock begin, copy, validate. The buffer pointer
     is taken once per read, so a publisher that laps the reader rewrites the
     very bytes being copied. Copies that validated go to ``out`` (one row each,
     the first ``out.shape[1]`` bytes of the table). Returns (validated, torn)."""
     cdef void *segment = <void *>base
     cdef flc_control *control = flc_control_of(segment)
-    cdef flc_snapshot_header *snap
+    cdef flc_image_header *snap
     cdef const uint8_t *rows
     cdef uint64_t seq
     cdef Py_ssize_t i, j, width = out.shape[1], validated = 0, torn = 0

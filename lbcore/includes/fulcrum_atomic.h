@@ -47,13 +47,13 @@ static inline int flc_cas_i64(int64_t *p, int64_t expected, int64_t desired)
 }
 
 /* Seqlock, writer side: the node agent only, one publisher at a time. */
-static inline void flc_write_begin(flc_snapshot_header *h)
+static inline void flc_write_begin(flc_image_header *h)
 {
     __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE);
 }
 
-static inline void flc_write_end(flc_snapshot_header *h)
+static inline void flc_write_end(flc_image_header *h)
 {
     __atomic_store_n(&h->seq, h->seq + 1, __ATOMIC_RELEASE);
 }
@@ -65,12 +65,12 @@ static inline void flc_publish_generation(flc_control *c, uint64_t generation)
 
 /* Seqlock, reader side: begin returns an even sequence to validate against;
  * validate is true when nothing was written in between. */
-static inline uint64_t flc_read_begin(const flc_snapshot_header *h)
+static inline uint64_t flc_read_begin(const flc_image_header *h)
 {
     return __atomic_load_n(&h->seq, __ATOMIC_ACQUIRE);
 }
 
-static inline int flc_read_validate(const flc_snapshot_header *h, uint64_t seq)
+static inline int flc_read_validate(const flc_image_header *h, uint64_t seq)
 {
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return (seq & 1) == 0 && __atomic_load_n(&h->seq, __ATOMIC_RELAXED) == seq;
@@ -103,23 +103,23 @@ static inline int32_t *flc_worker_active_of(void *base, uint32_t worker)
            + (uint64_t)worker * FLC_MAX_BACKENDS;
 }
 
-static inline flc_snapshot_header *flc_buffer_of(void *base, uint64_t generation)
+static inline flc_image_header *flc_buffer_of(void *base, uint64_t generation)
 {
-    return (flc_snapshot_header *)((char *)base + FLC_OFF_BUFFERS
+    return (flc_image_header *)((char *)base + FLC_OFF_BUFFERS
                                    + (generation & 1) * FLC_BUFFER_SIZE);
 }
 
-static inline flc_service *flc_services_of(flc_snapshot_header *h)
+static inline flc_service *flc_services_of(flc_image_header *h)
 {
     return (flc_service *)((char *)h + FLC_BUF_OFF_SERVICES);
 }
 
-static inline flc_backend *flc_backends_of(flc_snapshot_header *h)
+static inline flc_backend *flc_backends_of(flc_image_header *h)
 {
     return (flc_backend *)((char *)h + FLC_BUF_OFF_BACKENDS);
 }
 
-static inline uint32_t *flc_table_of(flc_snapshot_header *h)
+static inline uint32_t *flc_table_of(flc_image_header *h)
 {
     return (uint32_t *)((char *)h + FLC_BUF_OFF_TABLE);
 }

@@ -13,15 +13,15 @@
  *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor)
  *   flc_worker_state[FLC_MAX_WORKERS]   per worker
  *   int32 worker_active[FLC_MAX_WORKERS][FLC_MAX_BACKENDS]
- *   flc_snapshot buffer 0, buffer 1     double buffer, seqlock each
+ *   flc_image buffer 0, buffer 1        double buffer, seqlock each
  *
- * A snapshot buffer is a header, the service table, the backend table and a
+ * An image buffer is a header, the service table, the backend table and a
  * pool of uint32 entries holding WRR schedules and Maglev lookup tables (each
  * entry an index into the backend table). The agent writes the buffer that is
  * not current, then stores the new generation; the current buffer is
  * generation & 1. Each buffer carries its own sequence number, odd while it is
  * being written, so a worker that read a buffer while the agent rewrote it
- * notices and reads again: no worker ever acts on a torn snapshot.
+ * notices and reads again: no worker ever acts on a torn image.
  *
  * Addresses are IPv4, network byte order; ports are host byte order.
  * Counters are keyed by a backend slot that the agent keeps stable for a
@@ -99,7 +99,7 @@ typedef struct {
     uint32_t retries;           /* further backends tried after a failed connect */
     uint32_t relay_mode;        /* FLC_RELAY_*: how bytes are moved */
     uint64_t published_ns;      /* CLOCK_MONOTONIC when the agent published it */
-} flc_snapshot_header;
+} flc_image_header;
 
 typedef struct {
     uint8_t name[FLC_NAME_LEN];
@@ -139,7 +139,7 @@ typedef struct {
 #define FLC_OFF_BUFFERS \
     (FLC_OFF_WORKER_ACTIVE + (uint64_t)FLC_MAX_WORKERS * FLC_MAX_BACKENDS * 4u)
 
-#define FLC_BUF_OFF_SERVICES ((uint64_t)sizeof(flc_snapshot_header))
+#define FLC_BUF_OFF_SERVICES ((uint64_t)sizeof(flc_image_header))
 #define FLC_BUF_OFF_BACKENDS \
     (FLC_BUF_OFF_SERVICES + (uint64_t)FLC_MAX_SERVICES * sizeof(flc_service))
 #define FLC_BUF_OFF_TABLE \

@@ -1,7 +1,7 @@
-/* The node agent's write of a snapshot (lbcore.snapshot.publish_snapshot):
+/* The node agent's write of an image (lbcore.image.publish_image):
  * one call per version, so the agent pays no Python cost per field or per
- * array; and the checksum read_snapshot verifies. Workers never write
- * snapshots and do not include this (their system calls are declared in
+ * array; and the checksum read_image verifies. Workers never write
+ * images and do not include this (their system calls are declared in
  * system.pxd; the agent's one clock read is here, with the write it stamps). */
 #ifndef FULCRUM_PUBLISH_H
 #define FULCRUM_PUBLISH_H
@@ -12,8 +12,8 @@
 #include "fulcrum_atomic.h"
 
 /* CRC-32C (Castagnoli, reflected 0x82F63B78): the x86 crc32 instruction
- * computes it 8 bytes at a time, four times faster than zlib's crc32 on a
- * snapshot of a thousand backends; elsewhere, bit by bit (same values). */
+ * computes it 8 bytes at a time, four times faster than zlib's crc32 on an
+ * image of a thousand backends; elsewhere, bit by bit (same values). */
 static inline uint32_t flc_crc32c_portable(uint32_t crc, const uint8_t *p, size_t n)
 {
     int bit;
@@ -55,7 +55,7 @@ static inline uint32_t flc_crc32c(uint32_t crc, const void *data, size_t n)
 
 /* CRC-32C of the used tables, in the order services, backends, table: what
  * the header's checksum holds. */
-static inline uint32_t flc_snapshot_checksum(const flc_service *services, uint32_t n_services,
+static inline uint32_t flc_image_checksum(const flc_service *services, uint32_t n_services,
                                              const flc_backend *backends, uint32_t n_backends,
                                              const uint32_t *table, uint32_t table_used)
 {
@@ -74,18 +74,18 @@ static inline uint64_t flc_monotonic_ns(void)
     return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
 }
 
-/* Write the snapshot into the buffer of `generation` (the one that is not
+/* Write the image into the buffer of `generation` (the one that is not
  * current) under its seqlock, then make it current. `fields` carries the
  * header's values (its magic, seq and checksum are set here). The caller
  * has checked the counts against the layout's limits. Returns the checksum. */
-static inline uint32_t flc_publish_snapshot(void *base, uint64_t generation,
-                                            const flc_snapshot_header *fields,
+static inline uint32_t flc_publish_image(void *base, uint64_t generation,
+                                            const flc_image_header *fields,
                                             const flc_service *services,
                                             const flc_backend *backends,
                                             const uint32_t *table)
 {
-    flc_snapshot_header *h = flc_buffer_of(base, generation);
-    uint32_t checksum = flc_snapshot_checksum(services, fields->n_services, backends,
+    flc_image_header *h = flc_buffer_of(base, generation);
+    uint32_t checksum = flc_image_checksum(services, fields->n_services, backends,
                                               fields->n_backends, table, fields->table_used);
     flc_write_begin(h);
     h->magic = FLC_MAGIC;

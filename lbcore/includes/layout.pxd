@@ -46,7 +46,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
         int64_t active
         uint64_t accept_pauses
 
-    ctypedef struct flc_snapshot_header:
+    ctypedef struct flc_image_header:
         uint32_t magic
         uint32_t layout_version
         uint64_t seq
@@ -90,18 +90,18 @@ cdef extern from "fulcrum_atomic.h" nogil:
     void flc_add_u64(uint64_t *p, uint64_t v)
     uint64_t flc_fetch_inc_u64(uint64_t *p)
     bint flc_cas_i64(int64_t *p, int64_t expected, int64_t desired)
-    uint64_t flc_read_begin(const flc_snapshot_header *h)
-    bint flc_read_validate(const flc_snapshot_header *h, uint64_t seq)
+    uint64_t flc_read_begin(const flc_image_header *h)
+    bint flc_read_validate(const flc_image_header *h, uint64_t seq)
 
     flc_control *flc_control_of(void *base)
     flc_counter *flc_counters_of(void *base)
     flc_service_state *flc_service_states_of(void *base)
     flc_worker_state *flc_workers_of(void *base)
     int32_t *flc_worker_active_of(void *base, uint32_t worker)
-    flc_snapshot_header *flc_buffer_of(void *base, uint64_t generation)
-    flc_service *flc_services_of(flc_snapshot_header *h)
-    flc_backend *flc_backends_of(flc_snapshot_header *h)
-    uint32_t *flc_table_of(flc_snapshot_header *h)
+    flc_image_header *flc_buffer_of(void *base, uint64_t generation)
+    flc_service *flc_services_of(flc_image_header *h)
+    flc_backend *flc_backends_of(flc_image_header *h)
+    uint32_t *flc_table_of(flc_image_header *h)
     uint64_t flc_segment_size()
 
 

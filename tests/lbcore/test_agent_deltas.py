@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, event, given, settings
 
 from lbcore.agent import NodeAgent
 from lbcore.config import parse_document
+from lbcore.image import image_of_config, read_image
 from lbcore.remote import Remote, localize
 from lbcore.routing import Routing
 from lbcore.segment import Segment
-from lbcore.snapshot import read_snapshot, snapshot_from_config
 from tests.lbcore.deltas import IDS, delta_of, delta_rows
-from tests.support import free_port
+from tests.support import free_port, image_bytes
 
 # how the link hands a version to the agent: one delta; two drained at once
 # (one routing, two deltas past what the agent holds); a full snapshot (fetch)
@@ -64,9 +64,9 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
             agent.apply_remote(routing)
             assert agent.version == routing.version and agent.remote.link.routing is routing
             assert (agent.config is config_before) == (rewritten is not None)  # the path taken
-            fresh = snapshot_from_config(localize(agent.config, reference.as_services()), routing.version,
+            fresh = image_of_config(localize(agent.config, reference.as_services()), routing.version,
                                          agent.service_slots, agent.backend_slots)
-            assert read_snapshot(agent.segment).to_bytes() == fresh.to_bytes()
+            assert image_bytes(read_image(agent.segment)) == image_bytes(fresh)
             assert [(s.name, [b.id for b in s.backends]) for s in agent.config.services] == \
                 [(s.name, [b.id for b in s.backends]) for s in reference.as_services()]
             if audit:  # the periodic report's digest builds the routing: the next delta chains from it

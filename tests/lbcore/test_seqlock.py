@@ -1,5 +1,5 @@
-"""The snapshot seqlock: a reader that is lapped by the publisher notices,
-and every read it accepts is exactly one published snapshot, never a mix."""
+"""The image seqlock: a reader that is lapped by the publisher notices,
+and every read it accepts is exactly one published image, never a mix."""
 from __future__ import annotations
 
 import threading
@@ -9,8 +9,8 @@ import numpy as np
 from lbcore import layout
 from lbcore.balance.probe import read_backends_under_seqlock
 from lbcore.config import Backend, Service
+from lbcore.image import Limits, build_image, publish_image
 from lbcore.slots import SlotMap
-from lbcore.snapshot import Limits, build_snapshot, publish_snapshot
 
 BACKENDS = 4000
 LIMITS = Limits(2000, 300_000, 3)
@@ -25,7 +25,7 @@ def images(count: int) -> list:
     out = []
     for k in range(count):
         backends = tuple(Backend(f"b{i}", f"127.0.0.1:{1000 + k * 7 + i % 5}", 1) for i in range(BACKENDS))
-        out.append(build_snapshot([Service("svc", "127.0.0.1:9", "wrr", backends)], LIMITS, k + 1,
+        out.append(build_image([Service("svc", "127.0.0.1:9", "wrr", backends)], LIMITS, k + 1,
                                   service_slots, backend_slots))
     return out
 
@@ -34,14 +34,14 @@ def test_reads_that_validate_are_never_torn(published):
     candidates = images(6)
     width = BACKENDS * layout.BACKEND.itemsize
     known = {image.backends.tobytes() for image in candidates}
-    publish_snapshot(published.segment, candidates[0])
+    publish_image(published.segment, candidates[0])
     stop = threading.Event()
 
     def publisher() -> None:
         k = 0
         while not stop.is_set():
             k += 1
-            publish_snapshot(published.segment, candidates[k % len(candidates)])
+            publish_image(published.segment, candidates[k % len(candidates)])
 
     thread = threading.Thread(target=publisher)
     thread.start()

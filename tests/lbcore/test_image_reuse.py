@@ -1,4 +1,4 @@
-"""Snapshots built from the one before: after any sequence of changes, a
+"""Images built from the one before: after any sequence of changes, a
 build that reuses the previous image's parts gives the very bytes of a build
 from scratch, and a service that did not change keeps its tables (the same
 arrays, not equal copies)."""
@@ -14,9 +14,10 @@ from hypothesis import HealthCheck, event, given, settings
 
 from lbcore import layout
 from lbcore.config import Backend, Service
+from lbcore.image import Image, Limits, ServiceTables, build_image
 from lbcore.slots import SlotMap
-from lbcore.snapshot import Limits, ServiceTables, SnapshotImage, build_snapshot
 from tests.lbcore.deltas import IDS, delta_of, delta_rows
+from tests.support import image_bytes
 
 LIMITS = Limits(connect_timeout_ms=2000, idle_timeout_ms=300_000, retries=3, relay_mode=1)
 ALGORITHMS = ["wrr", "least_conn", "p2c", "maglev"]
@@ -33,11 +34,11 @@ class Node:
     def __init__(self) -> None:
         self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
-        self.image: SnapshotImage | None = None
+        self.image: Image | None = None
         self.version = 0
 
     def publish(self, services: Sequence[Service],
-                releasable: Callable[[int], bool] = lambda slot: True) -> SnapshotImage:
+                releasable: Callable[[int], bool] = lambda slot: True) -> Image:
         """Build ``services`` reusing the last image, check it against a build
         from scratch with the same slots, and keep it as the last image."""
         service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
@@ -48,13 +49,13 @@ class Node:
         version = self.version + 1
         previous = self.image.parts if self.image is not None else None
         held = {name: tables_of(part) for name, part in (previous or {}).items()}
-        last_bytes = self.image.to_bytes() if self.image is not None else b""
+        last_bytes = image_bytes(self.image) if self.image is not None else b""
 
-        incremental = build_snapshot(services, LIMITS, version, service_slots, backend_slots,
+        incremental = build_image(services, LIMITS, version, service_slots, backend_slots,
                                      previous=previous)
-        fresh = build_snapshot(services, LIMITS, version, service_slots, backend_slots, previous=None)
+        fresh = build_image(services, LIMITS, version, service_slots, backend_slots, previous=None)
 
-        assert incremental.to_bytes() == fresh.to_bytes()
+        assert image_bytes(incremental) == image_bytes(fresh)
         assert incremental.checksum == fresh.checksum
         assert incremental.parts.keys() == fresh.parts.keys() == {s.name for s in services}
         for name, part in incremental.parts.items():
@@ -65,7 +66,7 @@ class Node:
         # what was reused was not written to: the last image is as it was
         assert {name: tables_of(part) for name, part in (previous or {}).items()} == held
         if self.image is not None:
-            assert self.image.to_bytes() == last_bytes
+            assert image_bytes(self.image) == last_bytes
 
         self.service_slots, self.backend_slots = service_slots, backend_slots
         self.image, self.version = incremental, version
@@ -327,9 +328,9 @@ def test_a_build_told_which_rows_a_delta_changed_equals_a_build_from_scratch(ste
         service_slots.assign((s.name for s in services), lambda slot: True)
         backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), lambda slot: True)
         assert node.image is not None
-        hinted = build_snapshot(services, LIMITS, routing.version, service_slots, backend_slots,
+        hinted = build_image(services, LIMITS, routing.version, service_slots, backend_slots,
                                 previous=node.image.parts, changed=hints)
-        fresh = build_snapshot(services, LIMITS, routing.version, service_slots, backend_slots)
-        assert hinted.to_bytes() == fresh.to_bytes()
+        fresh = build_image(services, LIMITS, routing.version, service_slots, backend_slots)
+        assert image_bytes(hinted) == image_bytes(fresh)
         node.service_slots, node.backend_slots, node.image = service_slots, backend_slots, hinted
         held = routing

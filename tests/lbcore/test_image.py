@@ -1,4 +1,4 @@
-"""Snapshots: deterministic bytes, verified reads, slots stable across versions."""
+"""Images: deterministic bytes, verified reads, slots stable across versions."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 
 from lbcore.balance.wrr import build_schedule as wrr_schedule
 from lbcore.config import parse_config
-from lbcore.snapshot import SnapshotError, read_snapshot
+from lbcore.image import ImageError, read_image
 from tests.conftest import config_text
 from tests.lbcore import reference
+from tests.support import image_bytes
 
 SERVICES = [
     {"name": "web", "listen": "127.0.0.1:8080", "algorithm": "wrr",
@@ -22,16 +23,16 @@ SERVICES = [
 
 def test_same_inputs_give_the_same_bytes(published):
     config = parse_config(config_text(SERVICES))
-    first = published.publish(config).to_bytes()
+    first = image_bytes(published.publish(config))
     published.version -= 1  # rebuild the same version from the same inputs
-    second = published.publish(config).to_bytes()
+    second = image_bytes(published.publish(config))
     assert first == second
 
 
 def test_read_back_equals_what_was_published(published):
     image = published.publish_text(SERVICES)
-    back = read_snapshot(published.segment)
-    assert back.to_bytes() == image.to_bytes()
+    back = read_image(published.segment)
+    assert image_bytes(back) == image_bytes(image)
     assert back.checksum == image.checksum
 
 
@@ -39,8 +40,8 @@ def test_read_refuses_a_corrupted_buffer(published):
     published.publish_text(SERVICES)
     buf = published.segment.buffer(published.segment.generation())
     buf.backends[0]["port"] ^= 1
-    with pytest.raises(SnapshotError, match="checksum"):
-        read_snapshot(published.segment)
+    with pytest.raises(ImageError, match="checksum"):
+        read_image(published.segment)
 
 
 def test_eligibility_is_weight_above_zero(published):
@@ -57,7 +58,7 @@ def test_generation_alternates_buffers_and_versions_increase(published):
     seen = []
     for _ in range(4):
         image = published.publish_text(SERVICES)
-        seen.append((published.segment.generation(), read_snapshot(published.segment).version))
+        seen.append((published.segment.generation(), read_image(published.segment).version))
         assert seen[-1][1] == image.version
     assert [g for g, _ in seen] == [1, 2, 3, 4]
     assert [v for _, v in seen] == [1, 2, 3, 4]
@@ -95,7 +96,7 @@ def test_wrr_schedule_for_ten_thousand_backends_is_round_robin():
     assert (schedule == np.arange(10_000)).all()
 
 
-def test_the_snapshot_checksum_is_crc32c_whichever_way_it_is_computed():
+def test_the_image_checksum_is_crc32c_whichever_way_it_is_computed():
     from lbcore._layout import lib
 
     check = b"123456789"  # the CRC-32C check value of the standard test string

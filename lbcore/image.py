@@ -1,10 +1,13 @@
-"""Routing snapshots: build them from services, publish them without tearing,
-read them back.
+"""The image: a routing snapshot laid out in shared memory as the workers
+read it (fixed-layout tables, fulcrum_layout.h). Build one from services,
+publish it without tearing, read it back.
 
-A snapshot is immutable once built (``SnapshotImage``); the same services,
-slots and version always give the same bytes, so any published snapshot can
-be rebuilt and compared. Publishing writes the buffer that is not current
-under its seqlock, then stores the new generation (see fulcrum_layout.h).
+"Snapshot" is the versioned routing document on the wire (lbcore.wire,
+lbcore.routing); an image holds one version of it, localized to this node
+with its slots. An image is immutable once built; the same services, slots
+and version always give the same tables, so any published image can be
+rebuilt and compared. Publishing writes the buffer that is not current
+under its seqlock, then stores the new generation.
 """
 from __future__ import annotations
 
@@ -27,8 +30,8 @@ from lbcore.segment import Segment
 from lbcore.slots import SlotMap
 
 
-class SnapshotError(Exception):
-    """A snapshot that cannot be built or read; the message says why."""
+class ImageError(Exception):
+    """An image that cannot be built or read; the message says why."""
 
     def __init__(self, message: str, service_index: int | None = None) -> None:
         super().__init__(message)
@@ -44,29 +47,19 @@ class Limits:
 
 
 @dataclass(frozen=True)
-class SnapshotImage:
+class Image:
     version: int
     limits: Limits
     services: np.ndarray   # n_services, SERVICE (indexed by service slot)
     backends: np.ndarray   # n_backends, BACKEND
     table: np.ndarray      # table_used, uint32
-    # per service, for building the next snapshot (not part of the bytes)
+    # per service, for building the next image (not part of the tables)
     parts: Mapping[str, ServiceTables] = dataclasses.field(default_factory=dict, compare=False)
     published_ns: int = dataclasses.field(default=0, compare=False)  # when read back: the node's stamp
 
     @property
     def checksum(self) -> int:
-        return snapshot_checksum(self.services, self.backends, self.table)
-
-    def to_bytes(self) -> bytes:
-        """Canonical bytes: equal images, equal bytes."""
-        head = np.array(
-            [self.version, self.limits.connect_timeout_ms, self.limits.idle_timeout_ms,
-             self.limits.retries, self.limits.relay_mode,
-             len(self.services), len(self.backends), len(self.table)],
-            dtype="<u8",
-        )
-        return head.tobytes() + self.services.tobytes() + self.backends.tobytes() + self.table.tobytes()
+        return image_checksum(self.services, self.backends, self.table)
 
 
 def copy_rows(rows: np.ndarray) -> np.ndarray:
@@ -75,9 +68,9 @@ def copy_rows(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.uint8).copy().view(rows.dtype)
 
 
-def snapshot_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
+def image_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray) -> int:
     """CRC-32C of the tables as the header holds it (fulcrum_publish.h)."""
-    return int(lib.flc_snapshot_checksum(
+    return int(lib.flc_image_checksum(
         ffi.from_buffer("flc_service[]", np.ascontiguousarray(services)), len(services),
         ffi.from_buffer("flc_backend[]", np.ascontiguousarray(backends)), len(backends),
         ffi.from_buffer("uint32_t[]", np.ascontiguousarray(table)), len(table)))
@@ -93,8 +86,8 @@ def _ip_port(address: str) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class ServiceTables:
-    """One service's part of a snapshot, its tables counted from the
-    service's first row: the agent keeps them, so that the next snapshot
+    """One service's part of an image, its tables counted from the
+    service's first row: the node keeps them, so that the next image
     rebuilds only the services that changed, and of those only what changed."""
 
     backends: tuple[Backend, ...]  # a row's values may be older than ``rows`` (see patched_tables)
@@ -150,7 +143,7 @@ def _tables(backends: tuple[Backend, ...], algorithm: str, slot: int, rows: np.n
         ids = [i.decode() for i in rows["id"][eligible]]
         maglev = build_maglev_table(ids, rows["weight"][eligible],
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
-    for shared in (rows, schedule, maglev):  # reused by later snapshots: never written again
+    for shared in (rows, schedule, maglev):  # reused by later images: never written again
         shared.flags.writeable = False
     return ServiceTables(backends, algorithm, slot, rows, schedule, maglev, index, eligible_count)
 
@@ -170,7 +163,7 @@ def patched_tables(tables: ServiceTables, rows: Mapping[str, Backend]) -> Servic
 def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous: ServiceTables | None = None,
                    changed: frozenset[str] | None = None) -> ServiceTables:
     """The tables of ``service``, reusing ``previous`` (its tables in the
-    snapshot before): rows of backends that are still there are kept (a
+    image before): rows of backends that are still there are kept (a
     backend keeps its slot), changed ones patched, only new ones built.
     ``changed``, when known, names the only rows that differ (same ids in
     the same order): then nothing else is compared."""
@@ -211,12 +204,12 @@ def service_tables(service: Service, slot: int, backend_slots: SlotMap, previous
     return _with_tables(service, slot, rows)
 
 
-def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
+def build_image(services: Iterable[Service], limits: Limits, version: int,
                    service_slots: SlotMap, backend_slots: SlotMap,
                    previous: Mapping[str, ServiceTables] | None = None,
-                   changed: Mapping[str, frozenset[str]] | None = None) -> SnapshotImage:
-    """The snapshot for ``services``. Slots must already be assigned;
-    ``previous`` (the ``parts`` of the snapshot before) is reused where it
+                   changed: Mapping[str, frozenset[str]] | None = None) -> Image:
+    """The image of ``services``. Slots must already be assigned;
+    ``previous`` (the ``parts`` of the image before) is reused where it
     can be; ``changed`` names, per service, the only rows that changed since."""
     services = list(services)
     previous = previous or {}
@@ -234,7 +227,7 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
         schedule_offset, maglev_offset = table_used, table_used + len(tables.schedule)
         table_used = maglev_offset + len(tables.maglev)
         if table_used > layout.TABLE_POOL:
-            raise SnapshotError(f"its tables take the node past {layout.TABLE_POOL} entries "
+            raise ImageError(f"its tables take the node past {layout.TABLE_POOL} entries "
                                 f"(each maglev service takes {layout.MAGLEV_SIZE}, each service the sum "
                                 "of its weights): lower the weights or use fewer maglev services", index)
         ip, port = _ip_port(service.listen)
@@ -247,18 +240,18 @@ def build_snapshot(services: Iterable[Service], limits: Limits, version: int,
         backend_parts.append(tables.rows)
         table_parts.extend((_shifted(tables.schedule, next_row), _shifted(tables.maglev, next_row)))
         next_row += n_rows
-    return SnapshotImage(version, limits, service_rows, _joined(backend_parts, layout.BACKEND),
+    return Image(version, limits, service_rows, _joined(backend_parts, layout.BACKEND),
                          _joined(table_parts, np.dtype(np.uint32)), parts)
 
 
 def _shifted(positions: np.ndarray, first_row: int) -> np.ndarray:
-    """Row positions within a service, made positions in the snapshot."""
+    """Row positions within a service, made positions in the image."""
     return positions + np.uint32(first_row) if first_row else positions
 
 
 def _joined(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     """One array of ``parts`` (shared, not copied, when there is one: a
-    snapshot's arrays are never written once built)."""
+    image's arrays are never written once built)."""
     parts = [p for p in parts if len(p)]
     if not parts:
         return np.zeros(0, dtype)
@@ -267,28 +260,28 @@ def _joined(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
     return np.concatenate([p.view(np.uint8) for p in parts]).view(dtype)
 
 
-def snapshot_from_config(config: Config, version: int, service_slots: SlotMap, backend_slots: SlotMap,
+def image_of_config(config: Config, version: int, service_slots: SlotMap, backend_slots: SlotMap,
                          previous: Mapping[str, ServiceTables] | None = None,
-                         changed: Mapping[str, frozenset[str]] | None = None) -> SnapshotImage:
+                         changed: Mapping[str, frozenset[str]] | None = None) -> Image:
     node = config.node
     limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
     try:
-        return build_snapshot(config.services, limits, version, service_slots, backend_slots, previous,
+        return build_image(config.services, limits, version, service_slots, backend_slots, previous,
                               changed)
-    except SnapshotError as exc:
+    except ImageError as exc:
         raise ConfigError(config.path, f"service[{exc.service_index}]", str(exc)) from None
 
 
 def check_buildable(config: Config) -> None:
-    """ConfigError if ``config`` is valid but its snapshot cannot be built."""
+    """ConfigError if ``config`` is valid but its image cannot be built."""
     service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
     backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
     service_slots.assign((s.name for s in config.services), lambda slot: True)
     backend_slots.assign(((s.name, b.id) for s in config.services for b in s.backends), lambda slot: True)
-    snapshot_from_config(config, 1, service_slots, backend_slots)
+    image_of_config(config, 1, service_slots, backend_slots)
 
 
-def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
+def publish_image(segment: Segment, image: Image) -> int:
     """Write ``image`` into the buffer that is not current and make it current
     (one compiled call: the seqlock write, the copies, the checksum).
 
@@ -297,7 +290,7 @@ def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
     """
     if len(image.services) > layout.MAX_SERVICES or len(image.backends) > layout.MAX_BACKENDS \
             or len(image.table) > layout.TABLE_POOL:
-        raise SnapshotError("snapshot exceeds the segment's limits")
+        raise ImageError("image exceeds the segment's limits")
     generation = segment.generation() + 1
     fields: Any = _HEADER_FIELDS  # the agent is the only publisher: one scratch header will do
     fields.snapshot_version = image.version
@@ -306,18 +299,18 @@ def publish_snapshot(segment: Segment, image: SnapshotImage) -> int:
     limits = image.limits
     fields.connect_timeout_ms, fields.idle_timeout_ms = limits.connect_timeout_ms, limits.idle_timeout_ms
     fields.retries, fields.relay_mode = limits.retries, limits.relay_mode
-    lib.flc_publish_snapshot(segment.base_pointer, generation, fields,
+    lib.flc_publish_image(segment.base_pointer, generation, fields,
                              ffi.from_buffer("flc_service[]", image.services),
                              ffi.from_buffer("flc_backend[]", image.backends),
                              ffi.from_buffer("uint32_t[]", image.table))
     return generation
 
 
-_HEADER_FIELDS = ffi.new("flc_snapshot_header *")
+_HEADER_FIELDS = ffi.new("flc_image_header *")
 
 
-def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:
-    """Copy the current snapshot out of shared memory, verified (seqlock,
+def read_image(segment: Segment, attempts: int = 100) -> Image:
+    """Copy the current image out of shared memory, verified (seqlock,
     magic, layout version, checksum)."""
     for _ in range(attempts):
         buf = segment.buffer(segment.generation())
@@ -332,11 +325,11 @@ def read_snapshot(segment: Segment, attempts: int = 100) -> SnapshotImage:
         if not lib.flc_read_validate(buf.header_ptr, seq):
             continue
         if int(header["magic"]) != layout.MAGIC or int(header["layout_version"]) != layout.LAYOUT_VERSION:
-            raise SnapshotError("snapshot buffer has a bad magic or layout version")
-        if snapshot_checksum(services, backends, table) != int(header["checksum"]):
-            raise SnapshotError("snapshot checksum mismatch")
+            raise ImageError("image buffer has a bad magic or layout version")
+        if image_checksum(services, backends, table) != int(header["checksum"]):
+            raise ImageError("image checksum mismatch")
         limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
                         int(header["retries"]), int(header["relay_mode"]))
-        return SnapshotImage(int(header["snapshot_version"]), limits, services, backends, table,
+        return Image(int(header["snapshot_version"]), limits, services, backends, table,
                              published_ns=int(header["published_ns"]))
-    raise SnapshotError("no stable snapshot after repeated reads (publisher too busy?)")
+    raise ImageError("no stable image after repeated reads (publisher too busy?)")

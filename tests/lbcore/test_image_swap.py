@@ -1,6 +1,6 @@
-"""I1 under churn: real worker processes serve connections while snapshots are
-swapped hundreds of times a second; every connection must reach a backend of a
-snapshot that was current while it was being set up, and none may reach a
+"""I1 under churn: real worker processes serve connections while images are
+swapped hundreds of times a second; every connection must reach a backend of an
+image that was current while it was being set up, and none may reach a
 backend that was never published."""
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def test_swaps_under_load_never_reach_an_unpublished_backend(published):
             stop_workers(workers)
 
         swaps_per_second = len(history) / SWAP_SECONDS
-        print(f"\n{len(history)} snapshots ({swaps_per_second:.0f}/s), {len(results)} connections")
+        print(f"\n{len(history)} images ({swaps_per_second:.0f}/s), {len(results)} connections")
         assert swaps_per_second > 100
         assert len(results) > 200
         assert failures == []
