@@ -1,5 +1,7 @@
-"""The node agent: owns the shared segment, publishes snapshots, supervises
-the worker processes, and handles one signal per concern.
+"""The node agent: owns the shared segment, supervises the worker processes,
+handles one signal per concern, and has the planner (lbcore.planner) plan
+and publish each image: from the file (static, SIGHUP) or from the control
+plane (lbcore.remote).
 
 SIGTERM/SIGINT  graceful stop: workers stop accepting and drain (bounded by
                 node.drain_timeout_ms); the segment is unlinked; exit 0.
@@ -18,19 +20,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from lbcore import layout
 from lbcore._layout import ffi, lib
-from lbcore.config import Config, ConfigError, Service, load_config, parse_address
-from lbcore.image import Image, image_of_config, patched_tables, publish_image
-from lbcore.remote import Remote, localize
-from lbcore.routing import Routing, rows_changed
+from lbcore.config import Config, ConfigError, load_config, parse_address
+from lbcore.planner import Planner, localize
+from lbcore.remote import Remote
+from lbcore.routing import Routing
 from lbcore.segment import Segment
-from lbcore.slots import SlotMap
 from lbcore.stats import format_stats, node_stats, report_counters
 
 PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
@@ -97,16 +97,6 @@ class Listeners:
         self._held.clear()
 
 
-@dataclass(frozen=True)
-class Plan:
-    config: Config
-    image: Image
-    service_slots: SlotMap[str]
-    backend_slots: SlotMap[tuple[str, str]]
-    fresh_services: list[int]
-    fresh_backends: list[int]
-
-
 @dataclass
 class WorkerProcess:
     index: int
@@ -117,111 +107,29 @@ class WorkerProcess:
 
 class NodeAgent:
     def __init__(self, config: Config, log: TextIO = sys.stderr) -> None:
-        self.config = config
+        self._config = config  # until the segment exists; then the planner's (the published one)
         self._log_file = log
         self.listeners = Listeners()
         self.segment: Segment | None = None
-        self.version = 0
-        self.image: Image | None = None  # the one published
-        self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
-        self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
+        self.planner: Planner | None = None  # what is published, and what to publish next
         self.workers: dict[int, WorkerProcess] = {}
         self._respawn_at: dict[int, tuple[float, int]] = {}  # index -> (when, restarts)
         self._signals: set[int] = set()
-        self._service_retired_since: dict[int, float] = {}
         self._stopping = False
         self._next_reap = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.remote: Remote | None = None  # services from a control plane
 
+    @property
+    def config(self) -> Config:
+        return self.planner.config if self.planner is not None else self._config
+
+    @property
+    def version(self) -> int:
+        return self.planner.version if self.planner is not None else 0
+
     def log(self, message: str) -> None:
         print(f"lbproxy[{self.config.node.id}]: {message}", file=self._log_file, flush=True)
-
-    # ------------------------------------------------------------ snapshots
-
-    def _workers_current(self) -> bool:
-        """Every worker has noticed the current generation: none still picks
-        from an older buffer."""
-        assert self.segment is not None
-        current = self.segment.generation()
-        return all(int(self.segment.workers[i]["generation"]) >= current for i in self.workers)
-
-    def _backend_slot_releasable(self, slot: int) -> bool:
-        """A retired backend slot may be reused once nothing refers to it: no
-        open connection, and every worker past the snapshot that dropped it."""
-        assert self.segment is not None
-        return int(self.segment.counters[slot]["active"]) == 0 and self._workers_current()
-
-    def _service_slot_releasable(self, slot: int) -> bool:
-        """A removed service's slot may serve another service once every
-        worker is past the snapshot that removed it and no connection of the
-        old service can still be between connect retries."""
-        since = self._service_retired_since.setdefault(slot, time.monotonic())
-        node = self.config.node
-        setup_window = node.connect_timeout_ms * (node.retries + 1) / 1000 + 1.0
-        if self._workers_current() and time.monotonic() - since >= setup_window:
-            del self._service_retired_since[slot]
-            return True
-        return False
-
-    def _plan(self, config: Config, version: int | None = None,
-              changed: Mapping[str, frozenset[str]] | None = None) -> Plan:
-        """Everything a publish of ``config`` needs, changing nothing yet:
-        ConfigError when it cannot be built (the node keeps what it has).
-        ``changed``: per service, the only backend rows that differ from
-        the published snapshot, ids and their order unchanged (from a delta)."""
-        service_slots, backend_slots = self.service_slots, self.backend_slots
-        fresh_services: list[int] = []
-        fresh_backends: list[int] = []
-        same_names = [s.name for s in self.config.services] == [s.name for s in config.services]
-        try:
-            if not same_names or self.image is None:
-                service_slots = service_slots.copy()
-                fresh_services = service_slots.assign((s.name for s in config.services),
-                                                      self._service_slot_releasable)
-            same_keys = changed is not None and same_names and len(changed) == len(config.services)
-            if self.image is None or not (same_keys or _same_backends(self.config.services, config.services)):
-                backend_slots = backend_slots.copy()
-                fresh_backends = backend_slots.assign(
-                    ((s.name, b.id) for s in config.services for b in s.backends),
-                    self._backend_slot_releasable)
-        except ValueError as exc:
-            raise ConfigError(config.path, "service", str(exc)) from None
-        version = self.version + 1 if version is None else version
-        previous = self.image.parts if self.image is not None else None
-        image = image_of_config(config, version, service_slots, backend_slots, previous, changed)
-        return Plan(config, image, service_slots, backend_slots, fresh_services, fresh_backends)
-
-    def _plan_rows(self, routing: Routing, rewritten: Mapping[str, frozenset[str]]) -> Plan:
-        """The plan of ``routing`` when it rewrote only the rows ``rewritten``
-        names since the published snapshot (Routing.rewritten_rows): those
-        rows patched into the published tables. The config is kept as it is:
-        services, ids and order are unchanged; the values of its patched
-        rows are then older than the snapshot's, and nothing reads them (the
-        next config built whole is compared with the tables by identity:
-        see patched_tables)."""
-        assert self.image is not None
-        parts = dict(self.image.parts)
-        for name, ids in rewritten.items():
-            if ids:
-                parts[name] = patched_tables(parts[name], {i: routing.backend(name, i) for i in ids})
-        image = image_of_config(self.config, routing.version, self.service_slots, self.backend_slots,
-                                     parts)
-        return Plan(self.config, image, self.service_slots, self.backend_slots, [], [])
-
-    def _apply(self, plan: Plan) -> None:
-        """Publish a plan. A slot given to a new service or backend starts
-        from zero: nothing refers to it any more (see the slot maps)."""
-        assert self.segment is not None
-        for slot in plan.fresh_backends:
-            self.segment.counters[slot] = 0
-        for slot in plan.fresh_services:
-            self.segment.service_states[slot] = 0
-        publish_image(self.segment, plan.image)
-        self.service_slots, self.backend_slots = plan.service_slots, plan.backend_slots
-        self.image = plan.image
-        self.version = plan.image.version
-        self.config = plan.config
 
     # ------------------------------------------------------------ workers
 
@@ -310,15 +218,16 @@ class NodeAgent:
     def start(self) -> None:
         """Reserve listeners, create the segment, publish, start workers.
         Raises ConfigError / SegmentError / RuntimeError; leaves nothing behind."""
-        if self.config.node.control != "static":
+        if self._config.node.control != "static":
             # services come from the control plane: start with none
-            self.config = localize(self.config, ())
-        self.listeners.reserve(self.config)
+            self._config = localize(self._config, ())
+        self.listeners.reserve(self._config)
         try:
-            if self.config.node.control != "static":
-                self.remote = Remote(self.config, self.log)
-            self.segment = Segment.create(self.config.node.id)
-            self._apply(self._plan(self.config))
+            if self._config.node.control != "static":
+                self.remote = Remote(self._config, self.log)
+            self.segment = Segment.create(self._config.node.id)
+            self.planner = Planner(self._config, self.segment, self.workers.keys)
+            self.planner.publish(self.planner.plan(self._config))
             self._scale_workers()
             if not self._wait_adopted(READY_TIMEOUT_S):
                 raise RuntimeError("workers did not come up (see their messages above)")
@@ -332,24 +241,18 @@ class NodeAgent:
     def apply_remote(self, routing: Routing) -> None:
         """Apply a snapshot from the control plane (newer than the applied
         one: see ControlLink), or refuse it and keep serving the old one."""
-        assert self.remote is not None
-        held = self.remote.link.routing
-        rewritten = routing.rewritten_rows(held) if self.version == held.version else None
-        config = self.config if rewritten is not None else localize(self.config, routing.as_services())
+        assert self.remote is not None and self.planner is not None
         listens_before = {s.listen for s in self.config.services}
         try:
-            if rewritten is not None:  # rows only: patched in, and the routing stays thin
-                plan = self._plan_rows(routing, rewritten)
-            else:
-                plan = self._plan(config, routing.version, rows_changed(held, routing))
-            self.listeners.reserve(config)
+            plan = self.planner.plan_routing(routing, self.remote.link.routing)
+            self.listeners.reserve(plan.config)
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "
                      f"still serving version {self.version}: {exc}")
             self.remote.link.refuse(routing.version)
             return
-        self._apply(plan)
-        if {s.listen for s in config.services} != listens_before:
+        self.planner.publish(plan)
+        if {s.listen for s in plan.config.services} != listens_before:
             self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)  # new listeners: listen before saying so
         # Otherwise workers are not woken: each takes the new version at its
         # next accept (one atomic load) or its 100 ms tick, whichever is first.
@@ -357,8 +260,9 @@ class NodeAgent:
         self.log(f"applied: version {routing.version}")
 
     def _remote_counters(self) -> dict[str, Any]:
-        assert self.segment is not None
-        return report_counters(self.segment, REPORT_BACKENDS, self.image)  # what it published: no copy back
+        assert self.segment is not None and self.planner is not None
+        # the image it published: no copy back from shared memory
+        return report_counters(self.segment, REPORT_BACKENDS, self.planner.image)
 
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""
@@ -369,13 +273,14 @@ class NodeAgent:
             config = load_config(self.config.path)
             if config.node.id != self.config.node.id:
                 raise ConfigError(config.path, "node.id", "cannot change on reload (restart the node)")
-            plan = self._plan(config)
+            assert self.planner is not None
+            plan = self.planner.plan(config)
             self.listeners.reserve(config)
         except ConfigError as exc:
             self.log(f"reload refused, still serving version {self.version}: {exc}")
             return
         before = self.config.node
-        self._apply(plan)
+        self.planner.publish(plan)
         if (before.max_connections, before.drain_timeout_ms) != (
                 config.node.max_connections, config.node.drain_timeout_ms):
             self.log("node.max_connections and node.drain_timeout_ms apply to workers started "
@@ -410,6 +315,7 @@ class NodeAgent:
             self.segment.unlink()
             self.segment.close()
             self.segment = None
+            self.planner = None
 
     def install_signal_handlers(self) -> None:
         """Signals only set flags (handled by the loop in run()); installed
@@ -458,14 +364,6 @@ class NodeAgent:
                     self.apply_remote(update)
                 self.remote.supervise()
                 self.remote.tick(self._remote_counters)
-
-
-def _same_backends(old: tuple[Service, ...], new: tuple[Service, ...]) -> bool:
-    """The same (service, backend) keys in the same order: the slots stand
-    as they are (a weight or address change, the common update)."""
-    return [s.name for s in old] == [s.name for s in new] and all(
-        a.backends is b.backends or [x.id for x in a.backends] == [y.id for y in b.backends]
-        for a, b in zip(old, new, strict=True))
 
 
 def serve(config: Config, log: TextIO = sys.stderr,

@@ -19,7 +19,7 @@ from typing import Any
 
 import zmq
 
-from lbcore.config import Config, ConfigError, Service, parse_address, tomllib
+from lbcore.config import Config, ConfigError, tomllib
 from lbcore.link import ControlLink
 from lbcore.routing import Routing
 
@@ -39,15 +39,6 @@ def endpoints(config: Config) -> tuple[str, str]:
         raise ConfigError(config.path, "orchestrator",
                           'control = "embedded" needs an [orchestrator] table with control and publish')
     return table["control"], table["publish"]
-
-
-def localize(config: Config, services: tuple[Service, ...]) -> Config:
-    """The node's config with ``services``, listeners moved to node.address."""
-    address = config.node.address
-    if address:  # constructors, not dataclasses.replace: this runs once per version
-        services = tuple(Service(s.name, f"{address}:{parse_address(s.listen)[1]}", s.algorithm, s.backends)
-                         for s in services)
-    return Config(config.path, config.node, services)
 
 
 class Remote:

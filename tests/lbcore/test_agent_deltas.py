@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from lbcore.agent import NodeAgent
 from lbcore.config import parse_document
 from lbcore.image import image_of_config, read_image
-from lbcore.remote import Remote, localize
+from lbcore.planner import Planner, localize
+from lbcore.remote import Remote
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from tests.lbcore.deltas import IDS, delta_of, delta_rows
@@ -45,7 +46,8 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
     agent = NodeAgent(localize(config, held.as_services()), log=io.StringIO())
     agent.segment = Segment.create(node_id)
     try:
-        agent._apply(agent._plan(agent.config, held.version))
+        agent.planner = Planner(agent.config, agent.segment, agent.workers.keys)
+        agent.planner.publish(agent.planner.plan(agent.config, held.version))
         agent.remote = Remote(agent.config, agent.log)
         agent.remote.link.routing = held
         reference = held  # the same deltas, applied whole: the control plane's view
@@ -65,7 +67,7 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
             assert agent.version == routing.version and agent.remote.link.routing is routing
             assert (agent.config is config_before) == (rewritten is not None)  # the path taken
             fresh = image_of_config(localize(agent.config, reference.as_services()), routing.version,
-                                         agent.service_slots, agent.backend_slots)
+                                    agent.planner.service_slots, agent.planner.backend_slots)
             assert image_bytes(read_image(agent.segment)) == image_bytes(fresh)
             assert [(s.name, [b.id for b in s.backends]) for s in agent.config.services] == \
                 [(s.name, [b.id for b in s.backends]) for s in reference.as_services()]

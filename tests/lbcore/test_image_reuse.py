@@ -5,17 +5,18 @@ arrays, not equal copies)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import hypothesis.strategies as st
 import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 
-from lbcore import layout
-from lbcore.config import Backend, Service
-from lbcore.image import Image, Limits, ServiceTables, build_image
-from lbcore.slots import SlotMap
+from lbcore.config import Backend, Config, Service, parse_document
+from lbcore.image import Image, Limits, ServiceTables, build_image, read_image
+from lbcore.planner import Planner
+from lbcore.segment import Segment
+from tests.conftest import unique_node_id
 from tests.lbcore.deltas import IDS, delta_of, delta_rows
 from tests.support import image_bytes
 
@@ -27,33 +28,51 @@ def tables_of(part: ServiceTables) -> tuple[bytes, bytes, bytes]:
     return part.rows.tobytes(), part.schedule.tobytes(), part.maglev.tobytes()
 
 
+class HeldPlanner(Planner):
+    """The node's planner, with whether a slot left behind may be given away
+    drawn by the test (the node asks its counters and workers)."""
+
+    releasable = True
+
+    def backend_slot_releasable(self, slot: int) -> bool:
+        return self.releasable
+
+    def service_slot_releasable(self, slot: int) -> bool:
+        return self.releasable
+
+
 class Node:
-    """What the node agent keeps between publishes (see NodeAgent._plan):
-    the slot maps and the last image, whose parts the next build reuses."""
+    """The node's planner over a real segment: each publish is checked
+    against a build from scratch with the same slots."""
 
     def __init__(self) -> None:
-        self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
-        self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
-        self.image: Image | None = None
-        self.version = 0
+        self.segment = Segment.create(unique_node_id("reuse"))
+        self.node = parse_document({"node": {"id": "reuse", "relay": "splice"}}, "test").node
+        self.planner = HeldPlanner(Config("test", self.node), self.segment, lambda: ())
 
-    def publish(self, services: Sequence[Service],
-                releasable: Callable[[int], bool] = lambda slot: True) -> Image:
-        """Build ``services`` reusing the last image, check it against a build
-        from scratch with the same slots, and keep it as the last image."""
-        service_slots, backend_slots = self.service_slots.copy(), self.backend_slots.copy()
-        service_slots.assign((s.name for s in services), releasable)
-        # _plan skips this when no (service, backend) key changed; assigning
-        # the same keys again keeps every slot as it is, so it is the same
-        backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), releasable)
-        version = self.version + 1
+    def __enter__(self) -> Node:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.segment.unlink()
+        self.segment.close()
+
+    @property
+    def image(self) -> Image | None:
+        return self.planner.image
+
+    def publish(self, services: Sequence[Service], releasable: bool = True, version: int | None = None,
+                changed: Mapping[str, frozenset[str]] | None = None) -> Image:
+        """Plan ``services`` reusing the last image, check the plan against
+        a build from scratch with the same slots, and publish it."""
+        self.planner.releasable = releasable
         previous = self.image.parts if self.image is not None else None
         held = {name: tables_of(part) for name, part in (previous or {}).items()}
         last_bytes = image_bytes(self.image) if self.image is not None else b""
 
-        incremental = build_image(services, LIMITS, version, service_slots, backend_slots,
-                                     previous=previous)
-        fresh = build_image(services, LIMITS, version, service_slots, backend_slots, previous=None)
+        plan = self.planner.plan(Config("test", self.node, tuple(services)), version, changed)
+        incremental = plan.image
+        fresh = build_image(services, LIMITS, incremental.version, plan.service_slots, plan.backend_slots)
 
         assert image_bytes(incremental) == image_bytes(fresh)
         assert incremental.checksum == fresh.checksum
@@ -62,14 +81,14 @@ class Node:
             assert tables_of(part) == tables_of(fresh.parts[name]), name
             other = fresh.parts[name]
             assert (part.backends, part.algorithm) == (other.backends, other.algorithm)
-            assert part.slot == fresh.parts[name].slot == service_slots.slot_of(name)
+            assert part.slot == fresh.parts[name].slot == plan.service_slots.slot_of(name)
         # what was reused was not written to: the last image is as it was
         assert {name: tables_of(part) for name, part in (previous or {}).items()} == held
         if self.image is not None:
             assert image_bytes(self.image) == last_bytes
 
-        self.service_slots, self.backend_slots = service_slots, backend_slots
-        self.image, self.version = incremental, version
+        self.planner.publish(plan)
+        assert image_bytes(read_image(self.segment)) == image_bytes(fresh)
         return incremental
 
 
@@ -233,23 +252,23 @@ def initial_services() -> st.SearchStrategy[list[Service]]:
 @given(data=st.data(), services=initial_services(), steps=st.integers(1, 12))
 def test_reusing_the_last_image_gives_the_bytes_of_a_fresh_build(data: st.DataObject, services: list[Service],
                                                                  steps: int) -> None:
-    node = Node()
-    node.publish(services)
-    for _ in range(steps):
-        before = {s.name: s for s in services}
-        step = Step(data, services)
-        services = step.run()
-        event(step.kind)
-        parts = node.image.parts if node.image is not None else {}
-        # a slot left behind is given away now, or only later
-        releasable = data.draw(st.booleans(), label="releasable")
-        image = node.publish(services, lambda slot, r=releasable: r)
-        for s in services:
-            if s.name not in step.touched:
-                assert before[s.name] is s
-                assert image.parts[s.name].rows is parts[s.name].rows, (step.kind, s.name)
-                assert image.parts[s.name].schedule is parts[s.name].schedule
-                assert image.parts[s.name].maglev is parts[s.name].maglev
+    with Node() as node:
+        node.publish(services)
+        for _ in range(steps):
+            before = {s.name: s for s in services}
+            step = Step(data, services)
+            services = step.run()
+            event(step.kind)
+            parts = node.image.parts if node.image is not None else {}
+            # a slot left behind is given away now, or only later
+            releasable = data.draw(st.booleans(), label="releasable")
+            image = node.publish(services, releasable)
+            for s in services:
+                if s.name not in step.touched:
+                    assert before[s.name] is s
+                    assert image.parts[s.name].rows is parts[s.name].rows, (step.kind, s.name)
+                    assert image.parts[s.name].schedule is parts[s.name].schedule
+                    assert image.parts[s.name].maglev is parts[s.name].maglev
 
 
 # ------------------------------------------------------------ examples
@@ -261,51 +280,51 @@ def pool(name: str, port: int, algorithm: str, size: int) -> Service:
 
 
 def test_a_weight_change_rebuilds_only_its_service() -> None:
-    node = Node()
-    services = [pool("web", 8000, "wrr", 5), pool("api", 8001, "maglev", 7), pool("db", 8002, "p2c", 3),
-                pool("none", 8003, "least_conn", 0)]
-    first = node.publish(services)
-    api = services[1]
-    services[1] = replace_backend(api, 3, dataclasses.replace(api.backends[3], weight=0))
-    second = node.publish(services)
-    for name in ("web", "db", "none"):
-        assert second.parts[name].rows is first.parts[name].rows
-        assert second.parts[name].schedule is first.parts[name].schedule
-        assert second.parts[name].maglev is first.parts[name].maglev
-    changed = second.parts["api"]
-    assert changed.rows is not first.parts["api"].rows
-    assert changed.rows["weight"].tolist() == [1, 2, 3, 0, 2, 3, 1]
-    assert first.parts["api"].rows["weight"].tolist() == [1, 2, 3, 1, 2, 3, 1]
-    assert not np.array_equal(changed.maglev, first.parts["api"].maglev)
-    assert 3 not in set(changed.maglev.tolist())
+    with Node() as node:
+        services = [pool("web", 8000, "wrr", 5), pool("api", 8001, "maglev", 7), pool("db", 8002, "p2c", 3),
+                    pool("none", 8003, "least_conn", 0)]
+        first = node.publish(services)
+        api = services[1]
+        services[1] = replace_backend(api, 3, dataclasses.replace(api.backends[3], weight=0))
+        second = node.publish(services)
+        for name in ("web", "db", "none"):
+            assert second.parts[name].rows is first.parts[name].rows
+            assert second.parts[name].schedule is first.parts[name].schedule
+            assert second.parts[name].maglev is first.parts[name].maglev
+        changed = second.parts["api"]
+        assert changed.rows is not first.parts["api"].rows
+        assert changed.rows["weight"].tolist() == [1, 2, 3, 0, 2, 3, 1]
+        assert first.parts["api"].rows["weight"].tolist() == [1, 2, 3, 1, 2, 3, 1]
+        assert not np.array_equal(changed.maglev, first.parts["api"].maglev)
+        assert 3 not in set(changed.maglev.tolist())
 
 
 def test_a_weight_change_among_ten_thousand_backends() -> None:
-    node = Node()
-    services = [pool("big", 8000, "wrr", 10_000), pool("small", 8001, "maglev", 4)]
-    first = node.publish(services)
-    big = services[0]
-    services[0] = replace_backend(big, 5_000, dataclasses.replace(big.backends[5_000], weight=200,
-                                                                    address="10.9.9.9:99"))
-    second = node.publish(services)
-    assert second.parts["small"].rows is first.parts["small"].rows
-    row = second.parts["big"].rows[5_000]
-    assert (int(row["weight"]), int(row["port"]), bool(row["eligible"])) == (200, 99, True)
-    assert int(first.parts["big"].rows[5_000]["weight"]) == 1 + 5_000 % 3
-    # and back to weight 0: out of the schedule
-    big = services[0]
-    services[0] = replace_backend(big, 5_000, dataclasses.replace(big.backends[5_000], weight=0))
-    third = node.publish(services)
-    assert 5_000 not in set(third.parts["big"].schedule.tolist())
+    with Node() as node:
+        services = [pool("big", 8000, "wrr", 10_000), pool("small", 8001, "maglev", 4)]
+        first = node.publish(services)
+        big = services[0]
+        services[0] = replace_backend(big, 5_000, dataclasses.replace(big.backends[5_000], weight=200,
+                                                                        address="10.9.9.9:99"))
+        second = node.publish(services)
+        assert second.parts["small"].rows is first.parts["small"].rows
+        row = second.parts["big"].rows[5_000]
+        assert (int(row["weight"]), int(row["port"]), bool(row["eligible"])) == (200, 99, True)
+        assert int(first.parts["big"].rows[5_000]["weight"]) == 1 + 5_000 % 3
+        # and back to weight 0: out of the schedule
+        big = services[0]
+        services[0] = replace_backend(big, 5_000, dataclasses.replace(big.backends[5_000], weight=0))
+        third = node.publish(services)
+        assert 5_000 not in set(third.parts["big"].schedule.tolist())
 
 
 def test_a_service_that_comes_back_is_built_afresh() -> None:
-    node = Node()
-    web, api = pool("web", 8000, "wrr", 3), pool("api", 8001, "maglev", 3)
-    node.publish([web, api])
-    node.publish([web], releasable=lambda slot: True)
-    node.publish([pool("x", 8002, "p2c", 2), web])  # may take api's slots
-    node.publish([api, web])
+    with Node() as node:
+        web, api = pool("web", 8000, "wrr", 3), pool("api", 8001, "maglev", 3)
+        node.publish([web, api])
+        node.publish([web], releasable=True)
+        node.publish([pool("x", 8002, "p2c", 2), web])  # may take api's slots
+        node.publish([api, web])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -316,21 +335,12 @@ def test_a_build_told_which_rows_a_delta_changed_equals_a_build_from_scratch(ste
     held = Routing.of(1, [Service("web", "127.0.0.1:80", "wrr",
                                   tuple(Backend(i, "127.0.0.1:9000", 1) for i in IDS[:4])),
                           Service("api", "127.0.0.1:81", "maglev", (Backend("b0", "127.0.0.1:9000", 2),))])
-    node = Node()
-    node.publish(held.as_services())
-    for rows in steps:
-        delta = delta_of(held, rows)
-        routing = held.apply(delta)
-        hints = rows_changed(held, routing)
-        event("hinted" if hints is not None else "compared")
-        services = routing.as_services()
-        service_slots, backend_slots = node.service_slots.copy(), node.backend_slots.copy()
-        service_slots.assign((s.name for s in services), lambda slot: True)
-        backend_slots.assign(((s.name, b.id) for s in services for b in s.backends), lambda slot: True)
-        assert node.image is not None
-        hinted = build_image(services, LIMITS, routing.version, service_slots, backend_slots,
-                                previous=node.image.parts, changed=hints)
-        fresh = build_image(services, LIMITS, routing.version, service_slots, backend_slots)
-        assert image_bytes(hinted) == image_bytes(fresh)
-        node.service_slots, node.backend_slots, node.image = service_slots, backend_slots, hinted
-        held = routing
+    with Node() as node:
+        node.publish(held.as_services())
+        for rows in steps:
+            delta = delta_of(held, rows)
+            routing = held.apply(delta)
+            hints = rows_changed(held, routing)
+            event("hinted" if hints is not None else "compared")
+            node.publish(routing.as_services(), version=routing.version, changed=hints)
+            held = routing
