@@ -1,7 +1,7 @@
 """The node agent: owns the shared segment, supervises the worker processes,
 handles one signal per concern, and has the planner (lbcore.planner) plan
 and publish each image: from the file (static, SIGHUP) or from the control
-plane (lbcore.remote).
+plane (lbcore.link; in embedded mode the node starts it: lbcore.embedded).
 
 SIGTERM/SIGINT  graceful stop: workers stop accepting and drain (bounded by
                 node.drain_timeout_ms); the segment is unlinked; exit 0.
@@ -22,18 +22,18 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
+from lbcore import PACKAGE_ROOT
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, load_config, parse_address
+from lbcore.embedded import EmbeddedControlPlane
+from lbcore.link import ControlLink
 from lbcore.planner import Planner, localize
-from lbcore.remote import Remote
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.stats import format_stats, node_stats, report_counters
 
-PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
 REPORT_BACKENDS = 500  # beyond, a node's report sums its counters per service
@@ -118,7 +118,8 @@ class NodeAgent:
         self._stopping = False
         self._next_reap = 0.0
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.remote: Remote | None = None  # services from a control plane
+        self.link: ControlLink | None = None  # services from a control plane
+        self.embedded: EmbeddedControlPlane | None = None  # ... started by this node
 
     @property
     def config(self) -> Config:
@@ -138,8 +139,6 @@ class NodeAgent:
         node = self.config.node
         command = [sys.executable, "-m", "lbcore.worker_main", self.segment.path, str(index),
                    str(node.max_connections), str(node.drain_timeout_ms), str(os.getpid())]
-        # Run from the directory that holds this very lbcore package, so that
-        # `-m` finds it and not a source tree that happens to be the cwd.
         process = subprocess.Popen(command, close_fds=True, stdin=subprocess.DEVNULL, cwd=PACKAGE_ROOT)
         self.workers[index] = WorkerProcess(index, process, time.monotonic(), restarts)
 
@@ -224,7 +223,7 @@ class NodeAgent:
         self.listeners.reserve(self._config)
         try:
             if self._config.node.control != "static":
-                self.remote = Remote(self._config, self.log)
+                self._connect_control_plane()
             self.segment = Segment.create(self._config.node.id)
             self.planner = Planner(self._config, self.segment, self.workers.keys)
             self.planner.publish(self.planner.plan(self._config))
@@ -238,25 +237,33 @@ class NodeAgent:
         listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
         self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
 
+    def _connect_control_plane(self) -> None:
+        node = self._config.node
+        control, subscribe = node.control, node.subscribe
+        if node.control == "embedded":
+            self.embedded = EmbeddedControlPlane(self._config.path, self.log)
+            control, subscribe = self.embedded.control, self.embedded.publish
+        self.link = ControlLink(node.id, node.max_staleness_ms, control, subscribe, self.log)
+
     def apply_remote(self, routing: Routing) -> None:
         """Apply a snapshot from the control plane (newer than the applied
         one: see ControlLink), or refuse it and keep serving the old one."""
-        assert self.remote is not None and self.planner is not None
+        assert self.link is not None and self.planner is not None
         listens_before = {s.listen for s in self.config.services}
         try:
-            plan = self.planner.plan_routing(routing, self.remote.link.routing)
+            plan = self.planner.plan_routing(routing, self.link.routing)
             self.listeners.reserve(plan.config)
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "
                      f"still serving version {self.version}: {exc}")
-            self.remote.link.refuse(routing.version)
+            self.link.refuse(routing.version)
             return
         self.planner.publish(plan)
         if {s.listen for s in plan.config.services} != listens_before:
             self._wait_adopted(RELOAD_ADOPT_TIMEOUT_S)  # new listeners: listen before saying so
         # Otherwise workers are not woken: each takes the new version at its
         # next accept (one atomic load) or its 100 ms tick, whichever is first.
-        self.remote.applied(routing)
+        self.link.applied(routing)
         self.log(f"applied: version {routing.version}")
 
     def _remote_counters(self) -> dict[str, Any]:
@@ -308,9 +315,12 @@ class NodeAgent:
                 worker.process.wait()
         self.workers.clear()
         self.listeners.close()
-        if self.remote is not None:
-            self.remote.close()
-            self.remote = None
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+        if self.embedded is not None:
+            self.embedded.close()
+            self.embedded = None
         if self.segment is not None:
             self.segment.unlink()
             self.segment.close()
@@ -335,8 +345,8 @@ class NodeAgent:
         # is empty (ControlLink.receive), so no message waits for a timeout.
         poller = select.poll()
         poller.register(self._wake_r, select.POLLIN)
-        if self.remote is not None:
-            poller.register(self.remote.poll_fd(), select.POLLIN)
+        if self.link is not None:
+            poller.register(self.link.poll_fd(), select.POLLIN)
         while True:
             if any(fd == self._wake_r for fd, _ in poller.poll(200)):
                 try:
@@ -358,12 +368,13 @@ class NodeAgent:
                 self._reap()  # a process check per worker: not on every message
                 self._next_reap = time.monotonic() + REAP_EVERY_S
             self._respawn_due()
-            if self.remote is not None:
-                update = self.remote.next_snapshot()
+            if self.link is not None:
+                update = self.link.receive()
                 if update is not None:
                     self.apply_remote(update)
-                self.remote.supervise()
-                self.remote.tick(self._remote_counters)
+                if self.embedded is not None:
+                    self.embedded.supervise()
+                self.link.tick(self._remote_counters)
 
 
 def serve(config: Config, log: TextIO = sys.stderr,

@@ -1,10 +1,16 @@
 """A node's link to the control plane: SUB for snapshots and heartbeats,
-DEALER for fetching the current snapshot and reporting what was applied.
+DEALER for fetching the current snapshot and reporting what was applied,
+and how stale the node is (I7).
 
 Invariant I6 is enforced in ``ControlLink.receive``: a snapshot is handed to
 the agent only if its version is newer than the applied one, and a heartbeat
 announcing a newer version than any received (a gap: PUB/SUB may drop, a
 node may join late) triggers a fetch of the full snapshot.
+
+I7 in ``ControlLink.tick``: the node counts the time since it last heard
+from the control plane, reports it with what it applied every
+REPORT_INTERVAL_S, and past max_staleness_ms says STALE (once) and keeps
+serving what it has (fail-static).
 """
 from __future__ import annotations
 
@@ -27,12 +33,17 @@ from lbcore.wire import (
 
 FETCH_TIMEOUT_S = 2.0
 REFUSED_RETRY_S = 30.0
+REPORT_INTERVAL_S = 0.5
 
 
 class ControlLink:
-    def __init__(self, control: str, subscribe: str, log: Callable[[str], None]) -> None:
+    def __init__(self, node_id: str, max_staleness_ms: int, control: str, subscribe: str,
+                 log: Callable[[str], None]) -> None:
+        self.node_id, self.max_staleness_ms = node_id, max_staleness_ms
         self.control_endpoint = control
         self.log = log
+        self._stale = False
+        self._next_report = 0.0
         self.routing = Routing(-1, {})  # what the node applied: the base of the next delta
         self.refused = -1  # the newest version the node could not apply: not fetched again
         self._refused_until = 0.0  # ... until a newer one comes, or this time (it may apply later)
@@ -48,8 +59,13 @@ class ControlLink:
         self.fetcher = self._new_dealer()  # snapshot fetches
 
     @property
-    def applied(self) -> int:
+    def version(self) -> int:
+        """The version the node applied."""
         return self.routing.version
+
+    def poll_fd(self) -> int:
+        """The descriptor that signals (edge) new messages on the SUB socket."""
+        return int(self.sub.getsockopt(zmq.FD))
 
     def _new_dealer(self) -> zmq.Socket[bytes]:
         dealer: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
@@ -142,14 +158,36 @@ class ControlLink:
         announced or REFUSED_RETRY_S have passed."""
         self.refused, self._refused_until = version, time.monotonic() + REFUSED_RETRY_S
 
-    def report(self, node: str, counters: dict[str, Any] | None) -> None:
+    def applied(self, routing: Routing) -> None:
+        """Record what the node now serves and tell the control plane at once
+        (the ACK: the version only; digest and counters follow with the next
+        periodic report)."""
+        self.routing = routing
+        self.report(None)
+
+    def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
+        """Report what is applied, and say loudly when the control plane has
+        been silent past max_staleness_ms (the node keeps serving: fail-static)."""
+        staleness, limit = self.staleness_ms(), self.max_staleness_ms
+        if staleness > limit and not self._stale:
+            self._stale = True
+            self.log(f"STALE: no word from the control plane for {staleness} ms (limit {limit} ms); "
+                     f"serving version {self.version} unchanged")
+        elif staleness <= limit and self._stale:
+            self._stale = False
+            self.log(f"control plane heard again; serving version {self.version}")
+        if time.monotonic() >= self._next_report:
+            self._next_report = time.monotonic() + REPORT_INTERVAL_S
+            self.report(counters())
+
+    def report(self, counters: dict[str, Any] | None) -> None:
         """Tell the control plane what is applied (fire and forget). The
         ACK (no counters) carries no digest: hashing the whole snapshot
         would delay it; the periodic report (with counters) does."""
         digest = None
         if counters is not None:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
-        message = report_request(node, self.routing.version, self.staleness_ms(), counters, digest)
+        message = report_request(self.node_id, self.routing.version, self.staleness_ms(), counters, digest)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:

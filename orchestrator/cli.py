@@ -8,6 +8,7 @@ error, 2 bad configuration.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import zmq
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lborch", description="Fulcrum control plane")
     parser.add_argument("-c", "--config", required=True, help="TOML config file")
     parser.add_argument("--check", action="store_true", help="validate the file and exit")
+    parser.add_argument("--endpoints", action="store_true",
+                        help="with --check: print the control and publish endpoints as JSON (for an "
+                             "embedding lbproxy)")
     parser.add_argument("--parent-pid", type=int, default=0,
                         help="stop when this process is gone (set by an embedding lbproxy)")
     args = parser.parse_args(argv)
@@ -31,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     if args.check:
+        if args.endpoints:
+            endpoints = settings.endpoints
+            print(json.dumps({"control": endpoints.control, "publish": endpoints.publish}))
         return 0
     store = SqliteStore(settings.store_path)
     try:

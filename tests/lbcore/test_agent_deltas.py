@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, event, given, settings
 from lbcore.agent import NodeAgent
 from lbcore.config import parse_document
 from lbcore.image import image_of_config, read_image
+from lbcore.link import ControlLink
 from lbcore.planner import Planner, localize
-from lbcore.remote import Remote
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from tests.lbcore.deltas import IDS, delta_of, delta_rows
@@ -48,11 +48,12 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
     try:
         agent.planner = Planner(agent.config, agent.segment, agent.workers.keys)
         agent.planner.publish(agent.planner.plan(agent.config, held.version))
-        agent.remote = Remote(agent.config, agent.log)
-        agent.remote.link.routing = held
+        node = agent.config.node
+        agent.link = ControlLink(node.id, node.max_staleness_ms, node.control, node.subscribe, agent.log)
+        agent.link.routing = held
         reference = held  # the same deltas, applied whole: the control plane's view
         for rows, arrival, audit in steps:
-            held = routing = agent.remote.link.routing
+            held = routing = agent.link.routing
             config_before = agent.config
             if arrival == "fetch":
                 reference = Routing.of(reference.version + 1, reference.as_services())
@@ -64,7 +65,7 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
             rewritten = routing.rewritten_rows(held)
             event(f"{arrival}: {'rows patched' if rewritten is not None else 'built whole'}")
             agent.apply_remote(routing)
-            assert agent.version == routing.version and agent.remote.link.routing is routing
+            assert agent.version == routing.version and agent.link.routing is routing
             assert (agent.config is config_before) == (rewritten is not None)  # the path taken
             fresh = image_of_config(localize(agent.config, reference.as_services()), routing.version,
                                     agent.planner.service_slots, agent.planner.backend_slots)
@@ -72,6 +73,6 @@ def test_what_a_node_publishes_after_each_delta_is_a_build_from_scratch(steps: l
             assert [(s.name, [b.id for b in s.backends]) for s in agent.config.services] == \
                 [(s.name, [b.id for b in s.backends]) for s in reference.as_services()]
             if audit:  # the periodic report's digest builds the routing: the next delta chains from it
-                assert agent.remote.link.routing.digest() == reference.digest()
+                assert agent.link.routing.digest() == reference.digest()
     finally:
         agent.shutdown(drain=False)

@@ -62,7 +62,7 @@ class Plane:
 def link():
     plane = Plane()
     logged: list[str] = []
-    link = ControlLink(plane.control, plane.publish, logged.append)
+    link = ControlLink("n1", 5000, plane.control, plane.publish, logged.append)
     link.plane, link.logged = plane, logged  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the slow joiner: wait until PUB reaches us
@@ -97,7 +97,7 @@ def deliver(link: ControlLink, *messages: list[bytes]):
 ])
 def test_malformed_messages_are_refused_and_change_nothing(link, frames):
     assert deliver(link, frames) is None
-    assert link.applied == -1
+    assert link.version == -1
     assert link.logged, "a refusal says what was refused"
     assert link.plane.fetches <= 1  # a refused delta asks once; the error answer ends the fetch at once
 
@@ -130,7 +130,7 @@ def test_a_fetch_answered_with_an_error_returns_at_once(link):
 def test_a_fetch_reads_its_own_answer_not_a_queued_reply_to_a_report(link):
     link.plane.report_answer = {"ok": False, "error": {"code": "bad_request", "message": "report refused"}}
     link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(7, V1).decode()}}
-    link.report("n1", {})
+    link.report({})
     time.sleep(0.1)  # the refusal of the report is queued when the fetch starts
     fetched = link.fetch()
     assert fetched is not None and fetched.version == 7
@@ -141,7 +141,7 @@ def test_a_report_too_large_for_one_request_sums_its_counters_per_service(link):
 
     counters = {"web": {f"backend-with-a-rather-long-name-{i:05d}": {"active": 10**9, "total": 10**12,
                                                                       "failed": 10**6} for i in range(600)}}
-    link.report("n1", counters)
+    link.report(counters)
     deadline = time.monotonic() + 5
     while not link.plane.reports and time.monotonic() < deadline:
         time.sleep(0.02)
