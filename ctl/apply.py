@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lbcore.config import Config
+from orchestrator.settings import Config
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import zmq
+
+from orchestrator.control import WireError, decode_reply, encode_request
+from orchestrator.settings import ALGORITHM_NAMES, ConfigError, control_endpoint, load_services
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 3
 DEFAULT_CONTROL = "tcp://127.0.0.1:7700"
@@ -37,19 +39,21 @@ def request(endpoint: str, verb: str, args: dict[str, Any], timeout: float) -> A
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(endpoint)
-        sock.send(json.dumps({"verb": verb, "args": args}).encode())
+        sock.send(encode_request(verb, args))
         if not sock.poll(int(timeout * 1000)):
             raise CtlError(f"no answer from {endpoint} within {timeout:g} s (is the control plane running?)")
-        reply = json.loads(sock.recv())
+        reply = decode_reply(sock.recv())
     except zmq.ZMQError as exc:
         raise CtlError(f"{endpoint}: {exc}") from None
+    except WireError as exc:
+        raise CtlError(f"{endpoint} did not answer as a control plane: {exc}") from None
     finally:
         sock.close(0)
-    if reply.get("ok"):
+    if reply["ok"]:
         return reply["result"]
-    error = reply.get("error", {})
-    status = EXIT_CONFLICT if error.get("code") == "version_conflict" else EXIT_ERROR
-    raise CtlError(error.get("message", "refused"), status)
+    error = reply["error"]
+    status = EXIT_CONFLICT if error["code"] == "version_conflict" else EXIT_ERROR
+    raise CtlError(error["message"], status)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     command(policy, "get").add_argument("service")
     pset = command(policy, "set", write=True)
     pset.add_argument("service")
-    pset.add_argument("--algorithm", required=True, choices=("wrr", "least_conn", "p2c", "maglev"))
+    pset.add_argument("--algorithm", required=True, choices=ALGORITHM_NAMES)
     pset.add_argument("--listen", help="address:port (required for a new service)")
 
     health = groups.add_parser("health").add_subparsers(dest="verb", required=True)
@@ -151,23 +155,10 @@ def _endpoint(args: argparse.Namespace) -> str:
     if os.environ.get("LBCTL_CONTROL"):
         return os.environ["LBCTL_CONTROL"]
     if args.config:
-        from lbcore.config import ConfigError, load_config, tomllib
-        from orchestrator.settings import load_orchestrator_config
-
         try:
-            document = tomllib.loads(Path(args.config).read_text())
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-            raise CtlError(f"{args.config}: {exc}", EXIT_USAGE) from None
-        try:
-            if "orchestrator" in document:
-                return load_orchestrator_config(args.config).endpoints.control
-            control = load_config(args.config).node.control  # a node's file: its control plane
+            return control_endpoint(args.config)
         except ConfigError as exc:
             raise CtlError(str(exc), EXIT_USAGE) from None
-        if control.startswith("tcp://"):
-            return control
-        raise CtlError(f"{args.config}: names no control plane (no [orchestrator] table, "
-                       f"node.control = {control!r})", EXIT_USAGE)
     return DEFAULT_CONTROL
 
 
@@ -210,10 +201,9 @@ def _show(result: Any, as_json: bool) -> str:
 
 def _apply(args: argparse.Namespace) -> int:
     from ctl.apply import apply_file
-    from lbcore.config import ConfigError, load_config
 
     try:
-        config = load_config(args.file)
+        config = load_services(args.file)
         endpoint = _endpoint(args)
         apply_file(config, lambda verb, call_args: request(endpoint, verb, call_args, args.timeout),
                    args.dry_run, print)

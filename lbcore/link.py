@@ -14,7 +14,6 @@ serving what it has (fail-static).
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,9 +23,13 @@ import zmq
 from lbcore.routing import Routing
 from lbcore.wire import (
     FETCH_REQUEST,
+    KIND_DELTA,
+    KIND_HEARTBEAT,
+    KIND_SNAPSHOT,
     WireError,
     decode_delta,
     decode_heartbeat,
+    decode_reply,
     decode_snapshot,
     report_request,
 )
@@ -83,20 +86,18 @@ class ControlLink:
         deadline = time.monotonic() + FETCH_TIMEOUT_S
         while (left := deadline - time.monotonic()) > 0 and self.fetcher.poll(int(left * 1000)):
             try:
-                reply = json.loads(self.fetcher.recv_multipart()[-1])
-            except (ValueError, RecursionError):
+                reply = decode_reply(self.fetcher.recv_multipart()[-1])
+            except WireError:
                 continue  # not an answer of the control plane's
-            if not isinstance(reply, dict):
-                continue
-            result = reply.get("result")
-            if reply.get("ok") is False and reply.get("error"):
-                self.log(f"snapshot fetch refused by the control plane: {str(reply['error'])[:200]}")
+            if not reply["ok"]:
+                self.log(f"snapshot fetch refused by the control plane: {reply['error']['message'][:200]}")
                 return None
-            if not isinstance(result, dict) or "snapshot" not in result:
+            result = reply["result"]
+            if not isinstance(result, dict) or not isinstance(result.get("snapshot"), str):
                 continue  # not an answer to a fetch
             self.last_heard = time.monotonic()
             try:
-                return Routing.of(*decode_snapshot(str(result["snapshot"]).encode()))
+                return Routing.of(*decode_snapshot(result["snapshot"].encode()))
             except WireError as exc:
                 self.log(f"snapshot fetched from {self.control_endpoint} refused: {exc}")
                 return None
@@ -121,9 +122,9 @@ class ControlLink:
                 continue
             kind, body = frames
             try:
-                if kind == b"heartbeat":
+                if kind == KIND_HEARTBEAT:
                     announced = max(announced, decode_heartbeat(body))
-                elif kind == b"delta":
+                elif kind == KIND_DELTA:
                     delta = decode_delta(body)
                     if delta.version <= newest.version:
                         continue  # old news
@@ -131,7 +132,7 @@ class ControlLink:
                         gap = True  # its base is not what we hold: fetch in full (I6)
                         continue
                     newest = newest.with_rows(delta) or newest.apply(delta)
-                elif kind == b"snapshot":
+                elif kind == KIND_SNAPSHOT:
                     routing = Routing.of(*decode_snapshot(body))
                     if routing.version > newest.version:
                         newest = routing
@@ -139,12 +140,12 @@ class ControlLink:
                     self.log(f"message of kind {kind[:32]!r} ignored")
             except WireError as exc:
                 self.log(f"{kind[:32].decode(errors='replace')} refused: {str(exc)[:300]}")
-                gap = gap or kind == b"delta"  # what it would have changed must come from a full fetch
+                gap = gap or kind == KIND_DELTA  # what it would have changed must come from a full fetch
             except (ValueError, LookupError, TypeError, ArithmeticError, RecursionError) as exc:
                 # the decoders say WireError for all they know of; this is the
                 # node staying up on whatever else a message may hold
                 self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r:.300}")
-                gap = gap or kind == b"delta"
+                gap = gap or kind == KIND_DELTA
         refused = self.refused if time.monotonic() < self._refused_until else -1
         if gap or announced > max(newest.version, refused):
             fetched = self.fetch()  # something was missed: the full snapshot, now
@@ -195,11 +196,16 @@ class ControlLink:
         # only refusals are answered: read with the periodic report, not the ACK
         while counters is not None:
             try:
-                reply = self.dealer.recv_multipart(zmq.NOBLOCK)[-1]
+                raw = self.dealer.recv_multipart(zmq.NOBLOCK)[-1]
             except zmq.Again:
                 break
-            if not reply.startswith(b'{"ok": true'):
-                self.log(f"report refused by the control plane: {reply[:300].decode(errors='replace')}")
+            try:
+                reply = decode_reply(raw)
+            except WireError as exc:
+                self.log(f"report answered with something else: {exc}")
+                continue
+            if not reply["ok"]:
+                self.log(f"report refused by the control plane: {reply['error']['message'][:300]}")
 
     def close(self) -> None:
         for sock in (self.sub, self.dealer, self.fetcher):

@@ -10,8 +10,9 @@ what it checks is what every node will compute. A node takes a delta that
 only rewrites rows with ``with_rows``, which accepts and refuses exactly as
 ``apply`` does but builds the services only when they are read (the
 periodic digest, a delta that does more). ``encode()`` gives exactly
-the canonical bytes of ``lbcore.wire.encode_snapshot``, assembled from the
-canonical JSON of each backend, kept since it last changed.
+the canonical snapshot bytes (lbcore.wire: ``canonical_json`` of the
+document), assembled from the canonical JSON of each backend, kept since
+it last changed.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def _quote(text: str) -> bytes:
 
 
 def backend_json(b: Backend) -> bytes:
-    """One backend as encode_snapshot writes it (sorted keys, no spaces)."""
+    """One backend as canonical_json writes it (sorted keys, no spaces)."""
     return b'{"address":%s,"id":%s,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
 
 
@@ -196,7 +197,7 @@ class Routing:
         return self._tuple
 
     def encode(self) -> bytes:
-        """The canonical snapshot (``encode_snapshot`` of the same state)."""
+        """The canonical snapshot: canonical_json of the snapshot document."""
         if self._encoded is None:
             self._encoded = b'{"services":[%s],"version":%d}' % (
                 b",".join(s.encode() for s in self.services.values()), self.version)

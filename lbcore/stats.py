@@ -12,6 +12,7 @@ from lbcore import layout
 from lbcore.balance import ALGORITHMS
 from lbcore.image import Image, read_image
 from lbcore.segment import Segment
+from lbcore.wire import summed_counters
 
 ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
@@ -104,7 +105,7 @@ def report_counters(segment: Segment, max_backends: int,
     for row in active:
         rows, counters = _service_backends(segment, image, row)
         if summed:
-            per_backend = {"(all)": {k: int(counters[k].sum()) for k in REPORTED_FIELDS}}
+            per_backend = {"(all)": summed_counters({k: counters[k].tolist() for k in REPORTED_FIELDS})}
         else:
             columns = [counters[k].tolist() for k in REPORTED_FIELDS]
             per_backend = {i.decode(): dict(zip(REPORTED_FIELDS, values, strict=True))

@@ -1,14 +1,48 @@
-"""The distribution wire format of a routing snapshot: what the control
-plane publishes and a node applies.
+"""Every message between a node, the control plane and lbctl: formats,
+frame kinds and size limits, in this one module. The data plane owns it
+because it consumes the snapshots; the control plane and lbctl import it
+(lbctl through orchestrator.control, the admin API).
 
-A snapshot is canonical JSON (sorted keys, no spaces, UTF-8):
+Canonical JSON (``canonical_json``: sorted keys, no spaces, UTF-8) is the
+form of everything that is compared or audited: snapshots and deltas.
 
-    {"version": N, "services": [{"name", "listen", "algorithm",
-      "backends": [{"id", "address", "weight"}, ...]}, ...]}
+On the control plane's ROUTER socket, one frame each way, UTF-8 JSON:
+
+    request  {"args": {...}, "verb": VERB}          (encode_request, decode_request)
+             at most MAX_REQUEST bytes; the socket drops anything past
+             MAX_RECEIVED with its connection, unread
+    reply    {"ok": true, "result": RESULT}        (ok_reply, encode_reply, decode_reply)
+             {"ok": false, "error": {"code": CODE, "message": TEXT[, "expected": N, "current": N]}}
+
+The verbs and their arguments are the admin API's (orchestrator.control);
+two of them are a node's:
+
+    snapshot.get  {}  -> {"snapshot": SNAPSHOT (text)}           FETCH_REQUEST
+    node.report   {"node": ID, "version": APPLIED, "staleness_ms": MS,
+                   "digest": SHA256 of the applied SNAPSHOT, "counters":
+                   {SERVICE: {BACKEND: {"active", "total", "failed"}}}}  -> {}
+      counters and digest optional: the ACK sent right after an apply has
+      neither (its exact bytes: ``report_request``, read back by
+      ``read_ack`` without a JSON parse); the periodic report has both.
+      Sent from a DEALER (no empty delimiter frame) a report is fire and
+      forget: answered only if refused. At most MAX_REPORT_BYTES: past it
+      the counters go summed per service.
+
+On the control plane's PUB socket, two frames each:
+
+    [KIND_SNAPSHOT, SNAPSHOT]     a full snapshot, applied only if newer (I6)
+    [KIND_DELTA, DELTA]           what changed since its base version
+    [KIND_HEARTBEAT, {"version": N}]  N newer than applied: a gap, so fetch
+
+A snapshot (canonical JSON):
+
+    {"services": [{"algorithm", "backends": [{"address", "id", "weight"}, ...],
+                   "listen", "name"}, ...], "version": N}
 
 services sorted by name, backends by id, so the same routing state always
 gives the same bytes and any node's snapshot can be audited by recomputing
-it. ``decode_snapshot`` refuses anything else with what was wrong and where.
+it (lbcore.routing assembles these bytes; ``decode_snapshot`` refuses
+anything else with what was wrong and where).
 """
 from __future__ import annotations
 
@@ -17,40 +51,105 @@ import functools
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lbcore.config import ConfigError, Service, parse_document
 
-# What a node sends on the control plane's ROUTER socket (one JSON frame
-# each, answered by {"ok": true, "result": ...}):
-#   {"verb": "snapshot.get", "args": {}}           -> {"snapshot": SNAPSHOT (text)}
-#   {"verb": "node.report", "args": {"node": ID, "version": APPLIED,
-#        "staleness_ms": MS, "digest": SHA256 of the applied SNAPSHOT,
-#        "counters": {SERVICE: {BACKEND: {...}}}}}  -> {}
-#     counters and digest optional: the ACK sent right after an apply has
-#     neither; the periodic report both. Sent from a DEALER (no empty
-#     delimiter frame) a report is fire and forget: answered only if refused.
-#     The control plane reads an ACK in exactly the bytes report_request
-#     writes without a JSON parse (read_ack); any other bytes are a request.
-# and what it receives on the PUB socket (two frames each):
-#   [b"snapshot", SNAPSHOT]  a full snapshot, applied only if newer (I6)
-#   [b"delta", DELTA]  what changed since its base version (format below)
-#   [b"heartbeat", {"version": N}]  N newer than applied: a gap, so fetch
-FETCH_REQUEST = b'{"args": {}, "verb": "snapshot.get"}'
+# ---------------------------------------------------------------- limits
 
+MAX_REQUEST = 64 * 1024          # a request past this is refused with a reply that says so
+MAX_RECEIVED = 16 * MAX_REQUEST  # past this the socket drops the message and its connection
+MAX_REPORT_BYTES = 48 * 1024     # a node's report stays under MAX_REQUEST: counters summed past this
+# Versions are counted by the store in signed 64-bit (orchestrator.store);
+# anything larger on the wire is not one of ours, and would not fit the
+# image header either.
+MAX_VERSION = (1 << 62) - 1
+
+# ---------------------------------------------------------------- PUB frame kinds
+
+KIND_SNAPSHOT = b"snapshot"
+KIND_DELTA = b"delta"
+KIND_HEARTBEAT = b"heartbeat"
+
+
+class WireError(ValueError):
+    """A message that is not of this format; the message says what and where."""
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one encoding of what is compared byte for byte."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _load(what: str, data: bytes) -> Any:
+    """JSON, or WireError: whatever the bytes (bad UTF-8, bad JSON, nesting
+    deep enough to exhaust the parser)."""
+    try:
+        return json.loads(data.decode())  # UTF-8 only (the format's), and no encoding to detect
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(f"{what}: not JSON: {exc.__class__.__name__}: {exc}") from None
+
+
+# ---------------------------------------------------------------- requests and replies
+
+def encode_request(verb: str, args: dict[str, Any]) -> bytes:
+    return json.dumps({"verb": verb, "args": args}, sort_keys=True).encode()
+
+
+def decode_request(raw: bytes) -> tuple[Any, dict[str, Any]]:
+    """(verb, args) of a request's frame, its envelope checked (the verb
+    and its arguments are the admin API's to check); WireError if not."""
+    if len(raw) > MAX_REQUEST:
+        raise WireError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
+    request = _load("request", raw)
+    if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
+        raise WireError('request must be {"verb": ..., "args": {...}}')
+    args = request.get("args", {})
+    if not isinstance(args, dict):
+        raise WireError("args must be an object")
+    return request["verb"], args
+
+
+def ok_reply(result: Any) -> dict[str, Any]:
+    return {"ok": True, "result": result}
+
+
+def error_reply(code: str, message: str, **extra: int) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message, **extra}}
+
+
+def encode_reply(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, sort_keys=True).encode()
+
+
+def decode_reply(raw: bytes) -> dict[str, Any]:
+    """A reply as ``ok_reply`` or ``error_reply`` made it; WireError if the
+    bytes are not one (say, something else answering on that port)."""
+    reply = _load("reply", raw)
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        raise WireError('reply must be {"ok": true|false, ...}')
+    if reply["ok"]:
+        if "result" not in reply:
+            raise WireError("reply: ok without a result")
+    else:
+        error = reply.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("code"), str) \
+                or not isinstance(error.get("message"), str):
+            raise WireError("reply: an error must carry a code and a message")
+    return reply
+
+
+FETCH_REQUEST = encode_request("snapshot.get", {})
+
+
+# ---------------------------------------------------------------- node reports
 
 def snapshot_digest(data: bytes) -> str:
     """What a node reports of the snapshot it applied: equal digests, equal
     routing (the bytes are canonical), so the control plane can audit it."""
     return hashlib.sha256(data).hexdigest()
-
-
-# A report is one request to the control plane, which refuses requests
-# past 64 KiB (orchestrator.control.MAX_REQUEST): past this, counters go
-# summed per service.
-MAX_REPORT_BYTES = 48 * 1024
 
 
 def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,
@@ -65,14 +164,15 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
         args["digest"] = digest
     if counters is not None:
         args["counters"] = counters
-    message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+    message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
-        args["counters"] = {service: {"(all)": _summed(rows.values())} for service, rows in counters.items()}
-        message = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
+        args["counters"] = {service: {"(all)": summed_counters(_columns(rows.values()))}
+                            for service, rows in counters.items()}
+        message = encode_request("node.report", args)
     return message
 
 
-# json.dumps({"verb": "node.report", "args": {...}}, sort_keys=True) of an ACK
+# encode_request("node.report", {...}) of an ACK
 _ACK = b'{"args": {"node": %s, "staleness_ms": %d, "version": %d}, "verb": "node.report"}'
 # ... and the same bytes read back, for a node id that json.dumps leaves as it is
 _NUMBER = rb"(0|[1-9][0-9]{0,18})"  # as json.dumps writes an int (no leading zero), at most 19 digits
@@ -96,31 +196,15 @@ def _json_text(text: str) -> bytes:
     return json.dumps(text).encode()
 
 
-def _summed(rows: Any) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for row in rows:
-        for key, value in row.items():
-            total[key] = total.get(key, 0) + value
-    return total
+def summed_counters(columns: Mapping[str, Iterable[int]]) -> dict[str, int]:
+    """The counters of several backends as one row, as a report carries it
+    for backend "(all)": each column summed."""
+    return {key: sum(values) for key, values in columns.items()}
 
 
-class WireError(ValueError):
-    """A snapshot that cannot be applied; the message says what and where."""
-
-
-# Versions are counted by the store in signed 64-bit (orchestrator.store);
-# anything larger on the wire is not one of ours, and would not fit the
-# snapshot header either.
-MAX_VERSION = (1 << 62) - 1
-
-
-def _load(what: str, data: bytes) -> Any:
-    """JSON, or WireError: whatever the bytes (bad UTF-8, bad JSON, nesting
-    deep enough to exhaust the parser)."""
-    try:
-        return json.loads(data.decode())  # UTF-8 only (the format's), and no encoding to detect
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise WireError(f"{what}: not JSON: {exc.__class__.__name__}: {exc}") from None
+def _columns(rows: Iterable[Mapping[str, int]]) -> dict[str, list[int]]:
+    rows = list(rows)
+    return {key: [row.get(key, 0) for row in rows] for key in sorted({k for row in rows for k in row})}
 
 
 def _version(where: str, value: Any, low: int = 0) -> int:
@@ -129,25 +213,18 @@ def _version(where: str, value: Any, low: int = 0) -> int:
     return value
 
 
+# ---------------------------------------------------------------- snapshots, deltas, heartbeats (PUB)
+
+def encode_heartbeat(version: int) -> bytes:
+    return json.dumps({"version": version}).encode()
+
+
 def decode_heartbeat(data: bytes) -> int:
     """The version a heartbeat announces."""
     body = _load("heartbeat", data)
     if not isinstance(body, dict) or "version" not in body:
         raise WireError('heartbeat: must be {"version": N}')
     return _version("heartbeat.version", body["version"], low=-1)
-
-
-def encode_snapshot(version: int, services: Sequence[Service]) -> bytes:
-    body = {
-        "version": version,
-        "services": [
-            {"name": s.name, "listen": s.listen, "algorithm": s.algorithm,
-             "backends": [{"id": b.id, "address": b.address, "weight": b.weight}
-                          for b in sorted(s.backends, key=lambda b: b.id)]}
-            for s in sorted(services, key=lambda s: s.name)
-        ],
-    }
-    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
 def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
@@ -194,8 +271,7 @@ class Delta:
     removed_backends: list[Any] = field(default_factory=list)
 
     def encode(self) -> bytes:
-        body = {f: getattr(self, f) for f in DELTA_KEYS}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_json({f: getattr(self, f) for f in DELTA_KEYS})
 
 
 DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
@@ -216,10 +292,6 @@ def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Se
                      for i, b in sorted(new_rows.items()) if old_rows.get(i) != b]
         removed_backends += [{"service": name, "id": i} for i in sorted(old_rows) if i not in new_rows]
     return Delta(version, base, services, sorted(set(before) - set(after)), backends, removed_backends)
-
-
-def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> bytes:
-    return diff_delta(base, old, version, new).encode()
 
 
 def decode_delta(data: bytes) -> Delta:

@@ -1,7 +1,7 @@
 """The admin API of the control plane: ctl verbs over one request/reply
-message each. ``lbctl`` speaks it; the ZeroMQ server carries it.
-
-Wire format (one ZeroMQ frame each way, UTF-8 JSON, at most MAX_REQUEST bytes):
+message each. ``lbctl`` speaks it (the request and reply codec it needs is
+re-exported here from lbcore.wire, the home of every message format); the
+ZeroMQ server carries it.
 
     request  {"verb": "backend.add", "args": {"service": "web", "id": "w4",
               "address": "127.0.0.1:9004", "weight": 1, "expected_version": 0}}
@@ -17,16 +17,24 @@ unknown request gets a bad_request reply and changes nothing.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from lbcore.wire import (
+    WireError,
+    decode_reply,
+    decode_request,
+    encode_request,
+    error_reply,
+    ok_reply,
+)
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
 from orchestrator.model import Change, Membership, State
 from orchestrator.store import Store
 
-MAX_REQUEST = 64 * 1024
+# what a client of the admin API (lbctl) needs to speak it
+__all__ = ["VERBS", "ControlPlane", "WireError", "decode_reply", "encode_request", "parse_request"]
 
 # verb -> (required args, optional args)
 VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
@@ -48,31 +56,19 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
 
 
 def _reply_error(error: ControlError) -> dict[str, Any]:
-    body: dict[str, Any] = {"code": error.code, "message": str(error)}
     if isinstance(error, VersionConflictError):
-        body.update(expected=error.expected, current=error.current)
-    return {"ok": False, "error": body}
-
-
-def encode_reply(reply: dict[str, Any]) -> bytes:
-    return json.dumps(reply, sort_keys=True).encode()
+        return error_reply(error.code, str(error), expected=error.expected, current=error.current)
+    return error_reply(error.code, str(error))
 
 
 def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
     """(verb, args), or BadRequestError saying what is wrong."""
-    if len(raw) > MAX_REQUEST:
-        raise BadRequestError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
     try:
-        request = json.loads(raw.decode())  # UTF-8, the format's: no encoding to detect
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise BadRequestError(f"request is not JSON: {exc.__class__.__name__}: {exc}") from None
-    if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
-        raise BadRequestError('request must be {"verb": ..., "args": {...}}')
-    verb, args = request["verb"], request.get("args", {})
+        verb, args = decode_request(raw)
+    except WireError as exc:
+        raise BadRequestError(str(exc)) from None
     if not isinstance(verb, str) or verb not in VERBS:
         raise BadRequestError(f"unknown verb {verb!r} (known: {', '.join(sorted(VERBS))})")
-    if not isinstance(args, dict):
-        raise BadRequestError("args must be an object")
     required, optional = VERBS[verb]
     missing, unknown = required - set(args), set(args) - required - optional
     if missing:
@@ -97,17 +93,13 @@ class ControlPlane:
         # verbs answered by whoever runs this plane (the server's snapshot fetch)
         self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
-    def handle(self, raw: bytes) -> bytes:
-        """One request to one reply; never raises, whatever the request."""
-        return encode_reply(self.answer(raw)[1])
-
     def answer(self, raw: bytes) -> tuple[str | None, dict[str, Any]]:
         """(the verb, if the request named a known one; the reply, not yet
         encoded: a node's accepted report is not answered). Never raises."""
         verb = None
         try:
             verb, args = parse_request(raw)
-            reply = {"ok": True, "result": self._dispatch(verb, args)}
+            reply = ok_reply(self._dispatch(verb, args))
         except ControlError as exc:
             reply = _reply_error(exc)
         except (RecursionError, OverflowError, ValueError, TypeError) as exc:

@@ -1,5 +1,5 @@
 """RoutingState = eligible(membership, health, policy) (I2): derived in
-full (``eligible``, ``routing_snapshot``) and, by the single writer of the
+full (``eligible``, ``derive_in_full``) and, by the single writer of the
 running control plane, one change at a time (``Deriver``).
 
 A backend is routable when its membership is active, its last health
@@ -50,11 +50,6 @@ def derive_in_full(state: State) -> Routing:
         raise InconsistentSnapshotError(f"version {state.version}: the snapshot does not decode to "
                                         "the routing state it was built from")
     return routing
-
-
-def routing_snapshot(state: State) -> bytes:
-    """The wire snapshot of ``state`` (see derive_in_full)."""
-    return derive_in_full(state).encode()
 
 
 class Deriver:

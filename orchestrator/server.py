@@ -7,12 +7,12 @@ Sockets (ZeroMQ, addresses from the [orchestrator] table):
   snapshot (verb ``snapshot.get``) and to report what they applied (the
   ACK after each apply is read as the exact bytes nodes write: see
   lbcore.wire.read_ack; a node's accepted report is never answered).
-- publish (PUB): ``[b"delta", DELTA]`` whenever the routing state changes
-  (what changed since the previous version; a full ``[b"snapshot",
-  SNAPSHOT]`` instead for the first one and whenever the full one is
-  smaller), formats in lbcore.wire; and ``[b"heartbeat", {"version": N}]``
-  every heartbeat_ms, so that a node that missed a message, or joined late,
-  sees the gap and fetches the full snapshot.
+- publish (PUB): a delta whenever the routing state changes (what changed
+  since the previous version; a full snapshot instead for the first one
+  and whenever the full one is smaller); and a heartbeat with the current
+  version every heartbeat_ms (formats and frame kinds: lbcore.wire), so
+  that a node that missed a message, or joined late, sees the gap and
+  fetches the full snapshot.
 
 Recompute is single-writer (derive.Deriver) and coalesced: a write records
 what it touched; the first change after a quiet spell is published at once,
@@ -21,37 +21,36 @@ few snapshots.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-from lbcore.wire import read_ack
-from orchestrator.control import MAX_REQUEST, ControlPlane, encode_reply
+from lbcore.wire import (
+    KIND_DELTA,
+    KIND_HEARTBEAT,
+    KIND_SNAPSHOT,
+    MAX_RECEIVED,
+    encode_heartbeat,
+    encode_reply,
+    read_ack,
+)
+from orchestrator.control import ControlPlane
 from orchestrator.derive import Deriver, InconsistentSnapshotError
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError
 from orchestrator.model import Change
+from orchestrator.settings import Endpoints
 from orchestrator.store import Store
 
 COALESCE_MS = 2
 RETRY_S = 5.0         # after a derivation that failed its check or the store
 AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
 AUDIT_EVERY_S = 60.0
-MAX_RECEIVED = 16 * MAX_REQUEST
 MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    control: str
-    publish: str
-    heartbeat_ms: int
 
 
 class Orchestrator:
@@ -81,7 +80,7 @@ class Orchestrator:
         self.publisher = self._context.socket(zmq.PUB)
         for sock in (self.control, self.publisher):
             sock.setsockopt(zmq.LINGER, 0)
-        # A request past MAX_REQUEST gets a clear refusal (control.py); one
+        # A request past MAX_REQUEST gets a clear refusal (lbcore.wire); one
         # far past it is dropped by ZeroMQ with its connection, unread.
         self.control.setsockopt(zmq.MAXMSGSIZE, MAX_RECEIVED)
         self.control.bind(endpoints.control)
@@ -198,9 +197,9 @@ class Orchestrator:
             return
         delta = derived[1].encode() if derived is not None else b""
         if self.published_version < 0 or not delta or len(delta) >= routing.encoded_size():
-            self.publisher.send_multipart([b"snapshot", routing.encode()])
+            self.publisher.send_multipart([KIND_SNAPSHOT, routing.encode()])
         else:
-            self.publisher.send_multipart([b"delta", delta])
+            self.publisher.send_multipart([KIND_DELTA, delta])
             self.last_delta_bytes = len(delta)
         self.published_version = routing.version
 
@@ -222,8 +221,7 @@ class Orchestrator:
     def _heartbeat(self) -> None:
         if self.published_version < 0:
             return  # nothing to announce: nodes keep counting their staleness
-        body = json.dumps({"version": self.published_version}).encode()
-        self.publisher.send_multipart([b"heartbeat", body])
+        self.publisher.send_multipart([KIND_HEARTBEAT, encode_heartbeat(self.published_version)])
 
     def _answer(self, frames: list[bytes]) -> None:
         # REQ puts an empty delimiter between the identity and the body

@@ -45,7 +45,7 @@ def test_a_conflict_part_way_reports_what_was_applied(tmp_path):
             writes += 1
             if writes == 1:  # another operator changes w2 between the diff and its write
                 store.set_weight("web", "w2", 5, None)
-        reply = json.loads(plane.handle(json.dumps({"verb": verb, "args": args}).encode()))
+        reply = plane.answer(json.dumps({"verb": verb, "args": args}).encode())[1]
         if not reply["ok"]:
             raise RuntimeError(reply["error"]["message"])
         return reply["result"]

@@ -11,7 +11,7 @@ import zmq
 from e2e_support import Client, free_port, wait_until
 
 from lbcore.config import Backend, Service
-from lbcore.wire import encode_snapshot
+from tests.wire_reference import encode_snapshot
 
 
 def snapshot(version: int, port: int, backends: dict[str, str]) -> bytes:
@@ -98,7 +98,7 @@ def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbprox
 
 @pytest.mark.timeout(120)
 def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(backends, lbproxy):
-    from lbcore.wire import encode_delta
+    from tests.wire_reference import encode_delta
 
     b = backends({"a": "127.0.0.1", "b": "127.0.0.1", "c": "127.0.0.1"})
     port, control, publish = free_port(), free_port(), free_port()

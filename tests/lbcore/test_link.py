@@ -12,8 +12,8 @@ import zmq
 
 from lbcore.config import Backend, Service
 from lbcore.link import ControlLink
-from lbcore.wire import encode_delta, encode_snapshot
 from tests.support import free_port
+from tests.wire_reference import encode_delta, encode_snapshot
 
 V1 = [Service("web", "127.0.0.1:8080", "wrr", (Backend("a", "127.0.0.1:9001", 1),))]
 V2 = [Service("web", "127.0.0.1:8080", "wrr", (Backend("a", "127.0.0.1:9001", 3),))]

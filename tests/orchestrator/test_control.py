@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from orchestrator.control import MAX_REQUEST, ControlPlane
+from lbcore.wire import MAX_REQUEST
+from orchestrator.control import ControlPlane
 from orchestrator.model import Change
 from orchestrator.store import SqliteStore
 
@@ -21,7 +22,7 @@ def plane(tmp_path):
 
 
 def call(plane: ControlPlane, verb: str, **args) -> dict:
-    return json.loads(plane.handle(json.dumps({"verb": verb, "args": args}).encode()))
+    return plane.answer(json.dumps({"verb": verb, "args": args}).encode())[1]
 
 
 def test_a_write_answers_the_new_version_and_triggers_a_recompute(plane):
@@ -84,7 +85,7 @@ def test_bad_requests_get_a_clear_error_and_change_nothing(plane, raw, fragment)
     call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")
     call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001")
     before = plane.store.read()
-    reply = json.loads(plane.handle(raw))
+    reply = plane.answer(raw)[1]
     assert reply["ok"] is False and reply["error"]["code"] in ("bad_request", "not_found")
     assert fragment in reply["error"]["message"]
     assert plane.store.read() == before

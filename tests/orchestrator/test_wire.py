@@ -7,7 +7,8 @@ import pytest
 
 from lbcore.config import Backend, Service
 from lbcore.routing import Routing
-from lbcore.wire import WireError, decode_delta, decode_snapshot, encode_delta, encode_snapshot
+from lbcore.wire import WireError, decode_delta, decode_snapshot
+from tests.wire_reference import encode_delta, encode_snapshot
 
 SERVICES = (
     Service("web", "127.0.0.1:8080", "wrr",
