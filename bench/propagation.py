@@ -11,7 +11,7 @@ Clocks, all this machine's monotonic clock:
 
 - commit: from the commit of the write (the control plane's stamp,
   ``lbctl status``: version_committed_ns) to the last node's publish of the
-  version, as the node stamped it in its snapshot header (published_ns)
+  version, as the node stamped it in its image header (published_ns)
   when it made the version current: commit to applied on all nodes;
 - stamp: the same from this script's receipt of the write's
   acknowledgement (later than the commit by the reply's trip and this
@@ -46,6 +46,7 @@ from fixtures import Fleet  # noqa: E402
 
 from lbcore._layout import lib  # noqa: E402
 from lbcore.segment import Segment  # noqa: E402
+from lbcore.wire import decode_reply, encode_request  # noqa: E402
 
 
 def wait_text(path: Path, text: str, seconds: float) -> None:
@@ -58,10 +59,10 @@ def wait_text(path: Path, text: str, seconds: float) -> None:
 
 
 def request(sock: zmq.Socket[bytes], verb: str, **args: object) -> dict:
-    sock.send(json.dumps({"verb": verb, "args": args}).encode())
+    sock.send(encode_request(verb, dict(args)))
     if not sock.poll(10_000):
         raise RuntimeError(f"no answer to {verb}")
-    reply = json.loads(sock.recv())
+    reply = decode_reply(sock.recv())
     if not reply["ok"]:
         raise RuntimeError(reply["error"]["message"])
     return reply["result"]
@@ -86,7 +87,7 @@ def published_ns(segment: Segment, version: int) -> int:
             if seen != version:
                 raise RuntimeError(f"version {seen} published where {version} was expected")
             return stamp
-    raise RuntimeError("no stable read of the snapshot header")
+    raise RuntimeError("no stable read of the image header")
 
 
 def run(fleet: Fleet, nodes: int, backends: int, trials: int) -> dict:

@@ -132,7 +132,7 @@ def test_one_weight_delta(benchmark, path, algorithm, size):
     applied: check and apply it to the routing, then build the next image
     from the routing's services, reusing the one before (what a delta that
     does more than rewrite rows costs). patched: what a node does with a
-    delta that only rewrites rows (NodeAgent._plan_rows): the rows checked
+    delta that only rewrites rows (Planner.plan_rows): the rows checked
     into a thin routing and patched into the tables. For Maglev either way
     rebuilds the service's table."""
     services = pool(algorithm, size)

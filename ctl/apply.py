@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from orchestrator.settings import Config
+from orchestrator.settings import Service
 
 
 @dataclass(frozen=True)
@@ -24,12 +24,12 @@ class Change:
     args: dict[str, Any]
 
 
-def plan_changes(config: Config, policies: dict[str, dict[str, Any]],
+def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, Any]],
                  backends: list[dict[str, Any]]) -> list[Change]:
-    """The changes that turn the current state into ``config``'s."""
+    """The changes that turn the current state into ``services``."""
     changes: list[Change] = []
     current = {(b["service"], b["id"]): b for b in backends}
-    for service in config.services:
+    for service in services:
         policy = policies.get(service.name)
         if policy is None or (policy["algorithm"], policy["listen"]) != (service.algorithm, service.listen):
             version = policy["version"] if policy else 0
@@ -55,7 +55,7 @@ def plan_changes(config: Config, policies: dict[str, dict[str, Any]],
                                       "backend.set_weight",
                                       {"service": service.name, "id": backend.id, "weight": backend.weight,
                                        "expected_version": record["version"]}))
-    wanted = {(s.name, b.id) for s in config.services for b in s.backends}
+    wanted = {(s.name, b.id) for s in services for b in s.backends}
     for key, record in sorted(current.items()):
         if key not in wanted and record["state"] == "active":
             changes.append(Change(f"- backend {key[0]}/{key[1]} (drained)", "backend.remove",
@@ -63,18 +63,18 @@ def plan_changes(config: Config, policies: dict[str, dict[str, Any]],
     return changes
 
 
-def apply_file(config: Config, call: Callable[[str, dict[str, Any]], Any], dry_run: bool,
+def apply_file(services: tuple[Service, ...], call: Callable[[str, dict[str, Any]], Any], dry_run: bool,
                out: Callable[[str], None]) -> int:
     """Show and apply the diff; returns how many changes were applied."""
     backends = call("backend.list", {})
     policies = {}
-    for name in {s.name for s in config.services} | {b["service"] for b in backends}:
+    for name in {s.name for s in services} | {b["service"] for b in backends}:
         try:
             policies[name] = call("policy.get", {"service": name})
         except Exception as exc:  # a service not yet in the store
             if "no service" not in str(exc):
                 raise
-    changes = plan_changes(config, policies, backends)
+    changes = plan_changes(services, policies, backends)
     if not changes:
         out("no changes")
         return 0

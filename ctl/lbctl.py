@@ -21,10 +21,15 @@ from typing import Any
 import zmq
 
 from orchestrator.control import WireError, decode_reply, encode_request
-from orchestrator.settings import ALGORITHM_NAMES, ConfigError, control_endpoint, load_services
+from orchestrator.settings import (
+    ALGORITHM_NAMES,
+    DEFAULT_CONTROL,
+    ConfigError,
+    control_endpoint,
+    load_services,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_CONFLICT = 0, 1, 2, 3
-DEFAULT_CONTROL = "tcp://127.0.0.1:7700"
 
 
 class CtlError(Exception):
@@ -203,9 +208,9 @@ def _apply(args: argparse.Namespace) -> int:
     from ctl.apply import apply_file
 
     try:
-        config = load_services(args.file)
+        services = load_services(args.file)
         endpoint = _endpoint(args)
-        apply_file(config, lambda verb, call_args: request(endpoint, verb, call_args, args.timeout),
+        apply_file(services, lambda verb, call_args: request(endpoint, verb, call_args, args.timeout),
                    args.dry_run, print)
     except ConfigError as exc:
         print(f"lbctl: {exc}", file=sys.stderr)

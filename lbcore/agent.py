@@ -5,8 +5,8 @@ plane (lbcore.link; in embedded mode the node starts it: lbcore.embedded).
 
 SIGTERM/SIGINT  graceful stop: workers stop accepting and drain (bounded by
                 node.drain_timeout_ms); the segment is unlinked; exit 0.
-SIGHUP          reload the config file as a new snapshot version; a bad file
-                is refused with its reason and the old snapshot keeps serving.
+SIGHUP          reload the config file as a new version; a bad file is
+                refused with its reason and the old image keeps serving.
 SIGUSR1         print the node's counters (as ``lbproxy stats``) to stderr.
 A worker that dies is replaced; its share of the active counts is released.
 """
@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import zmq
+
 from lbcore import PACKAGE_ROOT
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, load_config, parse_address
@@ -33,10 +35,11 @@ from lbcore.planner import Planner, localize
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.stats import format_stats, node_stats, report_counters
+from lbcore.wire import MAX_REPORT_BACKENDS
+from lbcore.worker import descriptors_needed
 
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
-REPORT_BACKENDS = 500  # beyond, a node's report sums its counters per service
 REAP_EVERY_S = 0.2  # besides on SIGCHLD
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
@@ -184,19 +187,19 @@ class NodeAgent:
                 worker.process.send_signal(signal.SIGTERM)
 
     def _nudge_workers(self) -> None:
-        """Have every worker notice the current snapshot now, not at its next
+        """Have every worker notice the current image now, not at its next
         accept or tick (so retired slots can be reused sooner)."""
         assert self.segment is not None
         for index, worker in self.workers.items():
             # A worker publishes its pid once SIGUSR1 reaches it as an event
             # (before that the signal would kill it); a younger one notices
-            # the snapshot as it starts anyway.
+            # the image as it starts anyway.
             registered = int(self.segment.workers[index]["pid"]) == worker.process.pid
             if registered and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGUSR1)
 
     def _wait_adopted(self, timeout: float) -> bool:
-        """Wait until every worker listens on the current snapshot's
+        """Wait until every worker listens on the current image's
         addresses; False on timeout or when a worker died meanwhile."""
         assert self.segment is not None
         deadline = time.monotonic() + timeout
@@ -243,7 +246,11 @@ class NodeAgent:
         if node.control == "embedded":
             self.embedded = EmbeddedControlPlane(self._config.path, self.log)
             control, subscribe = self.embedded.control, self.embedded.publish
-        self.link = ControlLink(node.id, node.max_staleness_ms, control, subscribe, self.log)
+        try:
+            self.link = ControlLink(node.id, node.max_staleness_ms, control, subscribe, self.log)
+        except zmq.ZMQError as exc:  # what the endpoints' syntax check let through
+            raise ConfigError(self._config.path, "node.control",
+                              f"cannot connect to {control} / {subscribe}: {exc}") from None
 
     def apply_remote(self, routing: Routing) -> None:
         """Apply a snapshot from the control plane (newer than the applied
@@ -269,7 +276,7 @@ class NodeAgent:
     def _remote_counters(self) -> dict[str, Any]:
         assert self.segment is not None and self.planner is not None
         # the image it published: no copy back from shared memory
-        return report_counters(self.segment, REPORT_BACKENDS, self.planner.image)
+        return report_counters(self.segment, MAX_REPORT_BACKENDS, self.planner.image)
 
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""
@@ -280,6 +287,7 @@ class NodeAgent:
             config = load_config(self.config.path)
             if config.node.id != self.config.node.id:
                 raise ConfigError(config.path, "node.id", "cannot change on reload (restart the node)")
+            check_descriptors(config)
             assert self.planner is not None
             plan = self.planner.plan(config)
             self.listeners.reserve(config)
@@ -381,6 +389,7 @@ def serve(config: Config, log: TextIO = sys.stderr,
           on_ready: Callable[[NodeAgent], None] | None = None) -> int:
     """Run a node until it is stopped; whatever happens, nothing it started
     is left behind (workers, listeners, the shared-memory segment)."""
+    check_descriptors(config)
     raise_descriptor_limit()
     agent = NodeAgent(config, log)
     agent.install_signal_handlers()
@@ -391,6 +400,19 @@ def serve(config: Config, log: TextIO = sys.stderr,
         return agent.run()
     finally:
         agent.shutdown(drain=False)
+
+
+def check_descriptors(config: Config) -> None:
+    """ConfigError when a worker could need more descriptors than a process
+    here may open: its connections past that would wait unanswered in the
+    accept queue. Start, ``check`` and reload all ask this."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    need = descriptors_needed(config.node.max_connections)
+    if hard != resource.RLIM_INFINITY and need > hard:
+        most = max(0, (hard - descriptors_needed(0)) // 2)
+        raise ConfigError(config.path, "node.max_connections",
+                          f"{config.node.max_connections} connections per worker need {need} descriptors, "
+                          f"more than the {hard} a process may open here (ulimit -Hn): at most {most}")
 
 
 def raise_descriptor_limit() -> None:

@@ -75,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             return _run(args.config)
         if args.command == "check":
+            from lbcore.agent import check_descriptors
             from lbcore.image import check_buildable
 
             config = load_config(args.config)
             check_buildable(config)
+            check_descriptors(config)
             print(f"{args.config}: ok ({len(config.services)} services)")
             return 0
         if args.command == "stats":

@@ -22,8 +22,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on 3.9/3.10 only
     import tomli as tomllib
 
+from lbcore._layout import lib
 from lbcore.balance import ALGORITHMS
-from lbcore.layout import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, NAME_LEN
+
+# The layout's limits (fulcrum_layout.h), from the compiled declaration
+# rather than lbcore.layout: reading a config file (lbctl does) needs no numpy.
+MAX_SERVICES, MAX_BACKENDS = lib.FLC_MAX_SERVICES, lib.FLC_MAX_BACKENDS
+MAX_WORKERS, NAME_LEN = lib.FLC_MAX_WORKERS, lib.FLC_NAME_LEN
 
 REQUIRED = object()
 # [orchestrator] is read by the control plane (orchestrator.settings)
@@ -31,6 +36,10 @@ TOP_LEVEL_TABLES = ("node", "service", "orchestrator")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*")
 MAX_WEIGHT = 256
 RELAY_MODES = {"auto": 0, "splice": 1, "copy": 2}  # FLC_RELAY_* in fulcrum_layout.h
+# The longest time, in ms, that every consumer of a setting holds: a C int
+# (the worker's drain time, poll timeouts) and the image header's uint32
+# timeouts. About 24.8 days.
+MAX_MS = (1 << 31) - 1
 
 
 class ConfigError(Exception):
@@ -50,11 +59,8 @@ class Setting:
     help: str
 
 
-def _at_least(low: int) -> Callable[[Any], str | None]:
-    return lambda v: None if v >= low else f"must be >= {low} (got {v})"
-
-
-def _between(low: int, high: int) -> Callable[[Any], str | None]:
+def between(low: int, high: int) -> Callable[[Any], str | None]:
+    """The check of a number's range, as every setting states it."""
     return lambda v: None if low <= v <= high else f"must be {low}..{high} (got {v})"
 
 
@@ -85,14 +91,35 @@ def _algorithm(v: str) -> str | None:
     return f"unknown algorithm {v!r} (one of: {', '.join(ALGORITHMS)})"
 
 
+_TCP_ENDPOINT = re.compile(r"tcp://(\*|[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):([0-9]{1,5})")
+
+
+def endpoint_problem(v: str, transports: tuple[str, ...] = ("tcp",)) -> str | None:
+    """Why ``v`` is not one ZeroMQ endpoint of these transports, or None:
+    tcp://HOST:PORT (HOST a name, an IPv4 address, [IPv6] or *), ipc://PATH,
+    inproc://NAME."""
+    transport = v.partition("://")[0] if "://" in v else ""
+    if transport not in transports:
+        return f"{v!r} is not a ZeroMQ endpoint ({', '.join(t + '://' for t in transports)}...)"
+    if transport == "tcp":
+        match = _TCP_ENDPOINT.fullmatch(v)
+        if match is None or not 1 <= int(match[2]) <= 65535:
+            return f"{v!r} is not one endpoint tcp://HOST:PORT"
+    elif len(v) == len(transport) + 3 or "," in v:
+        return f"{v!r} is not one endpoint {transport}://NAME"
+    return None
+
+
 def _control(v: str) -> str | None:
-    if v in ("static", "embedded") or v.startswith("tcp://"):
+    if v in ("static", "embedded"):
         return None
-    return f"{v!r}: one of \"static\" (services from this file), \"embedded\", tcp://HOST:PORT"
+    if not v.startswith("tcp://"):
+        return f"{v!r}: one of \"static\" (services from this file), \"embedded\", tcp://HOST:PORT"
+    return endpoint_problem(v)
 
 
 def _subscribe(v: str) -> str | None:
-    return None if v == "" or v.startswith("tcp://") else f"{v!r} is not tcp://HOST:PORT"
+    return None if v == "" else endpoint_problem(v)
 
 
 def _optional_ip(v: str) -> str | None:
@@ -107,23 +134,23 @@ def _optional_ip(v: str) -> str | None:
 
 NODE_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "node name; names the shared-memory segment"),
-    Setting("workers", int, None, _between(1, MAX_WORKERS),
+    Setting("workers", int, None, between(1, MAX_WORKERS),
             "worker processes (default: number of cores)"),
     Setting("control", str, "static", _control,
             "static (this file), embedded (a control plane in this process tree), or tcp://HOST:PORT"),
     Setting("subscribe", str, "", _subscribe, "tcp://HOST:PORT of the control plane's snapshot PUB"),
-    Setting("max_staleness_ms", int, 5_000, _at_least(1),
+    Setting("max_staleness_ms", int, 5_000, between(1, MAX_MS),
             "past this without word from the control plane the node says so (and keeps serving)"),
     Setting("address", str, "", _optional_ip, "local address for every listener (replaces each listen host)"),
-    Setting("drain_timeout_ms", int, 10_000, _at_least(0),
+    Setting("drain_timeout_ms", int, 10_000, between(0, MAX_MS),
             "on SIGTERM, how long open connections may finish"),
-    Setting("connect_timeout_ms", int, 2_000, _at_least(1),
+    Setting("connect_timeout_ms", int, 2_000, between(1, MAX_MS),
             "a backend connect slower than this fails over to another"),
-    Setting("idle_timeout_ms", int, 300_000, _at_least(1),
+    Setting("idle_timeout_ms", int, 300_000, between(1, MAX_MS),
             "a connection with no traffic either way for this long is closed"),
-    Setting("retries", int, 3, _between(0, 7),
+    Setting("retries", int, 3, between(0, 7),
             "further backends tried after a failed connect"),
-    Setting("max_connections", int, 4096, _between(1, 100_000),
+    Setting("max_connections", int, 4096, between(1, 100_000),
             "open client connections per worker"),
     Setting("relay", str, "auto", _one_of(RELAY_MODES),
             "auto: read/write, splice once a read fills 16 KiB; splice; copy"),
@@ -132,13 +159,13 @@ NODE_SETTINGS = [
 SERVICE_SETTINGS = [
     Setting("name", str, REQUIRED, check_name, "service name, unique on the node"),
     Setting("listen", str, REQUIRED, _address, "IPv4 address:port clients connect to"),
-    Setting("algorithm", str, "wrr", _algorithm, "wrr | least_conn | p2c | maglev"),
+    Setting("algorithm", str, "wrr", _algorithm, " | ".join(ALGORITHMS)),
 ]
 
 BACKEND_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "backend id, unique in its service"),
     Setting("address", str, REQUIRED, _address, "IPv4 address:port of the backend"),
-    Setting("weight", int, 1, _between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
+    Setting("weight", int, 1, between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
 ]
 
 
@@ -277,11 +304,7 @@ def parse_config(text: str, file: str = "<config>") -> Config:
 
 def parse_document(document: dict[str, Any], file: str) -> Config:
     """Validate a decoded document (TOML, or a snapshot off the wire)."""
-    if not isinstance(document, dict):
-        raise ConfigError(file, "(document)", "must be a table")
-    for key in document:
-        if key not in TOP_LEVEL_TABLES:
-            raise ConfigError(file, key, f"unknown table (known: {', '.join(TOP_LEVEL_TABLES)})")
+    _check_tables(document, file)
     node_values = read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
     if node_values["control"].startswith("tcp://") and not node_values["subscribe"]:
         raise ConfigError(file, "node.subscribe", "required when node.control is tcp://HOST:PORT")
@@ -289,6 +312,14 @@ def parse_document(document: dict[str, Any], file: str) -> Config:
         node_values["workers"] = min(os.cpu_count() or 1, MAX_WORKERS)
     services = _read_services(file, document.get("service", []))
     return Config(path=file, node=NodeSettings(**node_values), services=services)
+
+
+def _check_tables(document: Any, file: str) -> None:
+    if not isinstance(document, dict):
+        raise ConfigError(file, "(document)", "must be a table")
+    for key in document:
+        if key not in TOP_LEVEL_TABLES:
+            raise ConfigError(file, key, f"unknown table (known: {', '.join(TOP_LEVEL_TABLES)})")
 
 
 def read_node_id(path: str | os.PathLike[str]) -> str:
@@ -305,8 +336,8 @@ def read_node_id(path: str | os.PathLike[str]) -> str:
     return node["id"]
 
 
-def load_config(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a config file."""
+def read_document(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A config file's TOML document; ConfigError if it cannot be read."""
     file = str(path)
     try:
         text = Path(file).read_text()
@@ -314,4 +345,21 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(file, "(file)", exc.strerror or str(exc)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError(file, "(file)", f"not UTF-8: {exc.reason}") from None
-    return parse_config(text, file)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(file, "(syntax)", str(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a node's config file."""
+    return parse_document(read_document(path), str(path))
+
+
+def services_of_document(document: dict[str, Any], file: str) -> tuple[Service, ...]:
+    """The services of a file that need not be a node's (a control plane's,
+    one for ``lbctl apply``): a [node] table is checked when there is one."""
+    _check_tables(document, file)
+    if "node" in document:
+        return parse_document(document, file).services
+    return _read_services(file, document.get("service", []))

@@ -11,7 +11,6 @@ control plane read (the table has one reader: orchestrator.settings).
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from lbcore import PACKAGE_ROOT
 from lbcore.config import ConfigError
+from lbcore.wire import WireError, decode_endpoints
 
 RESTART_AT_MOST_EVERY_S = 1.0
 CHECK_TIMEOUT_S = 60.0
@@ -49,8 +49,11 @@ class EmbeddedControlPlane:
         if done.returncode != 0:
             reason = (done.stderr.strip().splitlines() or ["the control plane refused the file"])[-1]
             raise ConfigError(self.file, "orchestrator", reason)
-        endpoints = json.loads(done.stdout.strip().splitlines()[-1])
-        return endpoints["control"], endpoints["publish"]
+        try:
+            return decode_endpoints((done.stdout.strip().splitlines() or [""])[-1])
+        except WireError as exc:
+            reason = f"the control plane's check gave no endpoints: {exc}"
+            raise ConfigError(self.file, "orchestrator", reason) from None
 
     def _start(self) -> None:
         command = [sys.executable, "-m", "orchestrator.cli", "-c", self.path,

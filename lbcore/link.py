@@ -32,6 +32,7 @@ from lbcore.wire import (
     decode_reply,
     decode_snapshot,
     report_request,
+    snapshot_of_fetch_result,
 )
 
 FETCH_TIMEOUT_S = 2.0
@@ -90,14 +91,17 @@ class ControlLink:
             except WireError:
                 continue  # not an answer of the control plane's
             if not reply["ok"]:
-                self.log(f"snapshot fetch refused by the control plane: {reply['error']['message'][:200]}")
+                error = reply["error"]
+                self.log(f"snapshot fetch refused by the control plane: "
+                         f"{error['code']}: {error['message'][:200]}")
                 return None
-            result = reply["result"]
-            if not isinstance(result, dict) or not isinstance(result.get("snapshot"), str):
+            try:
+                snapshot = snapshot_of_fetch_result(reply["result"])
+            except WireError:
                 continue  # not an answer to a fetch
             self.last_heard = time.monotonic()
             try:
-                return Routing.of(*decode_snapshot(result["snapshot"].encode()))
+                return Routing.of(*decode_snapshot(snapshot))
             except WireError as exc:
                 self.log(f"snapshot fetched from {self.control_endpoint} refused: {exc}")
                 return None
@@ -205,7 +209,8 @@ class ControlLink:
                 self.log(f"report answered with something else: {exc}")
                 continue
             if not reply["ok"]:
-                self.log(f"report refused by the control plane: {reply['error']['message'][:300]}")
+                error = reply["error"]
+                self.log(f"report refused by the control plane: {error['code']}: {error['message'][:300]}")
 
     def close(self) -> None:
         for sock in (self.sub, self.dealer, self.fetcher):

@@ -14,7 +14,7 @@ from lbcore.image import Image, read_image
 from lbcore.segment import Segment
 from lbcore.wire import summed_counters
 
-ALGORITHM_NAMES = {v: k for k, v in ALGORITHMS.items()}
+ALGORITHM_OF_CODE = {v: k for k, v in ALGORITHMS.items()}  # as the image holds it
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
 
 
@@ -52,7 +52,7 @@ def node_stats(segment: Segment) -> dict[str, Any]:
         services.append({
             "name": row["name"].decode(), "slot": slot,
             "listen": _address(row["listen_ip"], row["listen_port"]),
-            "algorithm": ALGORITHM_NAMES.get(int(row["algorithm"]), "?"),
+            "algorithm": ALGORITHM_OF_CODE.get(int(row["algorithm"]), "?"),
             "accepted": int(segment.service_states[slot]["accepted"]),
             "backends": backends,
         })

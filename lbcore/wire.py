@@ -62,6 +62,7 @@ from lbcore.config import ConfigError, Service, parse_document
 MAX_REQUEST = 64 * 1024          # a request past this is refused with a reply that says so
 MAX_RECEIVED = 16 * MAX_REQUEST  # past this the socket drops the message and its connection
 MAX_REPORT_BYTES = 48 * 1024     # a node's report stays under MAX_REQUEST: counters summed past this
+MAX_REPORT_BACKENDS = 500        # past this many backends a node sums its counters per service at once
 # Versions are counted by the store in signed 64-bit (orchestrator.store);
 # anything larger on the wire is not one of ours, and would not fit the
 # image header either.
@@ -98,18 +99,19 @@ def encode_request(verb: str, args: dict[str, Any]) -> bytes:
     return json.dumps({"verb": verb, "args": args}, sort_keys=True).encode()
 
 
-def decode_request(raw: bytes) -> tuple[Any, dict[str, Any]]:
-    """(verb, args) of a request's frame, its envelope checked (the verb
-    and its arguments are the admin API's to check); WireError if not."""
+def decode_request(raw: bytes) -> tuple[Any, Any]:
+    """(verb, args) of a request's frame, its envelope checked; WireError
+    if not. The verb and its arguments (an object) are the admin API's to
+    check (orchestrator.control.parse_request), the verb first."""
     if len(raw) > MAX_REQUEST:
         raise WireError(f"request of {len(raw)} bytes exceeds {MAX_REQUEST}")
-    request = _load("request", raw)
+    try:
+        request = json.loads(raw.decode())  # UTF-8, the format's: no encoding to detect
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise WireError(f"request is not JSON: {exc.__class__.__name__}: {exc}") from None
     if not isinstance(request, dict) or set(request) - {"verb", "args"} or "verb" not in request:
         raise WireError('request must be {"verb": ..., "args": {...}}')
-    args = request.get("args", {})
-    if not isinstance(args, dict):
-        raise WireError("args must be an object")
-    return request["verb"], args
+    return request["verb"], request.get("args", {})
 
 
 def ok_reply(result: Any) -> dict[str, Any]:
@@ -144,12 +146,65 @@ def decode_reply(raw: bytes) -> dict[str, Any]:
 FETCH_REQUEST = encode_request("snapshot.get", {})
 
 
+def fetch_result(snapshot: bytes) -> dict[str, str]:
+    """The result of ``snapshot.get``: the current snapshot, as text."""
+    return {"snapshot": snapshot.decode()}
+
+
+def snapshot_of_fetch_result(result: Any) -> bytes:
+    """The snapshot a ``snapshot.get`` result carries; WireError if none."""
+    if not isinstance(result, dict) or not isinstance(result.get("snapshot"), str):
+        raise WireError('snapshot.get result must be {"snapshot": TEXT}')
+    return result["snapshot"].encode()
+
+
+# ---------------------------------------------------------------- the embedded control plane's endpoints
+# What ``lborch --check --endpoints`` prints (one line) for the node that
+# embeds it: the endpoints the control plane read from the file.
+
+def encode_endpoints(control: str, publish: str) -> str:
+    return json.dumps({"control": control, "publish": publish})
+
+
+def decode_endpoints(text: str) -> tuple[str, str]:
+    """(control, publish); WireError if the line is not one."""
+    body = _load("endpoints", text.encode())
+    if not isinstance(body, dict) or set(body) != {"control", "publish"} \
+            or not all(isinstance(v, str) for v in body.values()):
+        raise WireError('endpoints: must be {"control": ENDPOINT, "publish": ENDPOINT}')
+    return body["control"], body["publish"]
+
+
 # ---------------------------------------------------------------- node reports
 
 def snapshot_digest(data: bytes) -> str:
     """What a node reports of the snapshot it applied: equal digests, equal
     routing (the bytes are canonical), so the control plane can audit it."""
     return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Report:
+    """A ``node.report`` as the control plane takes it."""
+
+    node: str
+    version: int
+    staleness_ms: int
+    counters: dict[str, Any] | None  # None: keep the ones last reported (an ACK)
+    digest: str | None               # None: none for this version yet (an ACK)
+
+
+def decode_report(args: dict[str, Any]) -> Report:
+    """The arguments of a ``node.report`` (present, as the admin API's verb
+    table requires), checked; WireError saying what is wrong."""
+    version, staleness = args["version"], args["staleness_ms"]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
+        raise WireError("node.report: version and staleness_ms must be integers")
+    counters = args.get("counters")
+    if counters is not None and not isinstance(counters, dict):
+        raise WireError("node.report: counters must be an object")
+    return Report(args["node"], version, staleness, counters,
+                  str(args["digest"]) if "digest" in args else None)
 
 
 def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,

@@ -846,3 +846,12 @@ def run(str segment_path, int index, int max_connections, int drain_timeout_ms,
         rc = event_loop(&w)
         teardown(&w)
     return 0 if rc == 0 else 1
+
+
+def descriptors_needed(int max_connections):
+    """The descriptors one worker may hold at once with ``max_connections``
+    open: two sockets per connection, its pipe pool (two ends each), a
+    listener per service, and its own few (epoll, signalfd, the segment,
+    standard streams, the interpreter's). The node refuses a setting that
+    needs more than the process may open (see lbcore.agent.check_descriptors)."""
+    return 2 * max_connections + 2 * MAX_PIPES + FLC_MAX_SERVICES + 32

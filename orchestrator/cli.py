@@ -8,15 +8,15 @@ error, 2 bad configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import zmq
 
 from lbcore.config import ConfigError
+from lbcore.wire import encode_endpoints
 from orchestrator.server import Orchestrator
 from orchestrator.settings import load_orchestrator_config
-from orchestrator.store import SqliteStore
+from orchestrator.store import SqliteStore, StoreError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,18 +30,27 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop when this process is gone (set by an embedding lbproxy)")
     args = parser.parse_args(argv)
     try:
-        settings = load_orchestrator_config(args.config)
+        settings = load_orchestrator_config(args.config, embedded=args.endpoints)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
     if args.check:
         if args.endpoints:
             endpoints = settings.endpoints
-            print(json.dumps({"control": endpoints.control, "publish": endpoints.publish}))
+            print(encode_endpoints(endpoints.control, endpoints.publish))
         return 0
-    store = SqliteStore(settings.store_path)
     try:
-        if store.seed(settings.config.services):
+        store = SqliteStore(settings.store_path)
+    except StoreError as exc:
+        print(f"lborch: {exc}", file=sys.stderr)
+        return 1
+    try:
+        try:
+            seeded = store.seed(settings.services)
+        except StoreError as exc:
+            print(f"lborch: {exc}", file=sys.stderr)
+            return 1
+        if seeded:
             print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
         try:
             orchestrator = Orchestrator(store, settings.endpoints, parent_pid=args.parent_pid)

@@ -1,15 +1,12 @@
 """The admin API of the control plane: ctl verbs over one request/reply
-message each. ``lbctl`` speaks it (the request and reply codec it needs is
-re-exported here from lbcore.wire, the home of every message format); the
-ZeroMQ server carries it.
+message each (the envelope is lbcore.wire's, the home of every message
+format: this module re-exports the codec lbctl needs). ``lbctl`` speaks
+it; the ZeroMQ server carries it. For example:
 
-    request  {"verb": "backend.add", "args": {"service": "web", "id": "w4",
-              "address": "127.0.0.1:9004", "weight": 1, "expected_version": 0}}
-    reply    {"ok": true, "result": {...}}
-             {"ok": false, "error": {"code": CODE, "message": TEXT,
-                                     "expected": N, "current": N}}
+    {"verb": "backend.add", "args": {"service": "web", "id": "w4",
+     "address": "127.0.0.1:9004", "weight": 1, "expected_version": 0}}
 
-CODE is bad_request, not_found, version_conflict (with expected/current) or
+CODE (of an error reply) is bad_request, not_found, version_conflict (with expected/current) or
 error. Verbs and their arguments are the table VERBS below; every write
 takes an optional ``expected_version`` (the record's version; 0 on add:
 only if absent) and answers the new global config version. A malformed or
@@ -19,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lbcore.wire import (
     WireError,
@@ -31,7 +28,9 @@ from lbcore.wire import (
 )
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
 from orchestrator.model import Change, Membership, State
-from orchestrator.store import Store
+
+if TYPE_CHECKING:  # lbctl imports this module: not the store (and what it imports)
+    from orchestrator.store import Store
 
 # what a client of the admin API (lbctl) needs to speak it
 __all__ = ["VERBS", "ControlPlane", "WireError", "decode_reply", "encode_request", "parse_request"]
@@ -69,6 +68,8 @@ def parse_request(raw: bytes) -> tuple[str, dict[str, Any]]:
         raise BadRequestError(str(exc)) from None
     if not isinstance(verb, str) or verb not in VERBS:
         raise BadRequestError(f"unknown verb {verb!r} (known: {', '.join(sorted(VERBS))})")
+    if not isinstance(args, dict):
+        raise BadRequestError("args must be an object")
     required, optional = VERBS[verb]
     missing, unknown = required - set(args), set(args) - required - optional
     if missing:

@@ -34,8 +34,11 @@ from lbcore.wire import (
     KIND_HEARTBEAT,
     KIND_SNAPSHOT,
     MAX_RECEIVED,
+    WireError,
+    decode_report,
     encode_heartbeat,
     encode_reply,
+    fetch_result,
     read_ack,
 )
 from orchestrator.control import ControlPlane
@@ -100,16 +103,14 @@ class Orchestrator:
         self._publish_if_dirty(force=True)
         if self.published_version < 0:
             raise ControlError(f"no snapshot derived yet ({self.last_error or 'starting'})")
-        return {"snapshot": self.deriver.routing.encode().decode()}
+        return fetch_result(self.deriver.routing.encode())
 
     def _node_report(self, args: dict[str, Any]) -> Any:
-        version, staleness = args["version"], args["staleness_ms"]
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
-            raise BadRequestError("node.report: version and staleness_ms must be integers")
-        if not isinstance(args.get("counters", {}), dict):
-            raise BadRequestError("node.report: counters must be an object")
-        self._record_report(args["node"], version, staleness, args.get("counters"),
-                            str(args["digest"]) if "digest" in args else None)
+        try:
+            report = decode_report(args)
+        except WireError as exc:
+            raise BadRequestError(str(exc)) from None
+        self._record_report(report.node, report.version, report.staleness_ms, report.counters, report.digest)
         return {}
 
     def _record_report(self, name: str, version: int, staleness: int,

@@ -10,18 +10,27 @@ from pathlib import Path
 from typing import Any
 
 from lbcore.balance import ALGORITHMS
-from lbcore.config import Config, ConfigError, Setting, load_config, read_table, tomllib
+from lbcore.config import (
+    MAX_MS,
+    ConfigError,
+    Service,
+    Setting,
+    between,
+    endpoint_problem,
+    parse_document,
+    read_document,
+    read_table,
+    services_of_document,
+)
 
-__all__ = ["ALGORITHM_NAMES", "Config", "ConfigError", "Endpoints", "OrchestratorConfig", "control_endpoint",
-           "load_orchestrator_config", "load_services"]
+__all__ = ["ALGORITHM_NAMES", "DEFAULT_CONTROL", "ConfigError", "Endpoints", "OrchestratorConfig", "Service",
+           "control_endpoint", "load_orchestrator_config", "load_services"]
 
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # as a service's ``algorithm`` names them
 
 
 def _endpoint(value: str) -> str | None:
-    if not value.startswith(("tcp://", "ipc://", "inproc://")):
-        return f"{value!r} is not a ZeroMQ endpoint (tcp://HOST:PORT)"
-    return None
+    return endpoint_problem(value, ("tcp", "ipc", "inproc"))
 
 
 def _store(value: str) -> str | None:
@@ -30,15 +39,14 @@ def _store(value: str) -> str | None:
     return None
 
 
-def _positive(value: int) -> str | None:
-    return None if value > 0 else f"must be > 0 (got {value})"
-
+DEFAULT_CONTROL = "tcp://127.0.0.1:7700"
 
 ORCHESTRATOR_SETTINGS = [
     Setting("store", str, "sqlite:///fulcrum-state.db", _store, "where the authoritative state lives"),
-    Setting("control", str, "tcp://127.0.0.1:7700", _endpoint, "ROUTER: ctl verbs, snapshot fetch"),
+    Setting("control", str, DEFAULT_CONTROL, _endpoint, "ROUTER: ctl verbs, snapshot fetch"),
     Setting("publish", str, "tcp://127.0.0.1:7701", _endpoint, "PUB: snapshots and heartbeats"),
-    Setting("heartbeat_ms", int, 500, _positive, "interval of heartbeats carrying the current version"),
+    Setting("heartbeat_ms", int, 500, between(1, MAX_MS),
+            "interval of heartbeats carrying the current version"),
 ]
 
 
@@ -51,39 +59,47 @@ class Endpoints:
 
 @dataclass(frozen=True)
 class OrchestratorConfig:
-    config: Config               # services in the file seed an empty store
+    services: tuple[Service, ...]  # the file's services seed an empty store
     store_path: Path
     endpoints: Endpoints
 
 
-def load_orchestrator_config(path: str) -> OrchestratorConfig:
-    config = load_config(path)
-    document: dict[str, Any] = tomllib.loads(Path(path).read_text())
-    values = read_table(path, "orchestrator", document.get("orchestrator", {}), ORCHESTRATOR_SETTINGS)
+def load_orchestrator_config(path: str, embedded: bool = False) -> OrchestratorConfig:
+    """A control plane's file: [orchestrator] and the services that seed the
+    store; a [node] table is needed only by a node (then it is checked too).
+    ``embedded``: the file of a node that starts this control plane, which
+    must name both endpoints (the node connects to them)."""
+    return _orchestrator_config(read_document(path), path, embedded)
+
+
+def _orchestrator_config(document: dict[str, Any], path: str, embedded: bool = False) -> OrchestratorConfig:
+    services = services_of_document(document, path)
+    table = document.get("orchestrator", {})
+    if embedded and not (isinstance(table, dict) and "control" in table and "publish" in table):
+        raise ConfigError(path, "orchestrator",
+                          'control = "embedded" needs an [orchestrator] table with control and publish')
+    values = read_table(path, "orchestrator", table, ORCHESTRATOR_SETTINGS)
     store_path = Path(values["store"][len("sqlite:///"):])
     if not store_path.is_absolute():
         store_path = Path(path).resolve().parent / store_path
     if values["control"] == values["publish"]:
         raise ConfigError(path, "orchestrator.publish", "must differ from orchestrator.control")
-    return OrchestratorConfig(config, store_path,
+    return OrchestratorConfig(services, store_path,
                               Endpoints(values["control"], values["publish"], values["heartbeat_ms"]))
 
 
-def load_services(path: str) -> Config:
-    """A file's services (and node table), checked by the node's own rules."""
-    return load_config(path)
+def load_services(path: str) -> tuple[Service, ...]:
+    """A file's services, checked by the node's own rules ([node] optional)."""
+    return services_of_document(read_document(path), path)
 
 
 def control_endpoint(path: str) -> str:
     """The control plane a config file names: its [orchestrator] control, or
     a node file's tcp:// node.control. ConfigError if it names none."""
-    try:
-        document = tomllib.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ConfigError(path, "(file)", str(exc)) from None
+    document = read_document(path)
     if "orchestrator" in document:
-        return load_orchestrator_config(path).endpoints.control
-    control = load_config(path).node.control
+        return _orchestrator_config(document, path).endpoints.control
+    control = parse_document(document, path).node.control
     if not control.startswith("tcp://"):
         raise ConfigError(path, "node.control", f"names no control plane (no [orchestrator] table, "
                                                 f"node.control = {control!r})")

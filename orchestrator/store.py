@@ -60,6 +60,16 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
+def _why(exc: sqlite3.Error) -> str:
+    """What a failure to open or write the store means to its operator."""
+    text = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+        return f"not a Fulcrum store, or damaged ({text}); restore a good copy, or move it away to start anew"
+    if "readonly" in text or "read-only" in text or "unable to open" in text:
+        return f"cannot be written ({text}): the store's file and directory must be writable"
+    return text
+
+
 MEMBERSHIP = {m.value: m for m in Membership}  # a dict lookup, not an Enum call per row
 MAX_INTEGER = (1 << 62)  # versions and revisions: SQLite stores signed 64-bit
 
@@ -90,15 +100,26 @@ def _check_expected(expected: int | None) -> None:
         raise BadRequestError(f"expected version must be an integer >= 0 (got {expected!r})")
 
 
+class StoreError(Exception):
+    """The store cannot be opened or written: ``FILE: reason``."""
+
+
 class SqliteStore:
     """The embedded store: one SQLite file."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {_why(exc)}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"{self.path}: {_why(exc)}") from None
 
     def close(self) -> None:
         self._db.close()
@@ -297,7 +318,10 @@ class SqliteStore:
                             for s in services for b in s.backends])
             return True
 
-        return self._mutate(change)[0]
+        try:
+            return self._mutate(change)[0]
+        except sqlite3.Error as exc:  # at start: the file opened, but cannot be written
+            raise StoreError(f"{self.path}: {_why(exc)}") from None
 
     def advance_version(self) -> int:
         """A new version that changes nothing: how the control plane

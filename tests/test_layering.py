@@ -6,6 +6,8 @@ starts an embedded control plane as a process, not as an import."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +98,13 @@ def test_every_path_architecture_names_exists():
                if p.suffix in (".py", ".pyx", ".pxd") and p.name != "__init__.py" and "build" not in p.parts}
     unmapped = sorted(m for m in modules if m not in named and Path(m).name not in text)
     assert unmapped == [], "modules ARCHITECTURE.md does not mention"
+
+
+def test_lbctl_loads_neither_numpy_nor_the_store():
+    """Every lbctl command starts a Python: it imports the admin and settings
+    APIs, not the data plane's numpy views nor the control plane's store."""
+    probe = ("import sys, ctl.lbctl; "
+             "print(sorted(m for m in ('numpy', 'orchestrator.store', 'zmq') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['zmq']"

@@ -53,7 +53,7 @@ def test_a_conflict_part_way_reports_what_was_applied(tmp_path):
     out: list[str] = []
     try:
         with pytest.raises(RuntimeError, match="expected version 1, current version 2"):
-            apply_file(parse_config(DESIRED), call, False, out.append)
+            apply_file(parse_config(DESIRED).services, call, False, out.append)
         assert out[-1] == ("stopped at change 2 of 2 (~ backend web/w2 weight 1 -> 2); "
                            "the 1 before it are applied (version 5)")
         weights = {b.id: b.weight for b in store.read().backends}

@@ -398,3 +398,80 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
     finally:
         dealer.close(0)
         req.close(0)
+
+
+def test_a_control_plane_file_needs_no_node_table(tmp_path):
+    """The README's [orchestrator] example has no [node] table: lborch once
+    refused it (node.id: required). A [node] table, when there is one, is
+    still checked; lbctl apply takes a file of services alone too."""
+    o = Orch(tmp_path)
+    o.config.write_text(o.config.read_text().replace('[node]\nid = "ctl-test"\n', ""))
+    assert "[node]" not in o.config.read_text()
+    o.start()
+    try:
+        listed = lbctl(o, "backend", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert [(b["service"], b["id"]) for b in json.loads(listed.stdout)] == [("web", "w1")]
+        services = tmp_path / "services.toml"
+        services.write_text('[[service]]\nname = "web"\nlisten = "127.0.0.1:18080"\n'
+                            '[[service.backend]]\nid = "w1"\naddress = "127.0.0.1:9001"\nweight = 4\n')
+        applied = lbctl(o, "apply", "-f", str(services))
+        assert applied.returncode == 0, applied.stderr
+        assert "weight 1 -> 4" in applied.stdout
+    finally:
+        o.stop()
+    bad = tmp_path / "bad-node.toml"
+    bad.write_text(o.config.read_text() + '\n[node]\nworkers = 0\n')
+    check = subprocess.run([sys.executable, "-m", "orchestrator.cli", "--check", "-c", str(bad)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert check.returncode == 2 and check.stderr.strip() == f"{bad}: node.id: required", check.stderr
+
+
+def _start_lborch(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", "-c", str(config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_store_file_is_one_line_naming_it(tmp_path, damage):
+    """A store file that is not one (or was cut short) once gave a
+    traceback. One line names the file and what to do; exit 1; the file
+    is left as it was for the operator to look at."""
+    o = Orch(tmp_path)
+    store = tmp_path / "state.db"
+    if damage == "garbage":
+        store.write_bytes(os.urandom(5000))
+    else:
+        o.start()
+        lbctl(o, "backend", "set-weight", "web", "w1", "2")
+        o.stop()
+        for leftover in tmp_path.glob("state.db-*"):
+            leftover.unlink()
+        with open(store, "r+b") as f:
+            f.truncate(5000)
+    before = store.read_bytes()
+    done = _start_lborch(o.config)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(f"lborch: {store}: not a Fulcrum store, or damaged ("), done.stderr
+    assert store.read_bytes() == before
+
+
+def test_a_store_on_a_read_only_file_system_is_one_line_naming_it(tmp_path):
+    """A store that cannot be written once gave a traceback."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], check=True)
+    try:
+        o = Orch(tmp_path)
+        o.config.write_text(o.config.read_text().replace(f"sqlite:///{tmp_path}/state.db",
+                                                         f"sqlite:///{mount}/state.db"))
+        o.start()
+        o.stop()
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        done = _start_lborch(o.config)
+        assert done.returncode == 1, done.stderr
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert done.stderr.startswith(f"lborch: {mount}/state.db: cannot be written ("), done.stderr
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

@@ -168,7 +168,12 @@ def test_listen_port_in_use_exits_2_and_opens_nothing(workdir):
     ({"colour": "blue"}, "node.colour", "unknown key"),
     ({"control": "consul"}, "node.control", "'consul': one of"),
     ({"retries": 8}, "node.retries", "must be 0..7 (got 8)"),
-], ids=["workers0", "unknown-node-key", "control", "retries8"])
+    # once ZMQError: Invalid argument, as a traceback
+    ({"control": "tcp://127.0.0.1:7700,tcp://127.0.0.1:7702", "subscribe": "tcp://127.0.0.1:7701"},
+     "node.control", "is not one endpoint tcp://HOST:PORT"),
+    ({"control": "tcp://127.0.0.1:7700", "subscribe": "tcp://127.0.0.1:7701,tcp://127.0.0.1:7703"},
+     "node.subscribe", "is not one endpoint tcp://HOST:PORT"),
+], ids=["workers0", "unknown-node-key", "control", "retries8", "control-list", "subscribe-list"])
 def test_bad_node_settings_exit_2(workdir, node_extra, key, reason):
     port = free_port()
     node_id = new_node_id()
@@ -178,6 +183,7 @@ def test_bad_node_settings_exit_2(workdir, node_extra, key, reason):
     result = _run(path)
     assert result.returncode == 2, f"status {result.returncode}\n{result.stderr}"
     assert reason in _error_line(result.stderr, path, key)
+    assert "Traceback" not in result.stderr, result.stderr
     assert connection_refused(("127.0.0.1", port))
     assert not shm_path(node_id).exists()
 

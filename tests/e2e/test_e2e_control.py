@@ -249,6 +249,27 @@ def test_embedded_mode_refuses_a_bad_orchestrator_table_and_starts_nothing(backe
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("table", ["", '\n[orchestrator]\ncontrol = "tcp://127.0.0.1:{control}"\n'],
+                         ids=["no-table", "no-publish"])
+def test_embedded_mode_needs_both_endpoints_named(backends, lbproxy, workdir, table):
+    """The node connects to what the file names: an embedded node whose
+    [orchestrator] table is missing, or names one endpoint only, is refused
+    rather than started on the defaults."""
+    b = backends({"w1": "127.0.0.1"})
+    node = lbproxy([service("web", f"127.0.0.1:{free_port()}", [("w1", b["w1"], 1)])], start=False,
+                   workers=1, control="embedded")
+    node.write_config_text(node.config_path.read_text() + table.format(control=free_port()))
+    node.launch()
+    assert node.wait_ready_or_exit() == 2
+    expected = (f'{node.config_path}: orchestrator: control = "embedded" needs an [orchestrator] table '
+                "with control and publish")
+    assert expected in node.log(), node.log()
+    assert "Traceback" not in node.log(), node.log()
+    assert not shm_path(node.node_id).exists()
+    assert not list(workdir.glob("*.db")) and not (node.config_path.parent / "fulcrum-state.db").exists()
+
+
+@pytest.mark.timeout(120)
 def test_the_embedded_control_plane_ends_with_its_node(backends, lbproxy, workdir):
     b = backends({"w1": "127.0.0.1"})
     node, _, _ = embedded_node(lbproxy, workdir, b)

@@ -436,3 +436,40 @@ def test_stop_serves_connections_already_queued(backends, lbproxy):
             c.close()
     assert served == 100
     assert node.process is not None and node.process.wait(15) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("key, value, reason", [
+    ("idle_timeout_ms", 4294967297, "must be 1..2147483647 (got 4294967297)"),
+    ("connect_timeout_ms", 2147483648, "must be 1..2147483647 (got 2147483648)"),
+    ("drain_timeout_ms", 1 << 40, f"must be 0..2147483647 (got {1 << 40})"),
+    ("max_staleness_ms", 1 << 63, f"must be 1..2147483647 (got {1 << 63})"),
+], ids=["idle", "connect", "drain", "staleness"])
+def test_check_start_and_reload_refuse_the_same_out_of_range_setting(backends, lbproxy, key, value, reason):
+    """A value past what the node holds (the image's uint32 timeouts, a C
+    int) once passed ``check`` and then killed the agent on SIGHUP
+    (OverflowError), taking the workers and the port with it. Each setting
+    has its real range, refused alike by check, start and reload."""
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    services = [service("web", listen, [("web-1", b["web-1"], 1)])]
+    node = lbproxy(services, workers=1)
+    expected = f"{node.config_path}: node.{key}: {reason}"
+    node.write_config({**node.node, key: value}, services)
+
+    check = node.run_cli("check", "-c", str(node.config_path))
+    assert check.returncode == 2 and check.stderr.strip() == expected, check.stderr
+
+    node.send(signal.SIGHUP)
+    line = next(x for x in node.wait_log("reload refused").splitlines() if "reload refused" in x)
+    assert line.endswith(f"reload refused, still serving version 1: {expected}"), line
+    time.sleep(0.2)
+    assert node.process.poll() is None, f"the agent died on SIGHUP:\n{node.log()[-3000:]}"
+    with Client(listen) as c:
+        assert c.ident() == "web-1"
+
+    copy = node.workdir / "start.toml"
+    copy.write_text(node.config_path.read_text().replace(node.node_id, f"{node.node_id}-b"))
+    start = node.run_cli("-c", str(copy), timeout=60)
+    assert start.returncode == 2, start.stderr
+    assert start.stderr.strip() == f"{copy}: node.{key}: {reason}", start.stderr

@@ -3,6 +3,7 @@ another backend), max_connections per worker."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections import Counter
@@ -151,3 +152,43 @@ def test_out_of_descriptors_pauses_accepts_without_spinning(backends, lbproxy):
         assert again.ident() == "web-1"
         assert again.echo(b"again\n") == b"again\n"
     assert node.worker_pids() == {0: worker}
+
+
+@pytest.mark.timeout(120)
+def test_max_connections_past_the_descriptor_limit_is_refused_alike_by_check_start_and_reload(
+        backends, lbproxy):
+    """12,000 connections per worker with 20,000 descriptors (two per
+    connection, plus pipes) once started: the excess hung unanswered in the
+    accept queue. check, start and reload now refuse it with the limit."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard != resource.RLIM_INFINITY
+    too_many = min(100_000, hard // 2 + 1)  # a setting in range, past what the limit allows
+    b = backends({"web-1": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    services = [service("web", listen, [("web-1", b["web-1"], 1)])]
+    node = lbproxy(services, workers=1)
+    node.write_config({**node.node, "max_connections": too_many}, services)
+    prefix = f"{node.config_path}: node.max_connections: {too_many} connections per worker need "
+
+    check = node.run_cli("check", "-c", str(node.config_path))
+    assert check.returncode == 2 and check.stderr.startswith(prefix), check.stderr
+    assert "a process may open here (ulimit -Hn): at most " in check.stderr
+    most = int(check.stderr.strip().rsplit(" ", 1)[-1])
+    assert 4096 <= most < too_many
+
+    node.send(signal.SIGHUP)
+    line = next(x for x in node.wait_log("reload refused").splitlines() if "reload refused" in x)
+    assert f"still serving version 1: {prefix}" in line, line
+    assert node.process.poll() is None
+    with Client(listen) as c:
+        assert c.ident() == "web-1"
+
+    copy = node.workdir / "start.toml"
+    copy.write_text(node.config_path.read_text().replace(node.node_id, f"{node.node_id}-b"))
+    start = node.run_cli("-c", str(copy), timeout=60)
+    assert start.returncode == 2 and start.stderr.startswith(f"{copy}: node.max_connections: "), start.stderr
+
+    node.write_config({**node.node, "max_connections": most}, services)  # the most it allows is taken
+    assert node.run_cli("check", "-c", str(node.config_path)).returncode == 0
