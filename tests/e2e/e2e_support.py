@@ -296,7 +296,6 @@ class Node:
         self.log_path = workdir / f"{self.node_id}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.known_pids: set[int] = set()
-        self.nofile_limit: int | None = None  # RLIMIT_NOFILE for the node's processes
         self.write_config(node, services)
 
     # -- config
@@ -321,17 +320,10 @@ class Node:
 
     def launch(self) -> Node:
         """Start the process; do not wait for it to be ready."""
-        limit = self.nofile_limit
-
-        def limit_descriptors() -> None:
-            if limit is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
-
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 [*LBPROXY, "-c", str(self.config_path)], stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(),
-                preexec_fn=limit_descriptors if limit is not None else None,
             )
         return self
 

@@ -121,13 +121,16 @@ def _cpu_seconds(pid: int) -> float:
 def test_out_of_descriptors_pauses_accepts_without_spinning(backends, lbproxy):
     """EMFILE: the worker stops polling its listener for a while instead of
     spinning on it, serves what it holds, and takes the queue up again once
-    descriptors are free."""
+    descriptors are free. (A node whose settings need more descriptors than
+    its limit does not start: here the running worker's limit is lowered,
+    as when descriptors run out under it.)"""
+    import resource
+
     b = backends({"web-1": "127.0.0.1"})
     listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1, start=False)
-    node.nofile_limit = 40  # a connection costs the worker 2 descriptors
-    node.start()
+    node = lbproxy([service("web", listen, [("web-1", b["web-1"], 1)])], workers=1)
     (worker,) = node.worker_pids().values()
+    resource.prlimit(worker, resource.RLIMIT_NOFILE, (40, 40))  # a connection costs the worker 2
     clients = []
     try:
         for _ in range(40):  # more than fit: the rest wait in the accept queue
