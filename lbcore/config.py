@@ -148,6 +148,8 @@ NODE_SETTINGS = [
             "a backend connect slower than this fails over to another"),
     Setting("idle_timeout_ms", int, 300_000, between(1, MAX_MS),
             "a connection with no traffic either way for this long is closed"),
+    Setting("fin_timeout_ms", int, 30_000, between(1, MAX_MS),
+            "once one direction has ended (half-closed), the pair is closed after this long without traffic"),
     Setting("retries", int, 3, between(0, 7),
             "further backends tried after a failed connect"),
     Setting("max_connections", int, 4096, between(1, 100_000),
@@ -209,6 +211,7 @@ class NodeSettings:
     drain_timeout_ms: int
     connect_timeout_ms: int
     idle_timeout_ms: int
+    fin_timeout_ms: int
     retries: int
     max_connections: int
     relay: str

@@ -44,6 +44,7 @@ class Limits:
     idle_timeout_ms: int
     retries: int
     relay_mode: int = 0
+    fin_timeout_ms: int = 30_000
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,8 @@ def image_of_config(config: Config, version: int, service_slots: SlotMap, backen
                          previous: Mapping[str, ServiceTables] | None = None,
                          changed: Mapping[str, frozenset[str]] | None = None) -> Image:
     node = config.node
-    limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay])
+    limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay],
+                    node.fin_timeout_ms)
     try:
         return build_image(config.services, limits, version, service_slots, backend_slots, previous,
                               changed)
@@ -299,6 +301,7 @@ def publish_image(segment: Segment, image: Image) -> int:
     limits = image.limits
     fields.connect_timeout_ms, fields.idle_timeout_ms = limits.connect_timeout_ms, limits.idle_timeout_ms
     fields.retries, fields.relay_mode = limits.retries, limits.relay_mode
+    fields.fin_timeout_ms = limits.fin_timeout_ms
     lib.flc_publish_image(segment.base_pointer, generation, fields,
                              ffi.from_buffer("flc_service[]", image.services),
                              ffi.from_buffer("flc_backend[]", image.backends),
@@ -329,7 +332,7 @@ def read_image(segment: Segment, attempts: int = 100) -> Image:
         if image_checksum(services, backends, table) != int(header["checksum"]):
             raise ImageError("image checksum mismatch")
         limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
-                        int(header["retries"]), int(header["relay_mode"]))
+                        int(header["retries"]), int(header["relay_mode"]), int(header["fin_timeout_ms"]))
         return Image(int(header["snapshot_version"]), limits, services, backends, table,
                              published_ns=int(header["published_ns"]))
     raise ImageError("no stable image after repeated reads (publisher too busy?)")

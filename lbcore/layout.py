@@ -51,7 +51,8 @@ IMAGE_HEADER = np.dtype([
     ("snapshot_version", "<u8"), ("checksum", "<u4"),
     ("n_services", "<u4"), ("n_backends", "<u4"), ("table_used", "<u4"),
     ("connect_timeout_ms", "<u4"), ("idle_timeout_ms", "<u4"),
-    ("retries", "<u4"), ("relay_mode", "<u4"), ("published_ns", "<u8"),
+    ("retries", "<u4"), ("relay_mode", "<u4"), ("fin_timeout_ms", "<u4"), ("pad", "<u4"),
+    ("published_ns", "<u8"),
 ])
 
 SERVICE = np.dtype([

@@ -90,6 +90,7 @@ cdef struct Worker:
     uint64_t generation
     uint32_t connect_timeout_ms
     uint32_t idle_timeout_ms
+    uint32_t fin_timeout_ms
     uint32_t retries
     uint32_t relay_mode
     int listen_fd[FLC_MAX_SERVICES]

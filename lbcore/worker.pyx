@@ -111,6 +111,7 @@ cdef bint read_listeners(flc_image_header *snap, uint32_t *ips, uint16_t *ports,
     limits[1] = snap.idle_timeout_ms
     limits[2] = snap.retries
     limits[3] = snap.relay_mode
+    limits[4] = snap.fin_timeout_ms
     return flc_read_validate(snap, seq) and snap.magic == FLC_MAGIC \
         and snap.layout_version == FLC_LAYOUT_VERSION
 
@@ -121,7 +122,7 @@ cdef void notice_image(Worker *w) noexcept nogil:
     cdef flc_image_header *snap
     cdef uint32_t ips[FLC_MAX_SERVICES]
     cdef uint16_t ports[FLC_MAX_SERVICES]
-    cdef uint32_t limits[4]
+    cdef uint32_t limits[5]
     cdef int attempt, slot
     cdef bint complete = True
     if generation == w.generation:
@@ -140,6 +141,7 @@ cdef void notice_image(Worker *w) noexcept nogil:
     w.idle_timeout_ms = limits[1]
     w.retries = limits[2] if limits[2] < MAX_EXCLUDED else MAX_EXCLUDED - 1
     w.relay_mode = limits[3]
+    w.fin_timeout_ms = limits[4]
     if not w.draining:
         for slot in range(FLC_MAX_SERVICES):
             if w.listen_fd[slot] >= 0 and (ports[slot] == 0 or ips[slot] != w.listen_ip[slot]
@@ -334,6 +336,22 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             c.n_tried += 1
         return 0
     return -1
+
+
+cdef void abort_conn(Worker *w, int index) noexcept nogil:
+    """Close both sides with a reset. A reset or an error on one side is
+    an abortive close on the other: a clean end of stream would make a
+    truncated transfer look complete, and a peer that is gone leaves
+    nothing to finish."""
+    cdef Conn *c = &w.conns[index]
+    cdef linger abortive
+    abortive.l_onoff = 1
+    abortive.l_linger = 0  # close() then sends RST, not FIN
+    if c.client.fd >= 0:
+        setsockopt(c.client.fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive))
+    if c.backend.fd >= 0:
+        setsockopt(c.backend.fd, SOL_SOCKET, SO_LINGER, &abortive, sizeof(abortive))
+    close_conn(w, index)
 
 
 cdef bint connect_backend(Worker *w, int index) noexcept nogil:
@@ -602,7 +620,9 @@ cdef void relay(Worker *w, int index) noexcept nogil:
     cdef int down = PUMP_ERROR
     if up != PUMP_ERROR:
         down = pump(w, &c.down, &c.up, &c.backend, &c.client)
-    if up == PUMP_ERROR or down == PUMP_ERROR or (c.up.shut and c.down.shut):
+    if up == PUMP_ERROR or down == PUMP_ERROR:
+        abort_conn(w, index)
+    elif c.up.shut and c.down.shut:
         close_conn(w, index)
     elif (up == PUMP_MORE or down == PUMP_MORE) and not c.queued and w.n_backlog < w.max_conns:
         c.queued = True
@@ -665,6 +685,13 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
         note_events(&c.backend, events)
     c.last_active_ms = w.now_ms
     if c.state == CONN_RELAYING:
+        if events & EPOLLERR:
+            # A reset (or another error) on either side ends the pair now,
+            # whether or not a direction is still moving: a side that
+            # reached end of stream is never read again, so its error would
+            # otherwise wait for the idle timeout.
+            abort_conn(w, index)
+            return
         relay(w, index)
 
 
@@ -674,6 +701,7 @@ cdef void tick(Worker *w) noexcept nogil:
     """Every TICK_MS: timeouts, byte counters, image notice, accept resume."""
     cdef int i
     cdef Conn *c
+    cdef uint64_t idle_limit
     w.next_tick_ms = w.now_ms + TICK_MS
     if w.me.listening == 0 and not w.draining:
         w.generation = <uint64_t>-1  # a listener failed to open: try again
@@ -686,8 +714,14 @@ cdef void tick(Worker *w) noexcept nogil:
             continue
         if c.state == CONN_CONNECTING and c.backend.fd >= 0 and w.now_ms >= c.connect_deadline_ms:
             connect_failed(w, i)
-        elif c.state == CONN_RELAYING and w.now_ms - c.last_active_ms >= w.idle_timeout_ms:
-            close_conn(w, i)
+        elif c.state == CONN_RELAYING:
+            idle_limit = w.idle_timeout_ms
+            if (c.up.shut or c.down.shut) and w.fin_timeout_ms < idle_limit:
+                idle_limit = w.fin_timeout_ms  # one direction has ended: half-closed
+            if w.now_ms - c.last_active_ms >= idle_limit:
+                close_conn(w, i)
+            else:
+                flush_bytes(w, c)
         else:
             flush_bytes(w, c)
 

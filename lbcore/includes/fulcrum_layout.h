@@ -33,7 +33,7 @@
 
 /* LAYOUT BEGIN */
 #define FLC_MAGIC 1129076038
-#define FLC_LAYOUT_VERSION 2
+#define FLC_LAYOUT_VERSION 3
 #define FLC_MAX_SERVICES 64
 #define FLC_MAX_BACKENDS 16384
 #define FLC_MAX_WORKERS 64
@@ -98,6 +98,8 @@ typedef struct {
     uint32_t idle_timeout_ms;
     uint32_t retries;           /* further backends tried after a failed connect */
     uint32_t relay_mode;        /* FLC_RELAY_*: how bytes are moved */
+    uint32_t fin_timeout_ms;    /* a pair with one direction ended, silent this long, closes */
+    uint32_t pad;
     uint64_t published_ns;      /* CLOCK_MONOTONIC when the agent published it */
 } flc_image_header;
 

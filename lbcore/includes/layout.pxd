@@ -59,6 +59,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t idle_timeout_ms
         uint32_t retries
         uint32_t relay_mode
+        uint32_t fin_timeout_ms
 
     ctypedef struct flc_service:
         uint8_t name[48]

@@ -111,6 +111,10 @@ cdef extern from "<sys/socket.h>" nogil:
     cdef struct sockaddr:
         unsigned short sa_family
 
+    cdef struct linger:
+        int l_onoff
+        int l_linger
+
     enum:
         AF_INET
         SOCK_STREAM
@@ -120,6 +124,7 @@ cdef extern from "<sys/socket.h>" nogil:
         SO_REUSEADDR
         SO_REUSEPORT
         SO_ERROR
+        SO_LINGER
         SHUT_WR
         SHUT_RDWR
 

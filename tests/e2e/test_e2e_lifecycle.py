@@ -444,7 +444,8 @@ def test_stop_serves_connections_already_queued(backends, lbproxy):
     ("connect_timeout_ms", 2147483648, "must be 1..2147483647 (got 2147483648)"),
     ("drain_timeout_ms", 1 << 40, f"must be 0..2147483647 (got {1 << 40})"),
     ("max_staleness_ms", 1 << 63, f"must be 1..2147483647 (got {1 << 63})"),
-], ids=["idle", "connect", "drain", "staleness"])
+    ("fin_timeout_ms", 0, "must be 1..2147483647 (got 0)"),
+], ids=["idle", "connect", "drain", "staleness", "fin"])
 def test_check_start_and_reload_refuse_the_same_out_of_range_setting(backends, lbproxy, key, value, reason):
     """A value past what the node holds (the image's uint32 timeouts, a C
     int) once passed ``check`` and then killed the agent on SIGHUP

@@ -1,0 +1,195 @@
+"""No connection outlives its peers: a reset or error on either side tears
+the pair down at once and reaches the other side as a reset; a half-closed
+pair is closed after node.fin_timeout_ms without traffic. Backends here are
+scripted per connection (greet and hold, stay silent, send then reset)."""
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from e2e_support import free_port, service, wait_until
+
+ABORTIVE = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST
+
+
+class ScriptedBackend:
+    """A listener on 127.0.0.1 that hands each accepted connection to
+    ``script`` in a thread of its own; sockets stay open until ``close``."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.ends: list[str] = []  # how each stream ended, as the script says
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.held.append(sock)
+            threading.Thread(target=self.script, args=(sock,), daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+
+
+@pytest.fixture
+def scripted():
+    made: list[ScriptedBackend] = []
+
+    def make(script: Callable[[socket.socket], None]) -> ScriptedBackend:
+        made.append(ScriptedBackend(script))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.close()
+
+
+def active(node) -> int:
+    return sum(b["active"] for s in node.stats()["services"] for b in s["backends"])
+
+
+@pytest.mark.timeout(120)
+def test_a_client_gone_before_the_greeting_frees_its_pair_at_once(lbproxy, scripted):
+    """Connect and close before the backend greets (a port scanner, a
+    readiness probe): the greeting meets the client's reset. The pair once
+    stayed open, counted active, until idle_timeout_ms (300 s)."""
+
+    def greet_and_hold(sock: socket.socket) -> None:
+        time.sleep(0.05)  # the client is gone by now
+        try:
+            sock.sendall(b"hello\n")
+        except OSError:
+            pass
+
+    backend = scripted(greet_and_hold)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
+    host, port = listen.split(":")
+    for _ in range(200):
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    wait_until(lambda: len(backend.held) == 200, 15, message=lambda: f"{len(backend.held)} of 200 reached it")
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+    assert node.stats()["workers"][0]["active"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_half_closed_pair_closes_after_fin_timeout_without_traffic(lbproxy, scripted):
+    """The client has sent all it will (shutdown) and the backend says
+    nothing: closed after fin_timeout_ms, not idle_timeout_ms. A half-closed
+    pair whose other direction still moves stays open."""
+
+    def silent(sock: socket.socket) -> None:
+        pass
+
+    def trickle(sock: socket.socket) -> None:
+        for _ in range(12):  # a byte every 0.2 s: 2.4 s of traffic, past the 0.5 s fin timeout
+            time.sleep(0.2)
+            try:
+                sock.sendall(b".")
+            except OSError:
+                return
+        sock.close()
+
+    quiet, busy = scripted(silent), scripted(trickle)
+    listens = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    node = lbproxy([service("quiet", listens[0], [("q", quiet.address, 1)]),
+                    service("busy", listens[1], [("b", busy.address, 1)])],
+                   workers=1, fin_timeout_ms=500)
+
+    def half_closed(listen: str) -> socket.socket:
+        host, port = listen.split(":")
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.shutdown(socket.SHUT_WR)
+        return client
+
+    quiet_client, busy_client = half_closed(listens[0]), half_closed(listens[1])
+    try:
+        start = time.monotonic()
+        assert quiet_client.recv(1) == b"", "the node sent something"
+        took = time.monotonic() - start
+        assert 0.4 <= took < 5, f"closed after {took:.2f} s, fin_timeout_ms = 500"
+        received = b""
+        while chunk := busy_client.recv(64):
+            received += chunk
+        assert received == b"." * 12, f"the moving direction was cut: {received!r}"
+    finally:
+        quiet_client.close()
+        busy_client.close()
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("relay", ["auto", "splice", "copy"])
+def test_a_backend_reset_reaches_the_client_as_a_reset(lbproxy, scripted, relay):
+    """A backend that resets after 10 MB: directly the client sees
+    ConnectionResetError; through the node it once saw a clean end of
+    stream, so a truncated response looked complete."""
+    size = 10 << 20
+
+    def send_then_reset(sock: socket.socket) -> None:
+        try:
+            sock.sendall(b"x" * size)
+        except OSError:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+        sock.close()
+
+    backend = scripted(send_then_reset)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1, relay=relay)
+    host, port = listen.split(":")
+    received = 0
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        with pytest.raises(ConnectionResetError):
+            while chunk := client.recv(1 << 16):
+                received += len(chunk)
+            raise AssertionError(f"a clean end of stream after {received} of {size} bytes")
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+
+
+@pytest.mark.timeout(120)
+def test_a_client_reset_reaches_the_backend_as_a_reset(lbproxy, scripted):
+    """The other way: a client that resets mid-upload is a reset at the backend."""
+
+    def read_to_the_end(sock: socket.socket) -> None:
+        sock.settimeout(20)
+        try:
+            while sock.recv(1 << 16):
+                pass
+            backend.ends.append("eof")
+        except ConnectionResetError:
+            backend.ends.append("reset")
+        except OSError as exc:
+            backend.ends.append(repr(exc))
+
+    backend = scripted(read_to_the_end)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
+    host, port = listen.split(":")
+    client = socket.create_connection((host, int(port)), timeout=10)
+    client.sendall(b"y" * (1 << 20))
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+    client.close()
+    wait_until(lambda: backend.ends, 10, message=lambda: "the backend to see the end")
+    assert backend.ends == ["reset"]
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
