@@ -670,7 +670,10 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
             return  # stale: that connection is gone and the slot reused
         note_events(&c.client, events)
         if c.state == CONN_CONNECTING and events & (EPOLLERR | EPOLLHUP):
-            close_conn(w, index)
+            if events & EPOLLERR:
+                abort_conn(w, index)  # the client reset: so is the backend being reached
+            else:
+                close_conn(w, index)
             return
     else:
         if c.backend.tag != tag or c.backend.fd < 0:

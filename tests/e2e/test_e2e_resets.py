@@ -193,3 +193,35 @@ def test_a_client_reset_reaches_the_backend_as_a_reset(lbproxy, scripted):
     wait_until(lambda: backend.ends, 10, message=lambda: "the backend to see the end")
     assert backend.ends == ["reset"]
     wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+
+
+@pytest.mark.timeout(120)
+def test_a_client_reset_while_the_backend_is_being_reached_is_a_reset_there_too(lbproxy, scripted):
+    """Clients that reset at once: the node is still connecting to the
+    backend when the reset comes. A backend that gets the connection must
+    see it reset, never a clean end of stream."""
+
+    def read_to_the_end(sock: socket.socket) -> None:
+        sock.settimeout(20)
+        try:
+            while sock.recv(1 << 16):
+                pass
+            backend.ends.append("eof")
+        except ConnectionResetError:
+            backend.ends.append("reset")
+        except OSError as exc:
+            backend.ends.append(repr(exc))
+
+    backend = scripted(read_to_the_end)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
+    host, port = listen.split(":")
+    for _ in range(50):
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+        client.close()
+    wait_until(lambda: active(node) == 0, 10, message=lambda: f"still active: {active(node)}")
+    wait_until(lambda: len(backend.ends) == len(backend.held), 10,
+               message=lambda: f"{len(backend.ends)} of {len(backend.held)} ended")
+    assert backend.held, "no connection reached the backend"
+    assert "eof" not in backend.ends, backend.ends
