@@ -171,11 +171,14 @@ def _show(result: Any, as_json: bool) -> str:
     if as_json:
         return json.dumps(result, indent=2, sort_keys=True)
     if isinstance(result, dict) and "nodes" in result:
-        lines = [f"control plane version {result['version']}, {len(result['nodes'])} nodes"]
+        lines = [f"control plane version {result['version']} (epoch {result['epoch']}), "
+                 f"{len(result['nodes'])} nodes"]
         for n in result["nodes"]:
             ms = n.get("propagation_ms")
             took = f", {ms} ms after its commit" if ms is not None else ""
-            lines.append(f"  {n['node']}: applied {n['applied_version']} (lag {n['lag']}{took}), "
+            lag = f"lag {n['lag']}" if n["epoch"] == result["epoch"] else \
+                f"ON ANOTHER EPOCH {n['epoch']}: not yet re-based on this store"
+            lines.append(f"  {n['node']}: applied {n['applied_version']} ({lag}{took}), "
                          f"staleness {n['staleness_ms']} ms, reported {n['last_report_ms']} ms ago")
             for service, backends in sorted(n["counters"].items()):
                 for backend, c in sorted(backends.items()):

@@ -263,7 +263,7 @@ class NodeAgent:
         except ConfigError as exc:
             self.log(f"snapshot version {routing.version} refused, "
                      f"still serving version {self.version}: {exc}")
-            self.link.refuse(routing.version)
+            self.link.refuse(routing)
             return
         self.planner.publish(plan)
         if {s.listen for s in plan.config.services} != listens_before:

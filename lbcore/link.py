@@ -3,9 +3,13 @@ DEALER for fetching the current snapshot and reporting what was applied,
 and how stale the node is (I7).
 
 Invariant I6 is enforced in ``ControlLink.receive``: a snapshot is handed to
-the agent only if its version is newer than the applied one, and a heartbeat
-announcing a newer version than any received (a gap: PUB/SUB may drop, a
-node may join late) triggers a fetch of the full snapshot.
+the agent only if its version is newer than the applied one within the same
+epoch (the store it comes from), and a heartbeat announcing a newer version
+than any received (a gap: PUB/SUB may drop, a node may join late), or
+another epoch, triggers a fetch of the full snapshot. A full snapshot of
+another epoch is applied whatever its version: the control plane's store is
+another one (new, restored, or found behind its nodes), and the node
+re-bases on it, saying so loudly.
 
 I7 in ``ControlLink.tick``: the node counts the time since it last heard
 from the control plane, reports it with what it applied every
@@ -48,8 +52,8 @@ class ControlLink:
         self.log = log
         self._stale = False
         self._next_report = 0.0
-        self.routing = Routing(-1, {})  # what the node applied: the base of the next delta
-        self.refused = -1  # the newest version the node could not apply: not fetched again
+        self.routing = Routing(-1, {}, epoch=-1)  # what the node applied: the base of the next delta
+        self.refused = (-1, -1)  # (epoch, version) the node could not apply: not fetched again
         self._refused_until = 0.0  # ... until a newer one comes, or this time (it may apply later)
         self.last_heard = time.monotonic()  # start: staleness counts from now
         self._context = zmq.Context()
@@ -127,9 +131,15 @@ class ControlLink:
             kind, body = frames
             try:
                 if kind == KIND_HEARTBEAT:
-                    announced = max(announced, decode_heartbeat(body))
+                    epoch, version = decode_heartbeat(body)
+                    if epoch != newest.epoch:
+                        gap = True  # another store: its full snapshot, fetched
+                    announced = max(announced, version)
                 elif kind == KIND_DELTA:
                     delta = decode_delta(body)
+                    if delta.epoch != newest.epoch:
+                        gap = True  # a delta of another epoch: the full snapshot instead
+                        continue
                     if delta.version <= newest.version:
                         continue  # old news
                     if delta.base != newest.version:
@@ -138,7 +148,7 @@ class ControlLink:
                     newest = newest.with_rows(delta) or newest.apply(delta)
                 elif kind == KIND_SNAPSHOT:
                     routing = Routing.of(*decode_snapshot(body))
-                    if routing.version > newest.version:
+                    if _newer(routing, newest):
                         newest = routing
                 else:
                     self.log(f"message of kind {kind[:32]!r} ignored")
@@ -150,18 +160,25 @@ class ControlLink:
                 # node staying up on whatever else a message may hold
                 self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r:.300}")
                 gap = gap or kind == KIND_DELTA
-        refused = self.refused if time.monotonic() < self._refused_until else -1
-        if gap or announced > max(newest.version, refused):
+        refused = self.refused if time.monotonic() < self._refused_until else (-1, -1)
+        if gap or announced > max(newest.version, refused[1] if refused[0] == newest.epoch else -1):
             fetched = self.fetch()  # something was missed: the full snapshot, now
-            if fetched is not None and fetched.version > newest.version:
+            if fetched is not None and _newer(fetched, newest):
                 newest = fetched
-        return newest if newest.version > max(self.routing.version, refused) else None
+        if newest is self.routing or (newest.epoch == refused[0] and newest.version <= refused[1]):
+            return None  # nothing new, or what the node could not apply (tried again later)
+        if newest.epoch != self.routing.epoch and self.routing.epoch >= 0:
+            self.log(f"EPOCH CHANGED: the control plane's store is another one (epoch {newest.epoch}, "
+                     f"was {self.routing.epoch}); re-basing on its version {newest.version} "
+                     f"(held {self.routing.version})")
+        return newest
 
-    def refuse(self, version: int) -> None:
-        """The node could not apply ``version`` (say, a listen address held
+    def refuse(self, routing: Routing) -> None:
+        """The node could not apply ``routing`` (say, a listen address held
         by another program): not asked for again until a newer version is
         announced or REFUSED_RETRY_S have passed."""
-        self.refused, self._refused_until = version, time.monotonic() + REFUSED_RETRY_S
+        self.refused = (routing.epoch, routing.version)
+        self._refused_until = time.monotonic() + REFUSED_RETRY_S
 
     def applied(self, routing: Routing) -> None:
         """Record what the node now serves and tell the control plane at once
@@ -192,7 +209,8 @@ class ControlLink:
         digest = None
         if counters is not None:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
-        message = report_request(self.node_id, self.routing.version, self.staleness_ms(), counters, digest)
+        message = report_request(self.node_id, self.routing.epoch, self.routing.version, self.staleness_ms(),
+                                 counters, digest)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
@@ -216,3 +234,8 @@ class ControlLink:
         for sock in (self.sub, self.dealer, self.fetcher):
             sock.close(0)
         self._context.term()
+
+
+def _newer(routing: Routing, held: Routing) -> bool:
+    """I6: newer within an epoch; a snapshot of another epoch is taken whole."""
+    return routing.epoch != held.epoch or routing.version > held.version

@@ -105,17 +105,19 @@ class ServiceRoutes:
 
 
 class Routing:
-    """A routing snapshot: its version and its services in name order;
-    ``base`` is the version one delta made it from (-2: built whole).
+    """A routing snapshot: its epoch (the store it was derived from), its
+    version and its services in name order; ``base`` is the version one
+    delta made it from (-2: built whole).
 
     One made by ``with_rows`` is thin until something reads its services:
     a root (built) and the backend rows rewritten since, checked already."""
 
-    __slots__ = ("version", "base", "_services", "_root", "_overlay", "_rewritten", "_encoded", "_digest",
-                 "_tuple", "__weakref__")
+    __slots__ = ("version", "base", "epoch", "_services", "_root", "_overlay", "_rewritten", "_encoded",
+                 "_digest", "_tuple", "__weakref__")
 
-    def __init__(self, version: int, services: Mapping[str, ServiceRoutes], base: int = -2) -> None:
-        self.version, self.base = version, base
+    def __init__(self, version: int, services: Mapping[str, ServiceRoutes], base: int = -2,
+                 epoch: int = 0) -> None:
+        self.version, self.base, self.epoch = version, base, epoch
         self._services: dict[str, ServiceRoutes] | None = dict(sorted(services.items()))
         self._root: Routing | None = None
         self._overlay: dict[str, dict[str, Backend]] = {}  # thin: service -> id -> row, since the root
@@ -125,8 +127,8 @@ class Routing:
         self._tuple: tuple[Service, ...] | None = None
 
     @classmethod
-    def of(cls, version: int, services: Iterable[Service]) -> Routing:
-        return cls(version, {s.name: ServiceRoutes.of(s) for s in services})
+    def of(cls, version: int, services: Iterable[Service], epoch: int = 0) -> Routing:
+        return cls(version, {s.name: ServiceRoutes.of(s) for s in services}, epoch=epoch)
 
     @property
     def services(self) -> dict[str, ServiceRoutes]:
@@ -136,7 +138,7 @@ class Routing:
             rows = [{"service": name, "id": backend_id, "address": b.address, "weight": b.weight}
                     for name, changed in self._overlay.items() for backend_id, b in changed.items()]
             services = self._services = self._root.apply(Delta(self.version, self._root.version,
-                                                                backends=rows)).services
+                                                                backends=rows, epoch=self.epoch)).services
             # built, it is the root of the next ones: holding its own root
             # would keep every version built since the last full one
             self._root, self._overlay = None, {}
@@ -149,8 +151,8 @@ class Routing:
         messages as ``apply``; the services are built when something reads
         them (a digest, a delta that does more), at most OVERLAY_ROWS rows
         later. None when the delta does more: then ``apply``."""
-        if delta.base != self.version or delta.services or delta.removed_services or delta.removed_backends \
-                or len(delta.backends) > OVERLAY_ROWS:
+        if delta.base != self.version or delta.epoch != self.epoch or delta.services \
+                or delta.removed_services or delta.removed_backends or len(delta.backends) > OVERLAY_ROWS:
             return None
         root = self if self._services is not None else self._root
         assert root is not None
@@ -169,7 +171,7 @@ class Routing:
             overlay[name] = {**overlay.get(name, {}), **rows}
         if sum(map(len, overlay.values())) > OVERLAY_ROWS:
             return None
-        thin = Routing(delta.version, {}, base=self.version)
+        thin = Routing(delta.version, {}, base=self.version, epoch=self.epoch)
         thin._services, thin._root, thin._overlay = None, root, overlay
         thin._rewritten = {name: frozenset(rows) for name, rows in last.items()}
         return thin
@@ -179,7 +181,8 @@ class Routing:
         when this routing is still thin and is ``held`` after one
         ``with_rows``; else None (then compare: see rows_changed)."""
         root = self._root
-        if root is None or self.base != held.version or (held is not root and held._root is not root):
+        if root is None or self.base != held.version or self.epoch != held.epoch \
+                or (held is not root and held._root is not root):
             return None
         return self._rewritten
 
@@ -199,8 +202,8 @@ class Routing:
     def encode(self) -> bytes:
         """The canonical snapshot: canonical_json of the snapshot document."""
         if self._encoded is None:
-            self._encoded = b'{"services":[%s],"version":%d}' % (
-                b",".join(s.encode() for s in self.services.values()), self.version)
+            self._encoded = b'{"epoch":%d,"services":[%s],"version":%d}' % (
+                self.epoch, b",".join(s.encode() for s in self.services.values()), self.version)
         return self._encoded
 
     def encoded_size(self) -> int:
@@ -208,7 +211,8 @@ class Routing:
         if self._encoded is not None:
             return len(self._encoded)
         services = self.services.values()
-        return len(b'{"services":[],"version":%d}' % self.version) + max(0, len(services) - 1) + \
+        return len(b'{"epoch":%d,"services":[],"version":%d}' % (self.epoch, self.version)) \
+            + max(0, len(services) - 1) + \
             sum(s.encoded_size() for s in services)
 
     def digest(self) -> str:
@@ -220,6 +224,8 @@ class Routing:
     def apply(self, delta: Delta) -> Routing:
         """The version ``delta`` leads to from this one, or WireError saying
         which row does not fit (nothing is changed either way)."""
+        if delta.epoch != self.epoch:
+            raise WireError(f"delta: epoch {delta.epoch} is not the epoch held ({self.epoch})")
         if delta.base != self.version:
             raise WireError(f"delta: base {delta.base} is not the version held ({self.version})")
         services = dict(self.services)
@@ -264,7 +270,7 @@ class Routing:
         for name, target in edits.items():
             services[name] = target.build(name)
         _check_fits(services, listens_changed=bool(delta.services))
-        return Routing(delta.version, services, base=self.version)
+        return Routing(delta.version, services, base=self.version, epoch=self.epoch)
 
 
 def rows_changed(held: Routing, routing: Routing) -> dict[str, frozenset[str]] | None:
@@ -273,7 +279,8 @@ def rows_changed(held: Routing, routing: Routing) -> dict[str, frozenset[str]] |
     from ``held`` and no id came or went; else None (then whoever builds
     from it compares for itself). For a thin routing not yet built,
     ``routing.rewritten_rows(held)`` answers without building it."""
-    if routing.base != held.version or routing.services.keys() != held.services.keys():
+    if routing.base != held.version or routing.epoch != held.epoch \
+            or routing.services.keys() != held.services.keys():
         return None
     changed = {}
     for name, service in routing.services.items():

@@ -18,7 +18,7 @@ The verbs and their arguments are the admin API's (orchestrator.control);
 two of them are a node's:
 
     snapshot.get  {}  -> {"snapshot": SNAPSHOT (text)}           FETCH_REQUEST
-    node.report   {"node": ID, "version": APPLIED, "staleness_ms": MS,
+    node.report   {"node": ID, "epoch": E, "version": APPLIED, "staleness_ms": MS,
                    "digest": SHA256 of the applied SNAPSHOT, "counters":
                    {SERVICE: {BACKEND: {"active", "total", "failed"}}}}  -> {}
       counters and digest optional: the ACK sent right after an apply has
@@ -32,12 +32,18 @@ On the control plane's PUB socket, two frames each:
 
     [KIND_SNAPSHOT, SNAPSHOT]     a full snapshot, applied only if newer (I6)
     [KIND_DELTA, DELTA]           what changed since its base version
-    [KIND_HEARTBEAT, {"version": N}]  N newer than applied: a gap, so fetch
+    [KIND_HEARTBEAT, {"epoch": E, "version": N}]  N newer than applied, or
+                                  another epoch: a gap, so fetch
 
 A snapshot (canonical JSON):
 
-    {"services": [{"algorithm", "backends": [{"address", "id", "weight"}, ...],
-                   "listen", "name"}, ...], "version": N}
+    {"epoch": E, "services": [{"algorithm", "backends": [{"address", "id",
+     "weight"}, ...], "listen", "name"}, ...], "version": N}
+
+E is the epoch of the store it was derived from: a store's identity, made
+with it (and made anew when the store is found behind its nodes, say a
+restored copy). Versions compare only within an epoch (I6); a node re-bases
+on a full snapshot of another epoch.
 
 services sorted by name, backends by id, so the same routing state always
 gives the same bytes and any node's snapshot can be audited by recomputing
@@ -188,6 +194,7 @@ class Report:
     """A ``node.report`` as the control plane takes it."""
 
     node: str
+    epoch: int
     version: int
     staleness_ms: int
     counters: dict[str, Any] | None  # None: keep the ones last reported (an ACK)
@@ -197,24 +204,24 @@ class Report:
 def decode_report(args: dict[str, Any]) -> Report:
     """The arguments of a ``node.report`` (present, as the admin API's verb
     table requires), checked; WireError saying what is wrong."""
-    version, staleness = args["version"], args["staleness_ms"]
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (version, staleness)):
-        raise WireError("node.report: version and staleness_ms must be integers")
+    epoch, version, staleness = args["epoch"], args["version"], args["staleness_ms"]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (epoch, version, staleness)):
+        raise WireError("node.report: epoch, version and staleness_ms must be integers")
     counters = args.get("counters")
     if counters is not None and not isinstance(counters, dict):
         raise WireError("node.report: counters must be an object")
-    return Report(args["node"], version, staleness, counters,
+    return Report(args["node"], epoch, version, staleness, counters,
                   str(args["digest"]) if "digest" in args else None)
 
 
-def report_request(node: str, version: int, staleness_ms: int, counters: dict[str, Any] | None,
+def report_request(node: str, epoch: int, version: int, staleness_ms: int, counters: dict[str, Any] | None,
                    digest: str | None = None) -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
     control plane keeps the ones last reported, without a digest it knows
     none for a version it had no digest of."""
     if counters is None and digest is None:  # the ACK, once per version: formatted, not encoded
-        return _ACK % (_json_text(node), staleness_ms, version)
-    args: dict[str, Any] = {"node": node, "version": version, "staleness_ms": staleness_ms}
+        return _ACK % (epoch, _json_text(node), staleness_ms, version)
+    args: dict[str, Any] = {"node": node, "epoch": epoch, "version": version, "staleness_ms": staleness_ms}
     if digest is not None:
         args["digest"] = digest
     if counters is not None:
@@ -228,22 +235,24 @@ def report_request(node: str, version: int, staleness_ms: int, counters: dict[st
 
 
 # encode_request("node.report", {...}) of an ACK
-_ACK = b'{"args": {"node": %s, "staleness_ms": %d, "version": %d}, "verb": "node.report"}'
+_ACK = b'{"args": {"epoch": %d, "node": %s, "staleness_ms": %d, "version": %d}, "verb": "node.report"}'
 # ... and the same bytes read back, for a node id that json.dumps leaves as it is
 _NUMBER = rb"(0|[1-9][0-9]{0,18})"  # as json.dumps writes an int (no leading zero), at most 19 digits
-_ACK_READ = re.compile(rb'\{"args": \{"node": "([A-Za-z0-9_.:-]{1,128})", "staleness_ms": ' + _NUMBER
-                       + rb', "version": ' + _NUMBER + rb'\}, "verb": "node\.report"\}')
+_EPOCH = rb"(-1|0|[1-9][0-9]{0,18})"  # -1: none yet (a node that has applied nothing)
+_ACK_READ = re.compile(rb'\{"args": \{"epoch": ' + _EPOCH + rb', "node": "([A-Za-z0-9_.:-]{1,128})", '
+                       rb'"staleness_ms": ' + _NUMBER + rb', "version": ' + _NUMBER
+                       + rb'\}, "verb": "node\.report"\}')
 
 
-def read_ack(message: bytes) -> tuple[str, int, int] | None:
-    """(node, version, staleness_ms) of an ACK exactly as ``report_request``
+def read_ack(message: bytes) -> tuple[str, int, int, int] | None:
+    """(node, epoch, version, staleness_ms) of an ACK exactly as ``report_request``
     writes it, else None (then it is a request like any other): the control
     plane takes one per node and version, and this costs a fifth of a JSON
     parse and its checks."""
     match = _ACK_READ.fullmatch(message)
     if match is None:
         return None
-    return match[1].decode(), int(match[3]), int(match[2])
+    return match[2].decode(), int(match[1]), int(match[4]), int(match[3])
 
 
 @functools.lru_cache(maxsize=16)
@@ -270,24 +279,25 @@ def _version(where: str, value: Any, low: int = 0) -> int:
 
 # ---------------------------------------------------------------- snapshots, deltas, heartbeats (PUB)
 
-def encode_heartbeat(version: int) -> bytes:
-    return json.dumps({"version": version}).encode()
+def encode_heartbeat(epoch: int, version: int) -> bytes:
+    return json.dumps({"epoch": epoch, "version": version}).encode()
 
 
-def decode_heartbeat(data: bytes) -> int:
-    """The version a heartbeat announces."""
+def decode_heartbeat(data: bytes) -> tuple[int, int]:
+    """(epoch, version) a heartbeat announces."""
     body = _load("heartbeat", data)
-    if not isinstance(body, dict) or "version" not in body:
-        raise WireError('heartbeat: must be {"version": N}')
-    return _version("heartbeat.version", body["version"], low=-1)
+    if not isinstance(body, dict) or set(body) != {"epoch", "version"}:
+        raise WireError('heartbeat: must be {"epoch": E, "version": N}')
+    return _version("heartbeat.epoch", body["epoch"]), _version("heartbeat.version", body["version"], low=-1)
 
 
-def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
-    """(version, services), validated by the same rules as a config file."""
+def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...], int]:
+    """(version, services, epoch), validated by the same rules as a config file."""
     body = _load("snapshot", data)
-    if not isinstance(body, dict) or set(body) != {"version", "services"}:
-        raise WireError("snapshot: must be an object with exactly 'version' and 'services'")
+    if not isinstance(body, dict) or set(body) != {"epoch", "version", "services"}:
+        raise WireError("snapshot: must be an object with exactly 'epoch', 'version' and 'services'")
     version = _version("snapshot.version", body["version"])
+    epoch = _version("snapshot.epoch", body["epoch"])
     if not isinstance(body["services"], list):
         raise WireError("snapshot.services: must be a list")
     # The config schema already states every rule a service must meet.
@@ -298,19 +308,19 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...]]:
         config = parse_document(document, "snapshot")
     except ConfigError as exc:
         raise WireError(f"snapshot: {exc.key}: {exc.reason}") from None
-    return version, config.services
+    return version, config.services, epoch
 
 
 # A delta carries only what changed since its base version:
 #
-#     {"version": N, "base": B,
+#     {"epoch": E, "version": N, "base": B,
 #      "services": [{"name", "listen", "algorithm"}, ...],   # added or changed
 #      "removed_services": [NAME, ...],
 #      "backends": [{"service", "id", "address", "weight"}, ...],  # added or changed
 #      "removed_backends": [{"service", "id"}, ...]}
 #
-# A node applies it only when B is the version it holds; otherwise it fetches
-# the full snapshot (I6). Canonical JSON, like the full snapshot.
+# A node applies it only when it holds version B of epoch E; otherwise it
+# fetches the full snapshot (I6). Canonical JSON, like the full snapshot.
 
 
 @dataclass
@@ -324,6 +334,7 @@ class Delta:
     removed_services: list[Any] = field(default_factory=list)
     backends: list[Any] = field(default_factory=list)
     removed_backends: list[Any] = field(default_factory=list)
+    epoch: int = 0
 
     def encode(self) -> bytes:
         return canonical_json({f: getattr(self, f) for f in DELTA_KEYS})
@@ -332,7 +343,8 @@ class Delta:
 DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
 
 
-def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> Delta:
+def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service],
+               epoch: int = 0) -> Delta:
     """The delta from ``old`` (version ``base``) to ``new``, in canonical order."""
     before = {s.name: s for s in old}
     after = {s.name: s for s in new}
@@ -346,7 +358,7 @@ def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Se
         backends += [{"service": name, "id": b.id, "address": b.address, "weight": b.weight}
                      for i, b in sorted(new_rows.items()) if old_rows.get(i) != b]
         removed_backends += [{"service": name, "id": i} for i in sorted(old_rows) if i not in new_rows]
-    return Delta(version, base, services, sorted(set(before) - set(after)), backends, removed_backends)
+    return Delta(version, base, services, sorted(set(before) - set(after)), backends, removed_backends, epoch)
 
 
 def decode_delta(data: bytes) -> Delta:
@@ -355,7 +367,8 @@ def decode_delta(data: bytes) -> Delta:
         raise WireError(f"delta: must be an object with exactly {', '.join(sorted(DELTA_KEYS))}")
     _version("delta.version", body["version"])
     _version("delta.base", body["base"], low=-1)
-    for key in DELTA_KEYS - {"version", "base"}:
+    _version("delta.epoch", body["epoch"])
+    for key in DELTA_KEYS - {"version", "base", "epoch"}:
         if not isinstance(body[key], list):
             raise WireError(f"delta.{key}: must be a list")
     return Delta(**body)

@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         except StoreError as exc:
             print(f"lborch: {exc}", file=sys.stderr)
             return 1
+        if store.created:
+            print(f"lborch: {settings.store_path}: a new store, epoch {store.read().epoch} "
+                  "(no file, or an empty one)", file=sys.stderr)
         if seeded:
             print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
         try:

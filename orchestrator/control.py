@@ -48,7 +48,8 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "version": (frozenset(), frozenset()),
     # answered by the server (extra_verbs): node traffic and the fleet view
     "snapshot.get": (frozenset(), frozenset()),
-    "node.report": (frozenset({"node", "version", "staleness_ms"}), frozenset({"counters", "digest"})),
+    "node.report": (frozenset({"node", "epoch", "version", "staleness_ms"}),
+                    frozenset({"counters", "digest"})),
     "snapshot.node": (frozenset({"node"}), frozenset()),
     "status": (frozenset(), frozenset()),
 }

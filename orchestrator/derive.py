@@ -41,12 +41,12 @@ def derive_in_full(state: State) -> Routing:
     """The routing of ``state``, derived in full and checked: deterministic
     bytes that a node's own rules accept and decode back to exactly what was
     derived (the model is go-control-plane's Consistent())."""
-    routing = Routing.of(state.version, eligible(state))
+    routing = Routing.of(state.version, eligible(state), state.epoch)
     try:
-        version, decoded = decode_snapshot(routing.encode())
+        version, decoded, epoch = decode_snapshot(routing.encode())
     except WireError as exc:
         raise InconsistentSnapshotError(f"version {state.version}: {exc}") from None
-    if Routing.of(version, decoded).encode() != routing.encode():
+    if Routing.of(version, decoded, epoch).encode() != routing.encode():
         raise InconsistentSnapshotError(f"version {state.version}: the snapshot does not decode to "
                                         "the routing state it was built from")
     return routing
@@ -66,7 +66,7 @@ class Deriver:
     def __init__(self, store: Store, row_reads_at_most: int = ROW_READS_AT_MOST) -> None:
         self.store = store
         self.row_reads_at_most = row_reads_at_most
-        self.routing = Routing(-1, {})  # nothing published yet
+        self.routing = Routing(-1, {}, epoch=-1)  # nothing published yet
         self._services: set[str] = set()
         self._backends: set[tuple[str, str]] = set()
         self._health: set[str] = set()
@@ -107,19 +107,24 @@ class Deriver:
         in full and publishes the correction as a new version (nodes take
         only newer ones)."""
         state = self.store.read()
-        if state.version == self.routing.version and derive_in_full(state).encode() != self.routing.encode():
+        if (state.epoch, state.version) == (self.routing.epoch, self.routing.version) \
+                and derive_in_full(state).encode() != self.routing.encode():
             self._everything = True
             self.store.advance_version()
             raise InconsistentSnapshotError(f"version {state.version}: the published routing differs "
                                             "from a full derivation from the store; republishing")
 
+    def derive_in_full_next(self) -> None:
+        """The next ``next()`` derives the whole state (a new epoch, say)."""
+        self._everything = True
+
     def _next_in_full(self) -> tuple[Routing, Delta] | None:
         state = self.store.read()
-        if state.version == self.routing.version:
+        if (state.epoch, state.version) == (self.routing.epoch, self.routing.version):
             return None
         derived = derive_in_full(state)  # every row checked by the nodes' rules already
         delta = diff_delta(self.routing.version, self.routing.as_services(), state.version,
-                           derived.as_services())
+                           derived.as_services(), state.epoch)
         return derived, delta
 
     def _next_by_rows(self) -> tuple[Routing, Delta] | None:
@@ -127,6 +132,8 @@ class Deriver:
         state = self.store.read_rows(services, backends, self._health)
         if state.version == self.routing.version:
             return None
+        if state.epoch != self.routing.epoch:  # a new epoch meanwhile: the whole state
+            return self._next_in_full()
         backends = backends | {(b.service, b.id) for b in state.backends}  # incl. those found by health
         try:
             delta = self._delta(state, services, backends)
@@ -141,7 +148,7 @@ class Deriver:
         policies = {p.service: p for p in state.policies}
         records = {(b.service, b.id): b for b in state.backends}
         current = self.routing.services
-        delta = Delta(state.version, self.routing.version)
+        delta = Delta(state.version, self.routing.version, epoch=state.epoch)
         for name in sorted(services):
             policy, held = policies.get(name), current.get(name)
             if policy is None and held is not None:

@@ -58,6 +58,7 @@ class State:
     policies: tuple[Policy, ...]     # sorted by service
     backends: tuple[Backend, ...]    # sorted by (service, id)
     health: tuple[Health, ...]       # sorted by backend_id
+    epoch: int = 0                   # the store's identity: versions compare within one
 
 
 @dataclass(frozen=True)

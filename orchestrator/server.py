@@ -75,6 +75,7 @@ class Orchestrator:
         self._last_publish = self._retry_at = 0.0
         self._last_audit = time.monotonic()
         self.published_version = -1
+        self.published_epoch = -1
         self.last_delta_bytes = 0
         self.last_error = ""  # why the last derivation was not published, if it was not
         self._stop = False
@@ -110,12 +111,14 @@ class Orchestrator:
             report = decode_report(args)
         except WireError as exc:
             raise BadRequestError(str(exc)) from None
-        self._record_report(report.node, report.version, report.staleness_ms, report.counters, report.digest)
+        self._record_report(report.node, report.epoch, report.version, report.staleness_ms, report.counters,
+                            report.digest)
         return {}
 
-    def _record_report(self, name: str, version: int, staleness: int,
+    def _record_report(self, name: str, epoch: int, version: int, staleness: int,
                        counters: dict[str, Any] | None = None, digest: str | None = None) -> None:
         now_ns = time.monotonic_ns()
+        self._check_not_behind(name, epoch, version)
         previous = self.nodes.pop(name, {})  # re-inserted below: the dict keeps report order
         if counters is None:  # an ACK carries none
             counters = previous.get("counters", {})
@@ -123,16 +126,31 @@ class Orchestrator:
             del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
         # from the commit of the version to this node's first word of it
         propagation = previous.get("propagation_ms")
-        if version != previous.get("version"):
-            committed = self._committed.get(version)
+        if (epoch, version) != (previous.get("epoch"), previous.get("version")):
+            committed = self._committed.get(version) if epoch == self.deriver.routing.epoch else None
             propagation = round((now_ns - committed) / 1e6, 3) if committed is not None else None
         # the ACK right after an apply carries no digest (hashing the snapshot
         # would delay the node); the next periodic report brings it
         if digest is None:
-            digest = previous.get("digest", "") if version == previous.get("version") else ""
-        self.nodes[name] = {"version": version, "staleness_ms": staleness, "counters": counters,
-                            "digest": digest, "reported": now_ns / 1e9,
+            same = (epoch, version) == (previous.get("epoch"), previous.get("version"))
+            digest = previous.get("digest", "") if same else ""
+        self.nodes[name] = {"epoch": epoch, "version": version, "staleness_ms": staleness,
+                            "counters": counters, "digest": digest, "reported": now_ns / 1e9,
                             "propagation_ms": propagation}
+
+    def _check_not_behind(self, name: str, epoch: int, version: int) -> None:
+        """A node that applied a newer version of this very epoch than the
+        store holds means the store went back (restored from an older
+        copy): versions would never compare again, so the store takes a new
+        epoch, and its next snapshot, in full, re-bases every node."""
+        if self.published_version < 0 or epoch != self.published_epoch or version <= self.published_version:
+            return
+        new = self.store.new_epoch()
+        self.log(f"STORE BEHIND ITS NODES: node {name} applied version {version} of epoch {epoch}, the store "
+                 f"is at version {self.published_version} (restored from an older copy?); new epoch {new}: "
+                 "nodes re-base on its next snapshot")
+        self.deriver.derive_in_full_next()
+        self._dirty = True
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
         """What a node reported applying, audited against the control
@@ -144,7 +162,8 @@ class Orchestrator:
         if node is None:
             raise NotFoundError(f"no report from node {args['node']!r}")
         routing = self.deriver.routing
-        current = node["version"] == self.published_version == routing.version
+        current = node["version"] == self.published_version == routing.version \
+            and node["epoch"] == self.published_epoch == routing.epoch
         return {"node": args["node"], "applied_version": node["version"], "digest": node["digest"],
                 "current": current,
                 # None: the node has not reported the digest of this version yet
@@ -154,7 +173,9 @@ class Orchestrator:
 
     def _status(self, args: dict[str, Any]) -> Any:
         now = time.monotonic()
+        published = self.published_version >= 0
         return {
+            "epoch": self.published_epoch,
             "version": self.published_version,
             # when the write that made it committed, on this host's monotonic
             # clock (time.monotonic_ns): comparable with stamps taken on the
@@ -163,8 +184,11 @@ class Orchestrator:
             "last_error": self.last_error,
             "snapshot_bytes": self.deriver.routing.encoded_size(),
             "last_delta_bytes": self.last_delta_bytes,
-            "nodes": [{"node": name, "applied_version": n["version"],
-                       "lag": self.published_version - n["version"] if self.published_version >= 0 else None,
+            # lag: versions behind, within the published epoch; a node on
+            # another epoch (null lag) has not yet re-based on this store
+            "nodes": [{"node": name, "applied_version": n["version"], "epoch": n["epoch"],
+                       "lag": self.published_version - n["version"]
+                       if published and n["epoch"] == self.published_epoch else None,
                        "staleness_ms": n["staleness_ms"],
                        "propagation_ms": n["propagation_ms"],
                        "last_report_ms": int((now - n["reported"]) * 1000),
@@ -194,15 +218,17 @@ class Orchestrator:
             return
         self.last_error = ""
         routing = self.deriver.routing
-        if derived is None and self.published_version == routing.version:
+        published = (self.published_epoch, self.published_version)
+        if derived is None and published == (routing.epoch, routing.version):
             return
         delta = derived[1].encode() if derived is not None else b""
-        if self.published_version < 0 or not delta or len(delta) >= routing.encoded_size():
+        if self.published_version < 0 or self.published_epoch != routing.epoch or not delta \
+                or len(delta) >= routing.encoded_size():
             self.publisher.send_multipart([KIND_SNAPSHOT, routing.encode()])
         else:
             self.publisher.send_multipart([KIND_DELTA, delta])
             self.last_delta_bytes = len(delta)
-        self.published_version = routing.version
+        self.published_version, self.published_epoch = routing.version, routing.epoch
 
     def _audit_if_idle(self) -> None:
         """I2 at rest, now and then when nothing is changing: the published
@@ -222,7 +248,8 @@ class Orchestrator:
     def _heartbeat(self) -> None:
         if self.published_version < 0:
             return  # nothing to announce: nodes keep counting their staleness
-        self.publisher.send_multipart([KIND_HEARTBEAT, encode_heartbeat(self.published_version)])
+        self.publisher.send_multipart([KIND_HEARTBEAT, encode_heartbeat(self.published_epoch,
+                                                                        self.published_version)])
 
     def _answer(self, frames: list[bytes]) -> None:
         # REQ puts an empty delimiter between the identity and the body

@@ -28,6 +28,9 @@ from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy,
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('config_version', 0);
+-- the store's identity, made with it (or, for a store made before epochs, at
+-- its first open): versions compare only within one epoch
+INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', abs(random() % 4611686018427387903) + 1);
 CREATE TABLE IF NOT EXISTS policy (
     service TEXT PRIMARY KEY, listen TEXT NOT NULL, algorithm TEXT NOT NULL,
     version INTEGER NOT NULL);
@@ -57,6 +60,7 @@ class Store(Protocol):
     def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]: ...
     def seed(self, services: Sequence[Service]) -> bool: ...
     def advance_version(self) -> int: ...
+    def new_epoch(self) -> int: ...
     def close(self) -> None: ...
 
 
@@ -109,6 +113,8 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
+        # a store that is made now: no file, or an empty one (said so, never a silent start afresh)
+        self.created = not Path(self.path).exists() or Path(self.path).stat().st_size == 0
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -131,6 +137,7 @@ class SqliteStore:
         db.execute("BEGIN")
         try:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+            epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for row in db.execute(
                 "SELECT service, listen, algorithm, version FROM policy ORDER BY service"))
             backends = tuple(
@@ -140,7 +147,7 @@ class SqliteStore:
                 "SELECT backend_id, up, revision FROM health ORDER BY backend_id"))
         finally:
             db.execute("COMMIT")
-        return State(version, policies, backends, health)
+        return State(version, policies, backends, health, epoch)
 
     def read_rows(self, services: set[str], backends: set[tuple[str, str]], backend_ids: set[str]) -> State:
         """Part of the state, in one transaction: the policies of
@@ -150,6 +157,7 @@ class SqliteStore:
         db.execute("BEGIN")
         try:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
+            epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for name in sorted(services) for row in db.execute(
                 "SELECT service, listen, algorithm, version FROM policy WHERE service = ?", (name,)))
             query = "SELECT service, id, address, weight, state, version FROM backend WHERE "
@@ -163,7 +171,7 @@ class SqliteStore:
                            for b, up, r in db.execute(health_query, (i,)))
         finally:
             db.execute("COMMIT")
-        return State(version, policies, records, health)
+        return State(version, policies, records, health, epoch)
 
     # ------------------------------------------------------------ writes
 
@@ -327,3 +335,14 @@ class SqliteStore:
         """A new version that changes nothing: how the control plane
         republishes a routing it had to correct (see Deriver.audit)."""
         return self._mutate(lambda db: None)[1]
+
+    def new_epoch(self) -> int:
+        """Give the store a new identity: its versions no longer compare with
+        those published before. For a store found behind what its nodes
+        applied (a restored copy): nodes re-base on its next snapshot."""
+
+        def change(db: sqlite3.Connection) -> None:
+            db.execute("UPDATE meta SET value = abs(random() % 4611686018427387903) + 1 WHERE key = 'epoch'")
+
+        self._mutate(change)
+        return self.read().epoch

@@ -9,8 +9,9 @@ from lbcore.config import Service
 from lbcore.wire import canonical_json, diff_delta
 
 
-def encode_snapshot(version: int, services: Sequence[Service]) -> bytes:
+def encode_snapshot(version: int, services: Sequence[Service], epoch: int = 0) -> bytes:
     return canonical_json({
+        "epoch": epoch,
         "version": version,
         "services": [
             {"name": s.name, "listen": s.listen, "algorithm": s.algorithm,
@@ -21,5 +22,6 @@ def encode_snapshot(version: int, services: Sequence[Service]) -> bytes:
     })
 
 
-def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service]) -> bytes:
-    return diff_delta(base, old, version, new).encode()
+def encode_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service],
+                 epoch: int = 0) -> bytes:
+    return diff_delta(base, old, version, new, epoch).encode()

@@ -336,8 +336,8 @@ def test_a_refused_node_report_leaves_the_status_as_it_was(orch):
 
     try:
         sock.connect(orch.endpoint)
-        assert call("node.report", node="n1", version=1, staleness_ms=5, counters={})["ok"]
-        refused = call("node.report", node="n1", version=2, staleness_ms=5, counters=[1])
+        assert call("node.report", node="n1", epoch=0, version=1, staleness_ms=5, counters={})["ok"]
+        refused = call("node.report", node="n1", epoch=0, version=2, staleness_ms=5, counters=[1])
         assert refused["error"]["code"] == "bad_request"
         (node,) = call("status")["result"]["nodes"]
         assert (node["node"], node["applied_version"]) == ("n1", 1)
@@ -370,11 +370,11 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
             wait_for(lambda: node_view()["applied_version"] == version, 5, f"the report of version {version}")
             return node_view()
 
-        report(node="n1", version=1, staleness_ms=5, counters={}, digest="d1")
-        report(node="n1", version=1, staleness_ms=5)
+        report(node="n1", epoch=0, version=1, staleness_ms=5, counters={}, digest="d1")
+        report(node="n1", epoch=0, version=1, staleness_ms=5)
         assert not dealer.poll(300), "an accepted report was answered"
         assert view_at(1)["digest"] == "d1"
-        report(node="n1", version=2, staleness_ms=5)
+        report(node="n1", epoch=0, version=2, staleness_ms=5)
         assert view_at(2)["digest"] == ""
         # the ACK exactly as a node writes it (read without a JSON parse): the same rules
         def staleness() -> int:
@@ -383,15 +383,15 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
             (node,) = json.loads(req.recv())["result"]["nodes"]
             return node["staleness_ms"]
 
-        report(node="n1", version=3, staleness_ms=5, counters={}, digest="d3")
-        dealer.send(report_request("n1", 3, 7, None))  # after the report: the same connection
+        report(node="n1", epoch=0, version=3, staleness_ms=5, counters={}, digest="d3")
+        dealer.send(report_request("n1", 0, 3, 7, None))  # after the report: the same connection
         wait_for(lambda: staleness() == 7, 5, "the ACK of version 3")
         assert node_view()["digest"] == "d3"
-        dealer.send(report_request("n1", 4, 8, None))
+        dealer.send(report_request("n1", 0, 4, 8, None))
         wait_for(lambda: staleness() == 8, 5, "the ACK of version 4")
         assert node_view()["applied_version"] == 4 and node_view()["digest"] == ""
         assert not dealer.poll(300), "an ACK was answered"
-        report(node="n1", version="2", staleness_ms=5)
+        report(node="n1", epoch=0, version="2", staleness_ms=5)
         assert dealer.poll(5000), "a refused report got no answer"
         refused = json.loads(dealer.recv())
         assert refused["error"]["code"] == "bad_request" and "version" in refused["error"]["message"]

@@ -310,3 +310,85 @@ def test_a_snapshot_the_node_cannot_apply_is_refused_once_and_the_next_one_appli
         wait_until(lambda: applied_version(node) >= int(good.stdout.split()[-1]), 10)
     finally:
         holder.close()
+
+
+def _status(orch: Orchestrator) -> dict:
+    done = orch.lbctl("status", "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def _converged(orch: Orchestrator, nodes: list) -> bool:
+    status = _status(orch)
+    return len(status["nodes"]) == len(nodes) and all(
+        n["epoch"] == status["epoch"] and n["applied_version"] == status["version"] for n in status["nodes"])
+
+
+@pytest.mark.timeout(120)
+def test_nodes_follow_a_store_restored_from_an_older_copy(backends, lbproxy, control_plane, workdir):
+    """The store goes back in time (restored from a backup): the control
+    plane publishes version 1 while its nodes hold 3 of the same store.
+    Nodes once held 3 forever (lag -2), serving the newer routing with no
+    error anywhere. The control plane sees its nodes ahead of it, starts a
+    new epoch, and the nodes re-base on the restored store."""
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    nodes = start_nodes(lbproxy, orch, 2)
+    epoch = _status(orch)["epoch"]
+    orch.stop()
+    store = workdir / "state.db"
+    backup = workdir / "state.db.backup"
+    backup.write_bytes(store.read_bytes())  # version 1: w1 only
+    orch.start()
+    assert orch.lbctl("backend", "add", "web", "w2", b["w2"]).returncode == 0
+    assert orch.lbctl("backend", "remove", "web", "w1").returncode == 0
+    wait_until(lambda: _converged(orch, nodes) and _status(orch)["version"] == 3, 15)
+    with Client(f"127.0.0.2:{port}") as c:
+        assert c.ident() == "w2"
+    orch.stop()
+    for leftover in workdir.glob("state.db-*"):
+        leftover.unlink()
+    store.write_bytes(backup.read_bytes())
+    orch.start()
+    wait_until(lambda: "STORE BEHIND ITS NODES" in orch.log.read_text(), 15,
+               message=lambda: orch.log.read_text()[-2000:])
+    wait_until(lambda: _converged(orch, nodes), 15, message=lambda: json.dumps(_status(orch)))
+    status = _status(orch)
+    assert status["epoch"] != epoch and status["version"] >= 1
+    assert all(n["lag"] == 0 for n in status["nodes"]), status
+    for i, node in enumerate(nodes):
+        assert "EPOCH CHANGED" in node.log(), node.log()[-2000:]
+        with Client(f"127.0.0.{i + 2}:{port}") as c:
+            assert c.ident() == "w1"  # the restored store's routing
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("loss", ["deleted", "emptied"])
+def test_nodes_follow_a_store_lost_and_started_anew(backends, lbproxy, control_plane, workdir, loss):
+    """A store lost (its file gone, or left empty) is a new store: said so
+    in the log, seeded from the file, and the nodes re-base on it."""
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    nodes = start_nodes(lbproxy, orch, 2)
+    for weight in ("2", "3", "4"):
+        assert orch.lbctl("backend", "set-weight", "web", "w1", weight).returncode == 0
+    assert orch.lbctl("backend", "add", "web", "w2", b["w2"]).returncode == 0
+    wait_until(lambda: _converged(orch, nodes) and _status(orch)["version"] == 5, 15)
+    epoch = _status(orch)["epoch"]
+    orch.stop()
+    for path in workdir.glob("state.db*"):
+        path.unlink()
+    if loss == "emptied":
+        (workdir / "state.db").write_bytes(b"")
+    orch.start()
+    log = orch.log.read_text()
+    assert f"{workdir / 'state.db'}: a new store, epoch " in log, log
+    wait_until(lambda: _converged(orch, nodes), 15, message=lambda: json.dumps(_status(orch)))
+    status = _status(orch)
+    assert status["epoch"] != epoch and status["version"] == 1
+    for i, node in enumerate(nodes):
+        assert "EPOCH CHANGED" in node.log(), node.log()[-2000:]
+        with Client(f"127.0.0.{i + 2}:{port}") as c:
+            assert c.ident() == "w1"  # seeded afresh from the file: w1 alone

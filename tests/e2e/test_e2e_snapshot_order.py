@@ -59,7 +59,7 @@ def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbprox
         # a late joiner: heartbeats announce version 3, it fetches the full snapshot
         deadline = time.monotonic() + 15
         while "applied: version 3" not in node.log() and time.monotonic() < deadline:
-            pub.send_multipart([b"heartbeat", b'{"version": 3}'])
+            pub.send_multipart([b"heartbeat", b'{"epoch": 0, "version": 3}'])
             serve_router(snapshot(3, port, {"v3": b["v3"]}), 0.1)
         assert "applied: version 3" in node.log(), node.log()
         with Client(f"127.0.0.1:{port}") as c:
@@ -77,7 +77,7 @@ def test_node_applies_only_newer_snapshots_and_fetches_on_a_gap(backends, lbprox
         fetched_before = len(fetches)
         deadline = time.monotonic() + 15
         while "applied: version 5" not in node.log() and time.monotonic() < deadline:
-            pub.send_multipart([b"heartbeat", b'{"version": 5}'])
+            pub.send_multipart([b"heartbeat", b'{"epoch": 0, "version": 5}'])
             serve_router(snapshot(5, port, {"v5": b["v5"]}), 0.1)
         assert "applied: version 5" in node.log(), node.log()
         assert len(fetches) > fetched_before
@@ -122,7 +122,7 @@ def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(back
         while text not in node.log() and time.monotonic() < deadline:
             if message:
                 pub.send_multipart(message)
-            pub.send_multipart([b"heartbeat", json.dumps({"version": heartbeat}).encode()])
+            pub.send_multipart([b"heartbeat", json.dumps({"epoch": 0, "version": heartbeat}).encode()])
             serve(0.1)
         assert text in node.log(), node.log()
 

@@ -66,7 +66,7 @@ def link():
     link.plane, link.logged = plane, logged  # type: ignore[attr-defined]
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the slow joiner: wait until PUB reaches us
-        plane.pub.send_multipart([b"heartbeat", b'{"version": -1}'])
+        plane.pub.send_multipart([b"hello", b""])  # any message: ignored, but it says PUB reaches us
         if link.sub.poll(50):
             link.receive()
             break
@@ -116,13 +116,13 @@ def test_only_newer_applies_and_a_gap_fetches_the_full_snapshot(link):
     # a heartbeat announcing a version the node lacks: fetched too
     link.routing = fetched
     link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(7, V2).decode()}}
-    assert deliver(link, [b"heartbeat", b'{"version": 7}']).version == 7
+    assert deliver(link, [b"heartbeat", b'{"epoch": 0, "version": 7}']).version == 7
     assert link.plane.fetches == 2
 
 
 def test_a_fetch_answered_with_an_error_returns_at_once(link):
     t0 = time.monotonic()
-    assert deliver(link, [b"heartbeat", b'{"version": 3}']) is None
+    assert deliver(link, [b"heartbeat", b'{"epoch": 0, "version": 3}']) is None
     assert time.monotonic() - t0 < 1.5  # not the 2 s fetch timeout
     assert any("refused by the control plane" in line for line in link.logged), link.logged
 
@@ -155,27 +155,29 @@ def test_an_ack_is_the_same_json_as_any_report():
     from lbcore.wire import report_request
 
     for node in ("n1", 'node "é" 2'):
-        args = {"node": node, "version": 12, "staleness_ms": 3}
+        args = {"node": node, "epoch": 5, "version": 12, "staleness_ms": 3}
         expected = json.dumps({"verb": "node.report", "args": args}, sort_keys=True).encode()
-        assert report_request(node, 12, 3, None) == expected
+        assert report_request(node, 5, 12, 3, None) == expected
 
 
 def test_the_control_plane_reads_an_ack_as_the_node_writes_it_and_nothing_else():
     from lbcore.wire import read_ack, report_request
 
-    assert read_ack(report_request("prop-1.a_b:c", 12, 3, None)) == ("prop-1.a_b:c", 12, 3)
-    assert read_ack(report_request("n1", 2**62 - 1, 0, None)) == ("n1", 2**62 - 1, 0)
+    assert read_ack(report_request("prop-1.a_b:c", 9, 12, 3, None)) == ("prop-1.a_b:c", 9, 12, 3)
+    assert read_ack(report_request("n1", 2**62 - 1, 2**62 - 1, 0, None)) == ("n1", 2**62 - 1, 2**62 - 1, 0)
     not_acks = [
-        report_request('node "é" 2', 12, 3, None),          # an id json.dumps escapes: parsed as JSON
-        report_request("n1", 12, 3, {}),                      # a report with counters
-        report_request("n1", 12, 3, None, "d"),               # ... or a digest
-        report_request("n1", -1, 3, None),                    # left to the regular path
-        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 012}, "verb": "node.report"}',  # not JSON
-        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"} ',
-        b'{"args":{"node":"n1","staleness_ms":3,"version":12},"verb":"node.report"}',
-        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12345678901234567890}, '
+        report_request('node "é" 2', 9, 12, 3, None),          # an id json.dumps escapes: parsed as JSON
+        report_request("n1", 9, 12, 3, {}),                      # a report with counters
+        report_request("n1", 9, 12, 3, None, "d"),               # ... or a digest
+        report_request("n1", 9, -1, 3, None),                    # left to the regular path
+        b'{"args": {"epoch": 9, "node": "n1", "staleness_ms": 3, "version": 012}, "verb": "node.report"}',
+        b'{"args": {"epoch": 09, "node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"}',
+        b'{"args": {"epoch": 9, "node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"} ',
+        b'{"args":{"epoch":9,"node":"n1","staleness_ms":3,"version":12},"verb":"node.report"}',
+        b'{"args": {"epoch": 9, "node": "n1", "staleness_ms": 3, "version": 12345678901234567890}, '
         b'"verb": "node.report"}',
-        b'{"args": {"node": "", "staleness_ms": 3, "version": 12}, "verb": "node.report"}',
+        b'{"args": {"epoch": 9, "node": "", "staleness_ms": 3, "version": 12}, "verb": "node.report"}',
+        b'{"args": {"node": "n1", "staleness_ms": 3, "version": 12}, "verb": "node.report"}',  # no epoch
     ]
     for message in not_acks:
         assert read_ack(message) is None, message

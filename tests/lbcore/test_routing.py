@@ -89,13 +89,14 @@ def test_encode_is_encode_snapshot(version: int, state: list[Service]) -> None:
     assert routing.encode() == expected
     assert routing.digest() == snapshot_digest(expected)
     # and a node reading those bytes holds the same routing
-    again_version, again = decode_snapshot(routing.encode())
-    assert Routing.of(again_version, again).encode() == expected
+    assert Routing.of(*decode_snapshot(routing.encode())).encode() == expected
 
 
 def test_encode_of_no_services() -> None:
-    assert Routing.of(0, []).encode() == encode_snapshot(0, []) == b'{"services":[],"version":0}'
+    assert Routing.of(0, []).encode() == encode_snapshot(0, []) == b'{"epoch":0,"services":[],"version":0}'
     assert Routing(-1, {}).encode() == encode_snapshot(-1, [])
+    assert Routing.of(3, [], epoch=77).encode() == encode_snapshot(3, [], 77) == \
+        b'{"epoch":77,"services":[],"version":3}'
 
 
 def test_as_services_in_name_and_id_order() -> None:

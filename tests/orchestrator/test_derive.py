@@ -25,7 +25,7 @@ def test_an_audit_that_finds_a_difference_republishes_the_derivation(tmp_path):
         held = deriver.routing
         # what a routing that drifted from the store looks like (held and served)
         drifted = Routing.of(held.version, [Service("web", "127.0.0.1:8080", "wrr",
-                                                    (Backend("w9", "127.0.0.1:9009", 1),))])
+                                                    (Backend("w9", "127.0.0.1:9009", 1),))], held.epoch)
         deriver.routing = drifted
         with pytest.raises(InconsistentSnapshotError, match="differs from a full derivation"):
             deriver.audit()

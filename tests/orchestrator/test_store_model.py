@@ -249,7 +249,8 @@ class StoreMachine(RuleBasedStateMachine):
                 if s == service and state is Membership.ACTIVE and weight > 0
                 and self.health.get(backend, (True, 0))[0]))
             for service, (algorithm, _) in sorted(self.policies.items())]
-        assert derive_in_full(self.store.read()).encode() == encode_snapshot(self.version, expected)
+        state = self.store.read()
+        assert derive_in_full(state).encode() == encode_snapshot(self.version, expected, state.epoch)
 
     @invariant()
     def node_versions_only_increase(self):

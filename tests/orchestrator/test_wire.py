@@ -23,20 +23,23 @@ def test_equal_states_give_equal_bytes_whatever_the_order():
 
 
 def test_round_trip():
-    version, services = decode_snapshot(encode_snapshot(7, SERVICES))
-    assert version == 7
+    version, services, epoch = decode_snapshot(encode_snapshot(7, SERVICES, 123))
+    assert (version, epoch) == (7, 123)
     assert {s.name: {b.id for b in s.backends} for s in services} == {"web": {"w1", "w2"}, "api": set()}
 
 
 @pytest.mark.parametrize("data, where", [
     (b"not json", "not JSON"),
-    (b"[]", "exactly 'version' and 'services'"),
-    (json.dumps({"version": -1, "services": []}).encode(), "snapshot.version"),
-    (json.dumps({"version": 1, "services": [{"name": "x", "listen": "nowhere"}]}).encode(),
+    (b"[]", "exactly 'epoch', 'version' and 'services'"),
+    (json.dumps({"version": 1, "services": []}).encode(), "exactly 'epoch', 'version' and 'services'"),
+    (json.dumps({"epoch": 0, "version": -1, "services": []}).encode(), "snapshot.version"),
+    (json.dumps({"epoch": -3, "version": 1, "services": []}).encode(), "snapshot.epoch"),
+    (json.dumps({"epoch": 0, "version": 1, "services": [{"name": "x", "listen": "nowhere"}]}).encode(),
      "service[0].listen"),
-    (json.dumps({"version": 1, "services": [{"name": "x", "listen": "127.0.0.1:1", "backends": [
+    (json.dumps({"epoch": 0, "version": 1, "services": [{"name": "x", "listen": "127.0.0.1:1", "backends": [
         {"id": "a", "address": "127.0.0.1:2", "weight": -5}]}]}).encode(), "service[0].backend[0].weight"),
-    (json.dumps({"version": 1, "services": [{"name": "x", "listen": "127.0.0.1:1", "colour": 1}]}).encode(),
+    (json.dumps({"epoch": 0, "version": 1, "services": [{"name": "x", "listen": "127.0.0.1:1",
+                                                          "colour": 1}]}).encode(),
      "service[0].colour"),
 ])
 def test_malformed_snapshots_are_refused_with_where(data, where):
@@ -77,9 +80,9 @@ def test_a_one_weight_change_delta_is_small_whatever_the_pool():
 
 @pytest.mark.parametrize("data", [
     b"{}", b"not json",
-    b'{"version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
+    b'{"epoch": 0, "version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
     b'[{"service": "ghost", "id": "a", "address": "127.0.0.1:1", "weight": 1}], "removed_backends": []}',
-    b'{"version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
+    b'{"epoch": 0, "version": 2, "base": 1, "services": [], "removed_services": [], "backends": '
     b'[{"service": "web", "id": "a", "address": "nowhere", "weight": 1}], "removed_backends": []}',
 ])
 def test_malformed_deltas_are_refused(data):
