@@ -12,7 +12,7 @@ from lbcore import layout
 from lbcore.balance import ALGORITHMS
 from lbcore.image import Image, read_image
 from lbcore.segment import Segment
-from lbcore.wire import summed_counters
+from lbcore.wire import REPORT_FIELDS, SUMMED, summed_counters
 
 ALGORITHM_OF_CODE = {v: k for k, v in ALGORITHMS.items()}  # as the image holds it
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
@@ -88,8 +88,6 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-REPORTED_FIELDS = ("active", "total", "failed")
-
 
 def report_counters(segment: Segment, max_backends: int,
                     image: Image | None = None) -> dict[str, dict[str, dict[str, int]]]:
@@ -105,10 +103,10 @@ def report_counters(segment: Segment, max_backends: int,
     for row in active:
         rows, counters = _service_backends(segment, image, row)
         if summed:
-            per_backend = {"(all)": summed_counters({k: counters[k].tolist() for k in REPORTED_FIELDS})}
+            per_backend = {SUMMED: summed_counters({k: counters[k].tolist() for k in REPORT_FIELDS})}
         else:
-            columns = [counters[k].tolist() for k in REPORTED_FIELDS]
-            per_backend = {i.decode(): dict(zip(REPORTED_FIELDS, values, strict=True))
+            columns = [counters[k].tolist() for k in REPORT_FIELDS]
+            per_backend = {i.decode(): dict(zip(REPORT_FIELDS, values, strict=True))
                            for i, *values in zip(rows["id"].tolist(), *columns, strict=True)}
         report[row["name"].decode()] = per_backend
     return report

@@ -61,7 +61,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lbcore.config import ConfigError, Service, parse_document
+from lbcore.config import ConfigError, Service, check_name, parse_document
 
 # ---------------------------------------------------------------- limits
 
@@ -69,6 +69,10 @@ MAX_REQUEST = 64 * 1024          # a request past this is refused with a reply t
 MAX_RECEIVED = 16 * MAX_REQUEST  # past this the socket drops the message and its connection
 MAX_REPORT_BYTES = 48 * 1024     # a node's report stays under MAX_REQUEST: counters summed past this
 MAX_REPORT_BACKENDS = 500        # past this many backends a node sums its counters per service at once
+REPORT_FIELDS = ("active", "total", "failed")  # the counters a report carries per backend
+SUMMED = "(all)"                 # the backend of a service's counters summed
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+MAX_COUNTER = (1 << 63) - 1
 # Versions are counted by the store in signed 64-bit (orchestrator.store);
 # anything larger on the wire is not one of ours, and would not fit the
 # image header either.
@@ -203,15 +207,46 @@ class Report:
 
 def decode_report(args: dict[str, Any]) -> Report:
     """The arguments of a ``node.report`` (present, as the admin API's verb
-    table requires), checked; WireError saying what is wrong."""
-    epoch, version, staleness = args["epoch"], args["version"], args["staleness_ms"]
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (epoch, version, staleness)):
-        raise WireError("node.report: epoch, version and staleness_ms must be integers")
+    table requires), checked like any request: a report is what a node
+    writes (report_request), or it is refused; WireError saying what is wrong."""
+    node = args["node"]
+    problem = check_name(node) if isinstance(node, str) else "must be a string"
+    if problem:
+        raise WireError(f"node.report: node: {problem}")
+    epoch = _version("node.report: epoch", args["epoch"], low=-1)
+    version = _version("node.report: version", args["version"], low=-1)
+    staleness = _version("node.report: staleness_ms", args["staleness_ms"])
+    digest = args.get("digest")
+    if digest is not None and not (isinstance(digest, str) and (digest == "" or _DIGEST.fullmatch(digest))):
+        raise WireError("node.report: digest must be a SHA-256 in hex, or empty")
     counters = args.get("counters")
-    if counters is not None and not isinstance(counters, dict):
+    if counters is not None:
+        _check_counters(counters)
+    return Report(node, epoch, version, staleness, counters, digest)
+
+
+def _check_counters(counters: Any) -> None:
+    """{SERVICE: {BACKEND (or "(all)"): {"active", "total", "failed"}}},
+    at most MAX_REPORT_BACKENDS rows in all."""
+    if not isinstance(counters, dict):
         raise WireError("node.report: counters must be an object")
-    return Report(args["node"], epoch, version, staleness, counters,
-                  str(args["digest"]) if "digest" in args else None)
+    rows = 0
+    for service, backends in counters.items():
+        if check_name(service):
+            raise WireError(f"node.report: counters: {str(service)[:64]!r} is not a service name")
+        if not isinstance(backends, dict):
+            raise WireError(f"node.report: counters.{service}: must be an object of backends")
+        rows += len(backends)
+        if rows > MAX_REPORT_BACKENDS:
+            raise WireError(f"node.report: counters: more than {MAX_REPORT_BACKENDS} rows")
+        for backend, row in backends.items():
+            if backend != SUMMED and check_name(backend):
+                raise WireError(f"node.report: counters.{service}: {str(backend)[:64]!r} is not a backend id")
+            if not isinstance(row, dict) or set(row) != set(REPORT_FIELDS) or any(
+                    isinstance(v, bool) or not isinstance(v, int) or not -MAX_COUNTER <= v <= MAX_COUNTER
+                    for v in row.values()):
+                raise WireError(f"node.report: counters.{service}.{backend}: must be "
+                                f"{{{', '.join(REPORT_FIELDS)}}}, integers")
 
 
 def report_request(node: str, epoch: int, version: int, staleness_ms: int, counters: dict[str, Any] | None,
@@ -228,7 +263,7 @@ def report_request(node: str, epoch: int, version: int, staleness_ms: int, count
         args["counters"] = counters
     message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
-        args["counters"] = {service: {"(all)": summed_counters(_columns(rows.values()))}
+        args["counters"] = {service: {SUMMED: summed_counters(columns_of(rows.values()))}
                             for service, rows in counters.items()}
         message = encode_request("node.report", args)
     return message
@@ -266,7 +301,8 @@ def summed_counters(columns: Mapping[str, Iterable[int]]) -> dict[str, int]:
     return {key: sum(values) for key, values in columns.items()}
 
 
-def _columns(rows: Iterable[Mapping[str, int]]) -> dict[str, list[int]]:
+def columns_of(rows: Iterable[Mapping[str, int]]) -> dict[str, list[int]]:
+    """Counter rows as columns (for summed_counters)."""
     rows = list(rows)
     return {key: [row.get(key, 0) for row in rows] for key in sorted({k for row in rows for k in row})}
 

@@ -34,12 +34,15 @@ from lbcore.wire import (
     KIND_HEARTBEAT,
     KIND_SNAPSHOT,
     MAX_RECEIVED,
+    SUMMED,
     WireError,
+    columns_of,
     decode_report,
     encode_heartbeat,
     encode_reply,
     fetch_result,
     read_ack,
+    summed_counters,
 )
 from orchestrator.control import ControlPlane
 from orchestrator.derive import Deriver, InconsistentSnapshotError
@@ -52,7 +55,13 @@ COALESCE_MS = 2
 RETRY_S = 5.0         # after a derivation that failed its check or the store
 AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
 AUDIT_EVERY_S = 60.0
-MAX_NODES = 4096  # reports kept; beyond, the node heard from least recently is forgotten
+MAX_NODES = 1024  # reports kept; beyond, the node heard from least recently is forgotten
+# Nodes on another epoch than the published one (about to re-base, or not
+# ours at all): at most this many remembered, and none of their counters
+MAX_OTHER_EPOCH_NODES = 64
+# Per-backend counter rows kept over all nodes (what status shows): past it,
+# a node's counters are kept summed per service
+MAX_COUNTER_ROWS = 50_000
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
@@ -70,6 +79,7 @@ class Orchestrator:
         self.plane.extra_verbs["status"] = self._status
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
+        self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
         self._committed: dict[int, int] = {}  # version -> when its write committed (monotonic ns)
         self._last_publish = self._retry_at = 0.0
@@ -119,11 +129,22 @@ class Orchestrator:
                        counters: dict[str, Any] | None = None, digest: str | None = None) -> None:
         now_ns = time.monotonic_ns()
         self._check_not_behind(name, epoch, version)
-        previous = self.nodes.pop(name, {})  # re-inserted below: the dict keeps report order
+        previous = self._forget(name) or {}  # re-inserted below: the dict keeps report order
         if counters is None:  # an ACK carries none
             counters = previous.get("counters", {})
+        if self.published_epoch >= 0 and epoch != self.published_epoch:
+            counters = {}  # not of this store's routing: kept for no one to read
+            others = [n for n, v in self.nodes.items() if v["epoch"] != self.published_epoch]
+            if len(others) >= MAX_OTHER_EPOCH_NODES:
+                self._forget(others[0])  # the one heard from least recently
         if len(self.nodes) >= MAX_NODES:
-            del self.nodes[next(iter(self.nodes))]  # least recently heard (dict keeps report order)
+            self._forget(next(iter(self.nodes)))  # least recently heard (dict keeps report order)
+        rows = sum(map(len, counters.values()))
+        if rows > len(counters) and self._counter_rows + rows > MAX_COUNTER_ROWS:
+            counters = {service: {SUMMED: summed_counters(columns_of(backends.values()))}
+                        for service, backends in counters.items()}
+            rows = len(counters)
+        self._counter_rows += rows
         # from the commit of the version to this node's first word of it
         propagation = previous.get("propagation_ms")
         if (epoch, version) != (previous.get("epoch"), previous.get("version")):
@@ -135,8 +156,14 @@ class Orchestrator:
             same = (epoch, version) == (previous.get("epoch"), previous.get("version"))
             digest = previous.get("digest", "") if same else ""
         self.nodes[name] = {"epoch": epoch, "version": version, "staleness_ms": staleness,
-                            "counters": counters, "digest": digest, "reported": now_ns / 1e9,
+                            "counters": counters, "rows": rows, "digest": digest, "reported": now_ns / 1e9,
                             "propagation_ms": propagation}
+
+    def _forget(self, name: str) -> dict[str, Any] | None:
+        node = self.nodes.pop(name, None)
+        if node is not None:
+            self._counter_rows -= node["rows"]
+        return node
 
     def _check_not_behind(self, name: str, epoch: int, version: int) -> None:
         """A node that applied a newer version of this very epoch than the

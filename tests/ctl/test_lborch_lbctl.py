@@ -370,10 +370,10 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
             wait_for(lambda: node_view()["applied_version"] == version, 5, f"the report of version {version}")
             return node_view()
 
-        report(node="n1", epoch=0, version=1, staleness_ms=5, counters={}, digest="d1")
+        report(node="n1", epoch=0, version=1, staleness_ms=5, counters={}, digest="d1" * 32)
         report(node="n1", epoch=0, version=1, staleness_ms=5)
         assert not dealer.poll(300), "an accepted report was answered"
-        assert view_at(1)["digest"] == "d1"
+        assert view_at(1)["digest"] == "d1" * 32
         report(node="n1", epoch=0, version=2, staleness_ms=5)
         assert view_at(2)["digest"] == ""
         # the ACK exactly as a node writes it (read without a JSON parse): the same rules
@@ -383,10 +383,10 @@ def test_a_nodes_report_is_answered_only_when_refused_and_the_ack_keeps_the_dige
             (node,) = json.loads(req.recv())["result"]["nodes"]
             return node["staleness_ms"]
 
-        report(node="n1", epoch=0, version=3, staleness_ms=5, counters={}, digest="d3")
+        report(node="n1", epoch=0, version=3, staleness_ms=5, counters={}, digest="d3" * 32)
         dealer.send(report_request("n1", 0, 3, 7, None))  # after the report: the same connection
         wait_for(lambda: staleness() == 7, 5, "the ACK of version 3")
-        assert node_view()["digest"] == "d3"
+        assert node_view()["digest"] == "d3" * 32
         dealer.send(report_request("n1", 0, 4, 8, None))
         wait_for(lambda: staleness() == 8, 5, "the ACK of version 4")
         assert node_view()["applied_version"] == 4 and node_view()["digest"] == ""
@@ -475,3 +475,62 @@ def test_a_store_on_a_read_only_file_system_is_one_line_naming_it(tmp_path):
         assert done.stderr.startswith(f"lborch: {mount}/state.db: cannot be written ("), done.stderr
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_reports_are_checked_and_what_is_kept_of_them_is_bounded(orch):
+    """One report with counters {"web": 1} once made lbctl status fail for
+    everyone; 2,000 large reports from invented node names took lborch from
+    42 MB to 724 MB and status --json to 231 MB. Reports are checked like
+    any request; what is kept per node and in all is bounded."""
+    ctx = zmq.Context.instance()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(orch.endpoint)
+    try:
+        dealer.send(json.dumps({"verb": "node.report", "args": {
+            "node": "n1", "epoch": 0, "version": 1, "staleness_ms": 5, "counters": {"web": 1}}}).encode())
+        assert dealer.poll(5000), "a refused report got no answer"
+        reply = json.loads(dealer.recv())
+        assert reply["ok"] is False and "counters.web: must be an object" in reply["error"]["message"]
+        status = lbctl(orch, "status")
+        assert status.returncode == 0, status.stderr
+        status = json.loads(lbctl(orch, "status", "--json").stdout)
+        assert status["nodes"] == []
+        epoch, version = status["epoch"], status["version"]
+
+        assert orch.process is not None
+        before = _rss_mb(orch.process.pid)
+        rows = {"web": {f"b{i}": {"active": i, "total": 2 * i, "failed": 0} for i in range(500)}}
+        for n in range(2000):  # on this store's epoch and version: as real as reports get
+            dealer.send(report_request(f"invented-{n}", epoch, version, 5, rows, ""))
+        def status_json() -> subprocess.CompletedProcess[str]:
+            return lbctl(orch, "--timeout", "30", "status", "--json", timeout=60)
+
+        wait_for(lambda: "invented-1999" in status_json().stdout, 60, "the last report")
+        done = status_json()
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        grown = _rss_mb(orch.process.pid) - before
+        print(f"\nlborch RSS {before:.0f} MB -> +{grown:.0f} MB, "
+              f"status --json {len(done.stdout) / 1e6:.1f} MB")
+        assert len(status["nodes"]) <= 1024
+        kept = sum(len(b) for n in status["nodes"] for b in n["counters"].values())
+        assert kept <= 50_000 + len(status["nodes"])
+        assert len(done.stdout) < 20_000_000
+        assert grown < 200, f"lborch grew by {grown:.0f} MB"
+        # reports of another epoch keep no counters, and few of their nodes
+        for n in range(200):
+            dealer.send(report_request(f"other-{n}", epoch + 1, 1, 5, rows, ""))
+        wait_for(lambda: "other-199" in status_json().stdout, 60, "the other epoch's last report")
+        status = json.loads(status_json().stdout)
+        others = [n for n in status["nodes"] if n["epoch"] != epoch]
+        assert len(others) <= 64 and all(n["counters"] == {} for n in others)
+    finally:
+        dealer.close(0)

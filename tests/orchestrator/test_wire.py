@@ -90,3 +90,52 @@ def test_malformed_deltas_are_refused(data):
     with pytest.raises(WireError):
         base.apply(decode_delta(data))
     assert base.encode() == encode_snapshot(1, (svc("web", "127.0.0.1:80", "wrr", a=1),))
+
+
+def _report(**changes):
+    from lbcore.wire import report_request
+
+    args = json.loads(report_request("n1", 7, 3, 5, {"web": {"w1": {"active": 1, "total": 9, "failed": 0}}},
+                                     "ab" * 32))["args"]
+    args.update(changes)
+    return args
+
+
+def test_a_report_as_a_node_writes_it_is_read_back():
+    from lbcore.wire import decode_report, report_request
+
+    report = decode_report(_report())
+    assert (report.node, report.epoch, report.version, report.staleness_ms) == ("n1", 7, 3, 5)
+    assert report.counters == {"web": {"w1": {"active": 1, "total": 9, "failed": 0}}}
+    many = {"web": {f"b{i}": {"active": 1, "total": 2, "failed": 0} for i in range(2000)}}
+    summed = json.loads(report_request("n1", 7, 3, 5, many, ""))["args"]  # past MAX_REPORT_BYTES: summed
+    assert decode_report(summed).counters == {"web": {"(all)": {"active": 2000, "total": 4000, "failed": 0}}}
+
+
+@pytest.mark.parametrize("changes, where", [
+    ({"counters": {"web": 1}}, "counters.web: must be an object"),        # once crashed lbctl status
+    ({"counters": []}, "counters must be an object"),
+    ({"counters": {"web": {"w1": {"active": 1}}}}, "counters.web.w1: must be"),
+    ({"counters": {"web": {"w1": {"active": "1", "total": 0, "failed": 0}}}}, "counters.web.w1"),
+    ({"counters": {"web": {"w1": {"active": True, "total": 0, "failed": 0}}}}, "counters.web.w1"),
+    ({"counters": {"web": {"w1": {"active": 0, "total": 0, "failed": 0, "x": 1}}}}, "counters.web.w1"),
+    ({"counters": {"web": {"w1": {"active": 1 << 63, "total": 0, "failed": 0}}}}, "counters.web.w1"),
+    ({"counters": {"we b": {}}}, "is not a service name"),
+    ({"counters": {"web": {"w 1": {"active": 0, "total": 0, "failed": 0}}}}, "is not a backend id"),
+    ({"counters": {"web": {f"b{i}": {"active": 0, "total": 0, "failed": 0} for i in range(501)}}},
+     "more than 500 rows"),
+    ({"node": "a node"}, "node: "),
+    ({"node": 7}, "node: must be a string"),
+    ({"version": True}, "version"),
+    ({"version": -2}, "version"),
+    ({"epoch": "7"}, "epoch"),
+    ({"staleness_ms": -1}, "staleness_ms"),
+    ({"digest": "d1"}, "digest"),
+    ({"digest": 5}, "digest"),
+])
+def test_a_malformed_report_is_refused_with_what_is_wrong(changes, where):
+    from lbcore.wire import decode_report
+
+    with pytest.raises(WireError) as info:
+        decode_report(_report(**changes))
+    assert where in str(info.value)
