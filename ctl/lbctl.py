@@ -7,8 +7,9 @@ The endpoint comes from --control, else $LBCTL_CONTROL, else -c FILE (its
 [orchestrator] table, or a node file's tcp:// node.control), else
 tcp://127.0.0.1:7700. Every write takes
 --expected-version and answers the new version; every read takes --json.
-Exit status: 0 ok, 1 error (including no answer within --timeout), 2 usage,
-3 version conflict (the message names expected and current).
+Exit status: 0 ok, 1 error (including no answer within --timeout, and
+``verify`` finding the fleet inconsistent), 2 usage, 3 version conflict
+(the message names expected and current).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 import zmq
@@ -114,6 +116,11 @@ def _parser() -> argparse.ArgumentParser:
     command(snapshot, "show").add_argument("--node", help="what this node applied, audited")
     status = command(groups, "status")
     status.set_defaults(verb="status")
+    verify = command(groups, "verify")
+    verify.set_defaults(verb="verify")
+    verify.add_argument("--settle-ms", type=int, default=2000,
+                        help="ask again until consistent for at most this long: a fleet still applying "
+                             "the last change is not a violation (default 2000; 0: ask once)")
     apply = groups.add_parser("apply", help="make services and backends those of a file (diff, then CAS)")
     apply.add_argument("-f", "--file", required=True, help="TOML file with [[service]] tables")
     apply.add_argument("--dry-run", action="store_true", help="show the diff only")
@@ -126,8 +133,8 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     expected = {"expected_version": args.expected_version} if getattr(args, "expected_version", None) \
         is not None else {}
     key = (args.group, args.verb)
-    if args.group == "status":
-        return "status", {}
+    if args.group in ("status", "verify"):
+        return args.group, {}
     if key == ("backend", "add"):
         return "backend.add", {"service": args.service, "id": args.id, "address": args.address,
                                "weight": args.weight, **expected}
@@ -227,10 +234,35 @@ def _apply(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _verify(args: argparse.Namespace) -> int:
+    """I2 and I7 over the fleet: exit 0 when consistent, 1 with each violation."""
+    endpoint = _endpoint(args)
+    deadline = time.monotonic() + max(0, args.settle_ms) / 1000
+    while True:
+        result = request(endpoint, "verify", {}, args.timeout)
+        if result["consistent"] or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif result["consistent"]:
+        print(f"all {result['nodes']} nodes consistent at version {result['version']} "
+              f"(epoch {result['epoch']})")
+    else:
+        print("\n".join(result["violations"]))
+    return EXIT_OK if result["consistent"] else EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.group == "apply":
         return _apply(args)
+    if args.group == "verify":
+        try:
+            return _verify(args)
+        except CtlError as exc:
+            print(f"lbctl: {exc}", file=sys.stderr)
+            return exc.status
     verb, call_args = _call(args)
     try:
         result = request(_endpoint(args), verb, call_args, args.timeout)

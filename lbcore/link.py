@@ -210,7 +210,7 @@ class ControlLink:
         if counters is not None:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(self.node_id, self.routing.epoch, self.routing.version, self.staleness_ms(),
-                                 counters, digest)
+                                 counters, digest, self.max_staleness_ms if counters is not None else None)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:

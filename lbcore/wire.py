@@ -19,7 +19,7 @@ two of them are a node's:
 
     snapshot.get  {}  -> {"snapshot": SNAPSHOT (text)}           FETCH_REQUEST
     node.report   {"node": ID, "epoch": E, "version": APPLIED, "staleness_ms": MS,
-                   "digest": SHA256 of the applied SNAPSHOT, "counters":
+                   "digest": SHA256 of the applied SNAPSHOT, "max_staleness_ms": ITS BOUND, "counters":
                    {SERVICE: {BACKEND: {"active", "total", "failed"}}}}  -> {}
       counters and digest optional: the ACK sent right after an apply has
       neither (its exact bytes: ``report_request``, read back by
@@ -203,6 +203,7 @@ class Report:
     staleness_ms: int
     counters: dict[str, Any] | None  # None: keep the ones last reported (an ACK)
     digest: str | None               # None: none for this version yet (an ACK)
+    max_staleness_ms: int | None = None  # the node's bound (I7), with the periodic report
 
 
 def decode_report(args: dict[str, Any]) -> Report:
@@ -222,7 +223,10 @@ def decode_report(args: dict[str, Any]) -> Report:
     counters = args.get("counters")
     if counters is not None:
         _check_counters(counters)
-    return Report(node, epoch, version, staleness, counters, digest)
+    bound = args.get("max_staleness_ms")
+    if bound is not None:
+        bound = _version("node.report: max_staleness_ms", bound, low=1)
+    return Report(node, epoch, version, staleness, counters, digest, bound)
 
 
 def _check_counters(counters: Any) -> None:
@@ -250,7 +254,7 @@ def _check_counters(counters: Any) -> None:
 
 
 def report_request(node: str, epoch: int, version: int, staleness_ms: int, counters: dict[str, Any] | None,
-                   digest: str | None = None) -> bytes:
+                   digest: str | None = None, max_staleness_ms: int | None = None) -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
     control plane keeps the ones last reported, without a digest it knows
     none for a version it had no digest of."""
@@ -261,6 +265,8 @@ def report_request(node: str, epoch: int, version: int, staleness_ms: int, count
         args["digest"] = digest
     if counters is not None:
         args["counters"] = counters
+    if max_staleness_ms is not None:
+        args["max_staleness_ms"] = max_staleness_ms
     message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
         args["counters"] = {service: {SUMMED: summed_counters(columns_of(rows.values()))}

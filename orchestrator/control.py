@@ -49,7 +49,8 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # answered by the server (extra_verbs): node traffic and the fleet view
     "snapshot.get": (frozenset(), frozenset()),
     "node.report": (frozenset({"node", "epoch", "version", "staleness_ms"}),
-                    frozenset({"counters", "digest"})),
+                    frozenset({"counters", "digest", "max_staleness_ms"})),
+    "verify": (frozenset(), frozenset()),
     "snapshot.node": (frozenset({"node"}), frozenset()),
     "status": (frozenset(), frozenset()),
 }

@@ -45,7 +45,7 @@ from lbcore.wire import (
     summed_counters,
 )
 from orchestrator.control import ControlPlane
-from orchestrator.derive import Deriver, InconsistentSnapshotError
+from orchestrator.derive import Deriver, InconsistentSnapshotError, derive_in_full
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError
 from orchestrator.model import Change
 from orchestrator.settings import Endpoints
@@ -78,6 +78,7 @@ class Orchestrator:
         self.plane.extra_verbs["node.report"] = self._node_report
         self.plane.extra_verbs["status"] = self._status
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
+        self.plane.extra_verbs["verify"] = self._verify
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
@@ -122,11 +123,12 @@ class Orchestrator:
         except WireError as exc:
             raise BadRequestError(str(exc)) from None
         self._record_report(report.node, report.epoch, report.version, report.staleness_ms, report.counters,
-                            report.digest)
+                            report.digest, report.max_staleness_ms)
         return {}
 
     def _record_report(self, name: str, epoch: int, version: int, staleness: int,
-                       counters: dict[str, Any] | None = None, digest: str | None = None) -> None:
+                       counters: dict[str, Any] | None = None, digest: str | None = None,
+                       max_staleness_ms: int | None = None) -> None:
         now_ns = time.monotonic_ns()
         self._check_not_behind(name, epoch, version)
         previous = self._forget(name) or {}  # re-inserted below: the dict keeps report order
@@ -155,7 +157,10 @@ class Orchestrator:
         if digest is None:
             same = (epoch, version) == (previous.get("epoch"), previous.get("version"))
             digest = previous.get("digest", "") if same else ""
+        if max_staleness_ms is None:  # an ACK carries none: the node's bound is as it said last
+            max_staleness_ms = previous.get("max_staleness_ms")
         self.nodes[name] = {"epoch": epoch, "version": version, "staleness_ms": staleness,
+                            "max_staleness_ms": max_staleness_ms,
                             "counters": counters, "rows": rows, "digest": digest, "reported": now_ns / 1e9,
                             "propagation_ms": propagation}
 
@@ -178,6 +183,45 @@ class Orchestrator:
                  "nodes re-base on its next snapshot")
         self.deriver.derive_in_full_next()
         self._dirty = True
+
+    def _verify(self, args: dict[str, Any]) -> Any:
+        """The fleet against the store, now: I2 (the published routing is a
+        full derivation of the store; every node applied the same bytes),
+        every node on the published epoch and version, and I7 (each node's
+        staleness, and the time since its last report, within its bound).
+        Each violation is a line; none: consistent."""
+        violations = []
+        state = self.store.read()
+        routing = self.deriver.routing
+        published = (self.published_epoch, self.published_version)
+        if (state.epoch, state.version) != published:
+            violations.append(f"control plane: the store is at epoch {state.epoch} version {state.version}, "
+                              f"epoch {published[0]} version {published[1]} is published")
+        elif derive_in_full(state).encode() != routing.encode():
+            violations.append(f"I2: the published routing of version {state.version} differs from a full "
+                              "derivation from the store")
+        digest = routing.digest() if self.published_version >= 0 else ""
+        now = time.monotonic()
+        for name, node in sorted(self.nodes.items()):
+            where = f"node {name}"
+            if node["epoch"] != self.published_epoch:
+                violations.append(f"{where}: on epoch {node['epoch']}, the store's is {self.published_epoch}")
+            elif node["version"] != self.published_version:
+                violations.append(f"{where}: applied version {node['version']}, {self.published_version} "
+                                  "is published")
+            elif not node["digest"]:
+                violations.append(f"{where}: has not reported the digest of version {node['version']} yet")
+            elif node["digest"] != digest:
+                violations.append(f"I2: {where} applied version {node['version']} with other bytes than the "
+                                  f"control plane's (digest {node['digest'][:12]}, expected {digest[:12]})")
+            bound, silent = node["max_staleness_ms"], int((now - node["reported"]) * 1000)
+            if bound is not None and node["staleness_ms"] > bound:
+                violations.append(f"I7: {where} is stale: {node['staleness_ms']} ms without word from the "
+                                  f"control plane, bound {bound} ms")
+            if bound is not None and silent > bound:
+                violations.append(f"I7: {where} has not reported for {silent} ms, bound {bound} ms")
+        return {"consistent": not violations, "epoch": self.published_epoch,
+                "version": self.published_version, "nodes": len(self.nodes), "violations": violations}
 
     def _snapshot_node(self, args: dict[str, Any]) -> Any:
         """What a node reported applying, audited against the control

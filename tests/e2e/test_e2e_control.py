@@ -392,3 +392,65 @@ def test_nodes_follow_a_store_lost_and_started_anew(backends, lbproxy, control_p
         assert "EPOCH CHANGED" in node.log(), node.log()[-2000:]
         with Client(f"127.0.0.{i + 2}:{port}") as c:
             assert c.ident() == "w1"  # seeded afresh from the file: w1 alone
+
+
+@pytest.mark.timeout(120)
+def test_lbctl_verify_checks_the_fleet_against_the_store(backends, lbproxy, control_plane):
+    """lbctl verify: I2 (store -> published routing -> every node's bytes),
+    every node on the published epoch and version, I7 (staleness within
+    each node's bound). Exit 0 and one line when consistent; 1 and each
+    violation otherwise."""
+    import hashlib
+
+    import zmq
+
+    from lbcore.wire import report_request
+
+    b = backends({"w1": "127.0.0.1", "w2": "127.0.0.1"})
+    port = free_port()
+    orch = control_plane([service("web", f"127.0.0.1:{port}", [("w1", b["w1"], 1)])])
+    nodes = start_nodes(lbproxy, orch, 2)
+    done = orch.lbctl("verify")
+    assert done.returncode == 0, done.stdout + done.stderr
+    version = _status(orch)["version"]
+    assert done.stdout.strip().startswith(f"all 2 nodes consistent at version {version} (epoch ")
+    assert orch.lbctl("backend", "add", "web", "w2", b["w2"]).returncode == 0
+    done = orch.lbctl("verify", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["consistent"] is True, done.stdout
+
+    stopped = nodes[1]
+    stopped.send(signal.SIGSTOP)
+    try:
+        assert orch.lbctl("backend", "set-weight", "web", "w2", "3").returncode == 0
+        time.sleep(1.5)  # past the nodes' max_staleness_ms (1000): the stopped one has not reported since
+        done = orch.lbctl("verify", "--settle-ms", "0")
+        assert done.returncode == 1, done.stdout
+        lines = done.stdout.strip().splitlines()
+        name = stopped.node_id
+        assert any(line.startswith(f"node {name}: applied version {version + 1}, {version + 2} is published")
+                   for line in lines), lines
+        assert any(line.startswith(f"I7: node {name} has not reported for ") for line in lines), lines
+        assert not any(nodes[0].node_id in line for line in lines), lines
+    finally:
+        stopped.send(signal.SIGCONT)
+    done = orch.lbctl("verify", "--settle-ms", "5000")
+    assert done.returncode == 0, done.stdout
+
+    # a node that says it applied the published version, with other bytes
+    status = _status(orch)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(orch.endpoint)
+    try:
+        dealer.send(report_request("liar", status["epoch"], status["version"], 5, {}, "00" * 32, 60_000))
+        wait_until(lambda: "liar" in orch.lbctl("status").stdout, 5)
+        done = orch.lbctl("verify", "--settle-ms", "0", "--json")
+        result = json.loads(done.stdout)
+        assert done.returncode == 1 and result["consistent"] is False
+        snapshot = json.loads(orch.lbctl("snapshot", "show", "--json").stdout)["snapshot"]
+        expected = hashlib.sha256(snapshot.encode()).hexdigest()
+        assert result["violations"] == [
+            f"I2: node liar applied version {status['version']} with other bytes than the control plane's "
+            f"(digest 000000000000, expected {expected[:12]})"]
+    finally:
+        dealer.close(0)
