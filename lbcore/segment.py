@@ -131,7 +131,7 @@ class Segment:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            owner = cls._owner_of(path)
+            owner = cls.owner_of(path)
             if _pid_alive(owner):
                 raise SegmentError(f"node {node_id!r} is already running (agent pid {owner})") from None
             os.unlink(path)  # left by an agent that was killed
@@ -149,7 +149,7 @@ class Segment:
         return segment
 
     @staticmethod
-    def _owner_of(path: str) -> int:
+    def owner_of(path: str) -> int:
         try:
             with open(path, "rb") as f:
                 head = f.read(layout.CONTROL.itemsize)
@@ -157,7 +157,10 @@ class Segment:
             return 0
         if len(head) < layout.CONTROL.itemsize:
             return 0
-        return int(np.frombuffer(head, dtype=layout.CONTROL)[0]["owner_pid"])
+        control = np.frombuffer(head, dtype=layout.CONTROL)[0]
+        if int(control["magic"]) != layout.MAGIC:
+            return 0  # not a segment of ours (garbage, or another program's): owned by no agent
+        return int(control["owner_pid"])
 
     @classmethod
     def attach(cls, node_id: str) -> Segment:

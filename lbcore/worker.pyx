@@ -867,6 +867,7 @@ def run(str segment_path, int index, int max_connections, int drain_timeout_ms,
     cdef bytes path = segment_path.encode()
     cdef const char *c_path = path
     cdef int rc
+    cdef bint stopped_by_agent
     if not 0 <= index < FLC_MAX_WORKERS:
         raise ValueError(f"worker index {index} out of range")
     # The agent's death must not leave a worker serving on its own.
@@ -881,8 +882,47 @@ def run(str segment_path, int index, int max_connections, int drain_timeout_ms,
     # signals reach it through signalfd, not Python handlers.
     with nogil:
         rc = event_loop(&w)
+        stopped_by_agent = w.control.draining != 0  # the agent sets it before it stops us
         teardown(&w)
+    if not stopped_by_agent:
+        remove_orphaned_segment(segment_path, parent_pid)
     return 0 if rc == 0 else 1
+
+
+def remove_orphaned_segment(str segment_path, int agent):
+    """We were not stopped by the agent: if it died (killed: it removes its
+    segment itself otherwise), nobody else will remove the segment. Only
+    while the file at that name is still the dead agent's (a node started
+    again meanwhile owns a new one); other workers keep their mappings of
+    it until they finish draining. The agent's death is awaited briefly:
+    our SIGTERM (PR_SET_PDEATHSIG) comes when the thread that started us
+    exits, and its other threads may outlive it by a moment."""
+    import os
+    import time
+    from lbcore.segment import Segment
+    deadline = time.monotonic() + ORPHAN_WAIT_S
+    while not _process_gone(agent):
+        if time.monotonic() >= deadline:
+            return  # alive: someone else stopped this worker, and the agent replaces it
+        time.sleep(0.01)
+    if Segment.owner_of(segment_path) == agent:
+        try:
+            os.unlink(segment_path)
+        except FileNotFoundError:
+            pass
+
+
+ORPHAN_WAIT_S = 2.0
+
+
+def _process_gone(int pid):
+    """No such process, or one that has exited (a zombie not yet reaped)."""
+    from pathlib import Path  # this module's open() is the system call
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return True
+    return state in ("Z", "X")
 
 
 def descriptors_needed(int max_connections):

@@ -107,6 +107,7 @@ class Orchestrator:
     def _changed(self, change: Change, version: int) -> None:
         self.deriver.touch(change)
         self._dirty = True
+        self._retry_at = 0.0  # a write committed: the store works again, no need to wait for the retry
         self._committed[version] = time.monotonic_ns()
         if len(self._committed) > KEEP_COMMIT_TIMES:
             del self._committed[next(iter(self._committed))]

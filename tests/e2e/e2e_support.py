@@ -462,3 +462,58 @@ def owning_process(client: Client, pids: Iterable[int]) -> int | None:
             except OSError:
                 continue
     return None
+
+
+# ---------------------------------------------------------------- control plane
+
+
+class Orchestrator:
+    def __init__(self, workdir: Path, services: list[dict]) -> None:
+        self.control, self.publish = free_port(), free_port()
+        self.config = workdir / "orch.toml"
+        table = (f'\n[orchestrator]\nstore = "sqlite:///{workdir / "state.db"}"\n'
+                 f'control = "tcp://127.0.0.1:{self.control}"\npublish = "tcp://127.0.0.1:{self.publish}"\n'
+                 "heartbeat_ms = 100\n")
+        self.config.write_text(render_config({"id": "orch"}, services) + table)
+        self.log = workdir / "orch.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"tcp://127.0.0.1:{self.control}"
+
+    def start(self) -> None:
+        self.starts += 1
+        command = [sys.executable, "-m", "orchestrator.cli", "-c", str(self.config)]
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                            env=child_env())
+        wait_until(lambda: self.log.read_text().count("ready:") >= self.starts, 15)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(10)
+
+    def lbctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "ctl.lbctl", "--control", self.endpoint, *args],
+                              capture_output=True, text=True, cwd=ROOT, env=child_env(), timeout=30)
+
+
+def start_nodes(lbproxy, orch: Orchestrator, count: int, **settings) -> list:
+    nodes = []
+    for i in range(count):
+        node = lbproxy([], start=False, workers=1, control=f"tcp://127.0.0.1:{orch.control}",
+                       subscribe=f"tcp://127.0.0.1:{orch.publish}", address=f"127.0.0.{i + 2}",
+                       max_staleness_ms=1000, **settings)
+        node.launch()
+        nodes.append(node)
+    for node in nodes:
+        node.wait_ready_or_exit()
+        node.wait_log("applied: version")
+    return nodes
+
+
+def applied_version(node) -> int:
+    return int(node.stats()["version"])
