@@ -19,7 +19,7 @@ from libc.string cimport memcpy, memmove, memset
 from lbcore.includes.system cimport *
 from lbcore.includes.layout cimport *
 from lbcore.balance.context cimport MAX_EXCLUDED, PickContext, row_is_eligible
-from lbcore.balance.pick cimport pick_backend
+from lbcore.balance.pick cimport claim_backend, pick_backend
 from lbcore.worker cimport *
 
 
@@ -320,14 +320,10 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             continue
         if row < 0:
             return -1
-        if algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS:
-            if not flc_cas_i64(&w.counters[slot].active, ctx.observed_active,
-                               ctx.observed_active + 1):
-                continue  # another worker took a connection meanwhile: scan again
-        else:
-            # other algorithms, or a claim contended CLAIM_ATTEMPTS times:
-            # serving the client beats an exact least-connections choice
-            flc_add_i64(&w.counters[slot].active, 1)
+        # other algorithms, or a claim contended CLAIM_ATTEMPTS times: serving
+        # the client beats an exact least-connections choice
+        if not claim_backend(&ctx, slot, algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS):
+            continue  # another worker took a connection meanwhile: scan again
         w.my_active[slot] += 1
         c.backend_slot = slot
         c.holds_claim = True

@@ -6,9 +6,12 @@
 # returning a row of the backend table (absolute index) or -1 when the
 # service has no eligible backend left that is not excluded. The context and
 # the helpers the algorithms share are in context.pxd; ``pick_backend`` is
-# the one dispatch on the service's algorithm, for the worker and the probe.
-from libc.stdint cimport uint8_t
-from lbcore.includes.layout cimport FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C
+# the one dispatch on the service's algorithm, and ``claim_backend`` the one
+# claim of a pick, for the worker and the probe.
+from libc.stdint cimport uint8_t, uint32_t
+from lbcore.includes.layout cimport (
+    FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_i64, flc_cas_i64,
+)
 from lbcore.balance.context cimport PickContext
 from lbcore.balance cimport least_conn, maglev, p2c, wrr
 
@@ -22,3 +25,14 @@ cdef inline int pick_backend(PickContext *ctx) noexcept nogil:
     if algorithm == FLC_ALGO_MAGLEV:
         return maglev.pick(ctx)
     return wrr.pick(ctx)
+
+
+cdef inline bint claim_backend(PickContext *ctx, uint32_t slot, bint exact) noexcept nogil:
+    # Count the pick as an open connection of the backend in ``slot``.
+    # ``exact`` (least_conn): a compare-and-swap on the count the scan saw,
+    # so two workers never both take the same least-loaded backend; False:
+    # another worker claimed it meanwhile, and the caller scans again.
+    if exact:
+        return flc_cas_i64(&ctx.counters[slot].active, ctx.observed_active, ctx.observed_active + 1)
+    flc_add_i64(&ctx.counters[slot].active, 1)
+    return True

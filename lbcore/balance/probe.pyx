@@ -9,7 +9,7 @@ import numpy as np
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
 from lbcore.balance.context cimport MAX_EXCLUDED, PickContext
-from lbcore.balance.pick cimport pick_backend
+from lbcore.balance.pick cimport claim_backend, pick_backend
 
 
 def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
@@ -100,3 +100,40 @@ def read_backends_under_seqlock(uintptr_t base, Py_ssize_t reads, uint8_t[:, ::1
             if validated == out.shape[0]:
                 break
     return validated, torn
+
+
+def claim_with_a_rival(uintptr_t base, uint32_t service_slot, bint rival):
+    """One worker's least_conn pick and claim, as choose_backend makes them,
+    with (``rival``) another worker's claim of the same backend landing
+    between the scan and the compare-and-swap. Returns (first row, claimed,
+    row of the scan again or -1, claimed then)."""
+    cdef void *segment = <void *>base
+    cdef flc_image_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
+        &flc_control_of(segment).generation))
+    cdef PickContext ctx
+    cdef int row, again = -1
+    cdef bint claimed, claimed_again = False
+    if service_slot >= snap.n_services:
+        raise ValueError(f"no service in slot {service_slot}")
+    ctx.snap = snap
+    ctx.service = &flc_services_of(snap)[service_slot]
+    ctx.backends = flc_backends_of(snap)
+    ctx.table = flc_table_of(snap)
+    ctx.counters = flc_counters_of(segment)
+    ctx.service_state = &flc_service_states_of(segment)[service_slot]
+    ctx.rng = 1
+    ctx.tiebreak = 0
+    ctx.n_excluded = 0
+    ctx.observed_active = -1
+    row = pick_backend(&ctx)
+    if row < 0:
+        return row, False, -1, False
+    if rival:
+        flc_add_i64(&ctx.counters[ctx.backends[row].slot].active, 1)
+    claimed = claim_backend(&ctx, ctx.backends[row].slot, True)
+    if not claimed:
+        ctx.observed_active = -1
+        again = pick_backend(&ctx)
+        if again >= 0:
+            claimed_again = claim_backend(&ctx, ctx.backends[again].slot, True)
+    return row, claimed, again, claimed_again

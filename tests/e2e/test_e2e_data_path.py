@@ -145,3 +145,20 @@ def test_thousand_concurrent_connections_all_complete(backends, lbproxy):
     wait_until(lambda: all(s["active"] == 0 for s in node.backend_stats().values()), 10,
                message=lambda: f"active back to 0: {node.backend_stats()}")
     assert node.stats()["services"][0]["accepted"] == n
+
+
+@pytest.mark.timeout(120)
+def test_a_connect_that_fails_at_once_is_retried_on_another_backend(backends, lbproxy):
+    """connect() itself fails (ENETUNREACH for the broadcast address: no
+    packet leaves the machine) rather than later through the event loop,
+    as a refusal on loopback does: that branch retries the next backend too."""
+    b = backends({"good": "127.0.0.1"})
+    listen = f"127.0.0.1:{free_port()}"
+    rows = [("unreachable", "255.255.255.255:9", 1), ("good", b["good"], 1)]
+    node = lbproxy([service("web", listen, rows)], workers=1)
+    for n in range(20):
+        with Client(listen) as c:
+            assert c.ident() == "good"
+            assert c.echo(b"x%d\n" % n) == b"x%d\n" % n
+    counters = {x["id"]: x for x in node.stats()["services"][0]["backends"]}
+    assert counters["unreachable"]["failed"] >= 5 and counters["good"]["total"] == 20

@@ -142,6 +142,12 @@ def test_node_applies_a_delta_on_its_base_and_fetches_when_the_base_differs(back
         until("applied: version 4", 2, [b"delta", encode_delta(3, v2, 4, v1)])
         with Client(f"127.0.0.1:{port}") as c:
             assert c.ident() == "c"
+        # a delta on an OLDER base (2) than the node holds (4): never applied
+        # (it would route to "a"); the node fetches the control plane's 5
+        answer["snapshot"] = encode_snapshot(5, v2)
+        until("applied: version 5", 4, [b"delta", encode_delta(2, v2, 5, v1)])
+        with Client(f"127.0.0.1:{port}") as c:
+            assert c.ident() == "b"
     finally:
         pub.close(0)
         router.close(0)

@@ -9,6 +9,7 @@ no acknowledged write lost, convergence within seconds of recovery
 (measured; bounded here only as a liveness check)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -149,10 +150,12 @@ def test_kill_9_of_a_backend(fleet):
 
 class Relay:
     """Between lborch's PUB and the nodes: drops every fifth snapshot or
-    delta and sends every third message after the one that follows it."""
+    delta and sends every third message after the one that follows it
+    (``disorder``); drops everything while ``muted``."""
 
-    def __init__(self, upstream: int, port: int) -> None:
-        self.upstream, self.port = upstream, port
+    def __init__(self, upstream: int, port: int, disorder: bool = True) -> None:
+        self.upstream, self.port, self.disorder = upstream, port, disorder
+        self.muted = False
         self.dropped = self.swapped = self.passed = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -180,6 +183,11 @@ class Relay:
                     continue
                 frames = sub.recv_multipart()
                 n += 1
+                if self.muted:
+                    continue
+                if not self.disorder:
+                    pub.send_multipart(frames)
+                    continue
                 if frames[0] in (KIND_DELTA, KIND_SNAPSHOT) and n % 5 == 0:
                     self.dropped += 1
                     continue
@@ -307,3 +315,32 @@ def test_a_store_restored_from_an_older_copy(fleet, workdir):
     assert "STORE BEHIND ITS NODES" in f.orch.log.read_text()
     assert weight_in_store(f.orch, "web", "w1") == 1
     assert load.figures.failed_connections == [] and load.figures.cut_transfers == []
+
+
+def test_the_staleness_a_node_reports_is_what_it_measures(fleet):
+    """While the node hears nothing from the control plane (its PUB muted
+    on the way: heartbeats lost, reports still arrive), the staleness
+    status shows grows past the node's bound; heard again, it falls back.
+    A node that reported a constant 0 once passed every test."""
+    relay_port = free_port()
+    relays: list[Relay] = []
+
+    def start_relay(orch: Orchestrator) -> None:
+        relays.append(Relay(orch.publish, relay_port, disorder=False).__enter__())
+
+    def staleness() -> list[int]:
+        status = json.loads(f.orch.lbctl("status", "--json").stdout)
+        return [n["staleness_ms"] for n in status["nodes"]]
+
+    try:
+        f = fleet(subscribe_port=relay_port, before_nodes=start_relay)
+        wait_until(lambda: len(staleness()) == 2 and max(staleness()) < 600, 10)
+        relays[0].muted = True
+        wait_until(lambda: min(staleness()) > 1500, 10, message=lambda: f"staleness {staleness()}")
+        for node in f.nodes:
+            node.wait_log("STALE")
+        relays[0].muted = False
+        wait_until(lambda: max(staleness()) < 600, 10, message=lambda: f"staleness {staleness()}")
+    finally:
+        for r in relays:
+            r.__exit__()

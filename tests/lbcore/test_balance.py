@@ -10,7 +10,7 @@ import pytest
 
 from lbcore import layout
 from lbcore.balance.maglev import build_table, permutation_seeds
-from lbcore.balance.probe import hash_address, picks
+from lbcore.balance.probe import claim_with_a_rival, hash_address, picks
 from tests.lbcore import reference
 
 
@@ -175,3 +175,24 @@ def test_maglev_table_shares_follow_weights():
     table = build_table(["a", "b", "c"], [1, 2, 3], [0, 1, 2])
     shares = np.bincount(table, minlength=3) / len(table)
     assert np.allclose(shares, [1 / 6, 2 / 6, 3 / 6], atol=0.005), shares
+
+
+@pytest.mark.parametrize("rival", [False, True])
+def test_a_least_conn_claim_lost_to_another_worker_scans_again(published, rival):
+    """The compare-and-swap that keeps two workers from both taking the
+    least-loaded backend: another worker's claim lands between this one's
+    scan and claim. The claim fails, the scan runs again and takes the
+    backend now least loaded; nobody's count is claimed twice. (On two
+    cores the race itself is too rare to meet by running a spread test.)"""
+    published.publish_text([{"name": "web", "listen": "127.0.0.1:8080", "algorithm": "least_conn",
+                             "backends": [("a", "127.0.0.1:9001", 1), ("b", "127.0.0.1:9002", 1)]}])
+    row, claimed, again, claimed_again = claim_with_a_rival(published.segment.base_address, 0, rival)
+    ids = [r["id"].decode() for r in published.image.backends]
+    active = {ids[r]: int(published.segment.counters[int(published.image.backends[r]["slot"])]["active"])
+              for r in range(len(ids))}
+    if not rival:
+        assert (claimed, again) == (True, -1) and active[ids[row]] == 1
+        return
+    assert claimed is False and claimed_again is True
+    assert ids[again] != ids[row]          # the other backend, least loaded now
+    assert active == {"a": 1, "b": 1}      # the rival's claim and ours, one each

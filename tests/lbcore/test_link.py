@@ -181,3 +181,19 @@ def test_the_control_plane_reads_an_ack_as_the_node_writes_it_and_nothing_else()
     ]
     for message in not_acks:
         assert read_ack(message) is None, message
+
+
+V3 = [Service("web", "127.0.0.1:8080", "wrr", (Backend("a", "127.0.0.1:9001", 1),
+                                              Backend("b", "127.0.0.1:9002", 2)))]
+
+
+def test_a_delta_on_an_older_base_is_never_applied_the_full_snapshot_is_fetched(link):
+    """I6 at the node: it holds version 5; a delta from version 3 to 6 (a
+    base older than what it holds) would, applied, make a routing the
+    control plane never derived. The node fetches the full snapshot."""
+    link.routing = deliver(link, [b"snapshot", encode_snapshot(5, V2)])
+    assert link.routing is not None and link.routing.version == 5
+    link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(6, V1).decode()}}
+    routing = deliver(link, [b"delta", encode_delta(3, V1, 6, V3)])
+    assert routing is not None and link.plane.fetches == 1
+    assert routing.version == 6 and routing.encode() == encode_snapshot(6, V1)  # the fetched one

@@ -151,3 +151,18 @@ def test_seeding_is_one_transaction_into_an_empty_store_only(store):
     assert [(b.id, b.weight, b.state, b.version) for b in state.backends] == [("w1", 2, Membership.ACTIVE, 1)]
     assert store.seed([Service("api", "127.0.0.1:8082", "p2c", ())]) is False
     assert store.read() == state
+
+
+def test_the_store_commits_durably(tmp_path):
+    """I8 against power loss, not only kill -9 (the OS keeps a killed
+    process's written pages, so kill -9 tests pass with synchronous=OFF):
+    the store's own connection journals to a write-ahead log and syncs it
+    to disk before a commit returns (synchronous=FULL), so an acknowledged
+    write is on the disk, not in the page cache."""
+    store = SqliteStore(tmp_path / "state.db")
+    try:
+        db = store._db  # the connection the store commits on, not a new one with default settings
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        store.close()
