@@ -18,7 +18,7 @@ def run(*command: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-PACKAGES = ("lbcore", "orchestrator", "ctl", "tests", "bench")
+PACKAGES = ("lbcore", "orchestrator", "ctl", "tests", "bench", "mutation")
 
 
 def test_ruff():

@@ -19,11 +19,20 @@ from tests.support import BackendPool, free_port, wait_for
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("bad_row", ["weight 0", "another service", "out of range"])
+@pytest.mark.parametrize("bad_row", ["weight 0", "another service", "out of range", "stale, past the end"])
 def test_the_worker_refuses_a_row_its_pick_should_never_give(published, bad_row):
-    with BackendPool(3) as pool:
-        good, zero, other = pool.ports
+    with BackendPool(4) as pool:
+        good, zero, other, stale = pool.ports
         web, api = free_port(), free_port()
+        if bad_row == "stale, past the end":
+            # an earlier, bigger image leaves eligible rows of "web" past the
+            # end of the next one written into the same buffer (two publishes on)
+            big = [("good", f"127.0.0.1:{good}", 1), ("zero", f"127.0.0.1:{zero}", 0)] + \
+                [(f"old{i}", f"127.0.0.1:{stale}", 1) for i in range(4)]
+            published.publish(parse_config(config_text([
+                {"name": "web", "listen": f"127.0.0.1:{web}", "algorithm": "wrr", "backends": big},
+                {"name": "api", "listen": f"127.0.0.1:{api}", "algorithm": "wrr",
+                 "backends": [("other", f"127.0.0.1:{other}", 1)]}])))
         image = published.publish(parse_config(config_text([
             {"name": "web", "listen": f"127.0.0.1:{web}", "algorithm": "wrr",
              "backends": [("good", f"127.0.0.1:{good}", 1), ("zero", f"127.0.0.1:{zero}", 0)]},
@@ -31,7 +40,7 @@ def test_the_worker_refuses_a_row_its_pick_should_never_give(published, bad_row)
              "backends": [("other", f"127.0.0.1:{other}", 1)]}])))
         rows = {row["id"].decode(): i for i, row in enumerate(image.backends)}
         row = {"weight 0": rows["zero"], "another service": rows["other"],
-               "out of range": len(image.backends) + 3}[bad_row]
+               "out of range": len(image.backends) + 3, "stale, past the end": 4}[bad_row]
         web_slot = published.service_slots.slot_of("web")
         service = image.services[web_slot]
         assert int(service["schedule_len"]) == 1  # "good" alone
@@ -54,4 +63,5 @@ def test_the_worker_refuses_a_row_its_pick_should_never_give(published, bad_row)
                 assert client.makefile().readline() == f"{other}\n"  # the other service is served
         finally:
             stop_workers(workers)
-        assert (pool.accepted(zero), pool.accepted(other), pool.accepted(good)) == (0, 1, 0)
+        assert (pool.accepted(zero), pool.accepted(other), pool.accepted(good), pool.accepted(stale)) == \
+            (0, 1, 0, 0)
