@@ -106,11 +106,12 @@ def write_results(rows: list, total: str) -> None:
     lines = ["# Mutation check: last result", "",
              f"`python3 mutation/run.py` at git `{commit}` "
              f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}): {len(rows)} mutants, {total}.", "",
-             "| mutant | guards | verdict | tests | why equivalent |", "|---|---|---|---|---|"]
+             "| mutant | guards | verdict | tests | why equivalent, or why not caught |",
+             "|---|---|---|---|---|"]
     for mutant, verdict, _, _ in rows:
         tests = "<br>".join(f"`{t}`" for t in mutant["tests"])
         lines.append(f"| {mutant['name']} | {mutant['guards']} | **{verdict}** | {tests} | "
-                     f"{mutant.get('equivalent', '')} |")
+                     f"{mutant.get('equivalent') or mutant.get('gap', '')} |")
     RESULTS.write_text("\n".join(lines) + "\n")
 
 

@@ -12,14 +12,28 @@ from lbcore.balance.context cimport MAX_EXCLUDED, PickContext
 from lbcore.balance.pick cimport claim_backend, pick_backend
 
 
-def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
-          bint hold=False, excluded_slots=(), uint64_t seed=12345):
-    """Rows picked for ``n`` connections of the service in slot ``service_slot``."""
+cdef bint context_of(PickContext *ctx, uintptr_t base, uint32_t service_slot) noexcept nogil:
+    """The context a worker fills for a connection of the service in
+    ``service_slot``, on the segment's current image; False: no such service."""
     cdef void *segment = <void *>base
     cdef flc_image_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
         &flc_control_of(segment).generation))
+    if service_slot >= snap.n_services:
+        return False
+    ctx.snap = snap
+    ctx.service = &flc_services_of(snap)[service_slot]
+    ctx.backends = flc_backends_of(snap)
+    ctx.table = flc_table_of(snap)
+    ctx.counters = flc_counters_of(segment)
+    ctx.service_state = &flc_service_states_of(segment)[service_slot]
+    return True
+
+
+def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
+          bint hold=False, excluded_slots=(), uint64_t seed=12345):
+    """Rows picked for ``n`` connections of the service in slot ``service_slot``."""
     cdef PickContext ctx
-    cdef flc_counter *counters = flc_counters_of(segment)
+    cdef flc_counter *counters = flc_counters_of(<void *>base)
     cdef Py_ssize_t i
     cdef int row
     cdef uint32_t slot
@@ -29,14 +43,8 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
     out = result
     hashes = np.zeros(n, dtype=np.uint32) if client_hashes is None else \
         np.ascontiguousarray(client_hashes, dtype=np.uint32)
-    if service_slot >= snap.n_services:
+    if not context_of(&ctx, base, service_slot):
         raise ValueError(f"no service in slot {service_slot}")
-    ctx.snap = snap
-    ctx.service = &flc_services_of(snap)[service_slot]
-    ctx.backends = flc_backends_of(snap)
-    ctx.table = flc_table_of(snap)
-    ctx.counters = counters
-    ctx.service_state = &flc_service_states_of(segment)[service_slot]
     ctx.rng = seed | 1
     ctx.tiebreak = 0
     ctx.n_excluded = min(len(excluded_slots), MAX_EXCLUDED)
@@ -107,20 +115,11 @@ def claim_with_a_rival(uintptr_t base, uint32_t service_slot, bint rival):
     with (``rival``) another worker's claim of the same backend landing
     between the scan and the compare-and-swap. Returns (first row, claimed,
     row of the scan again or -1, claimed then)."""
-    cdef void *segment = <void *>base
-    cdef flc_image_header *snap = flc_buffer_of(segment, flc_load_acquire_u64(
-        &flc_control_of(segment).generation))
     cdef PickContext ctx
     cdef int row, again = -1
     cdef bint claimed, claimed_again = False
-    if service_slot >= snap.n_services:
+    if not context_of(&ctx, base, service_slot):
         raise ValueError(f"no service in slot {service_slot}")
-    ctx.snap = snap
-    ctx.service = &flc_services_of(snap)[service_slot]
-    ctx.backends = flc_backends_of(snap)
-    ctx.table = flc_table_of(snap)
-    ctx.counters = flc_counters_of(segment)
-    ctx.service_state = &flc_service_states_of(segment)[service_slot]
     ctx.rng = 1
     ctx.tiebreak = 0
     ctx.n_excluded = 0

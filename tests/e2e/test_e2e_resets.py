@@ -20,7 +20,10 @@ class ScriptedBackend:
     """A listener on 127.0.0.1 that hands each accepted connection to
     ``script`` in a thread of its own; sockets stay open until ``close``."""
 
+    made: list[ScriptedBackend] = []
+
     def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        ScriptedBackend.made.append(self)
         self.script = script
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
@@ -43,6 +46,7 @@ class ScriptedBackend:
             threading.Thread(target=self.script, args=(sock,), daemon=True).start()
 
     def close(self) -> None:
+        ScriptedBackend.made.remove(self)
         self._stop.set()
         self._thread.join(5)
         self.listener.close()
@@ -61,6 +65,20 @@ def scripted():
     yield make
     for backend in made:
         backend.close()
+
+
+def read_to_the_end(sock: socket.socket) -> None:
+    """A backend's script: read until the stream ends, and say how it ended."""
+    ends = next(b.ends for b in ScriptedBackend.made if sock in b.held)
+    sock.settimeout(20)
+    try:
+        while sock.recv(1 << 16):
+            pass
+        ends.append("eof")
+    except ConnectionResetError:
+        ends.append("reset")
+    except OSError as exc:
+        ends.append(repr(exc))
 
 
 def active(node) -> int:
@@ -171,17 +189,6 @@ def test_a_backend_reset_reaches_the_client_as_a_reset(lbproxy, scripted, relay)
 def test_a_client_reset_reaches_the_backend_as_a_reset(lbproxy, scripted):
     """The other way: a client that resets mid-upload is a reset at the backend."""
 
-    def read_to_the_end(sock: socket.socket) -> None:
-        sock.settimeout(20)
-        try:
-            while sock.recv(1 << 16):
-                pass
-            backend.ends.append("eof")
-        except ConnectionResetError:
-            backend.ends.append("reset")
-        except OSError as exc:
-            backend.ends.append(repr(exc))
-
     backend = scripted(read_to_the_end)
     listen = f"127.0.0.1:{free_port()}"
     node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
@@ -200,17 +207,6 @@ def test_a_client_reset_while_the_backend_is_being_reached_is_a_reset_there_too(
     """Clients that reset at once: the node is still connecting to the
     backend when the reset comes. A backend that gets the connection must
     see it reset, never a clean end of stream."""
-
-    def read_to_the_end(sock: socket.socket) -> None:
-        sock.settimeout(20)
-        try:
-            while sock.recv(1 << 16):
-                pass
-            backend.ends.append("eof")
-        except ConnectionResetError:
-            backend.ends.append("reset")
-        except OSError as exc:
-            backend.ends.append(repr(exc))
 
     backend = scripted(read_to_the_end)
     listen = f"127.0.0.1:{free_port()}"
