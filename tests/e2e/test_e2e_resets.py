@@ -4,6 +4,8 @@ pair is closed after node.fin_timeout_ms without traffic. Backends here are
 scripted per connection (greet and hold, stay silent, send then reset)."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import struct
 import threading
@@ -221,3 +223,42 @@ def test_a_client_reset_while_the_backend_is_being_reached_is_a_reset_there_too(
                message=lambda: f"{len(backend.ends)} of {len(backend.held)} ended")
     assert backend.held, "no connection reached the backend"
     assert "eof" not in backend.ends, backend.ends
+
+
+@pytest.mark.timeout(120)
+def test_a_write_that_fails_in_the_relay_is_a_reset_for_the_other_side(lbproxy, scripted):
+    """The relay's own error path: the worker is stopped while the client's
+    bytes arrive and then the backend's reset; resumed, it handles the
+    client's bytes first (epoll reports in arrival order), and writing them
+    to the reset backend fails inside the relay, before the backend's error
+    event is handled. The client must see a reset there too, never a clean
+    end of stream."""
+    resets: list[socket.socket] = []
+
+    def hold_until_told(sock: socket.socket) -> None:
+        resets.append(sock)
+
+    backend = scripted(hold_until_told)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
+    (worker,) = node.remember_pids()
+    host, port = listen.split(":")
+    for attempt in range(3):
+        client = socket.create_connection((host, int(port)), timeout=10)
+        wait_until(lambda n=attempt: len(resets) > n, 10, message=lambda: "the backend to accept")
+        time.sleep(0.1)  # the pair is relaying
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            client.sendall(b"after the backend is gone\n")
+            time.sleep(0.1)
+            resets[attempt].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+            resets[attempt].close()
+            time.sleep(0.1)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        client.settimeout(10)
+        with pytest.raises(ConnectionResetError):
+            data = client.recv(64)
+            raise AssertionError(f"a clean end of stream ({data!r}), not a reset")
+        client.close()
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
