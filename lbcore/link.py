@@ -119,6 +119,7 @@ class ControlLink:
         newest = self.routing
         gap = False
         announced = -1
+        refused = self.refused if time.monotonic() < self._refused_until else (-1, -1)
         while True:
             try:  # a receive that may fail costs one call into libzmq, a check then a receive two
                 frames = self.sub.recv_multipart(zmq.NOBLOCK)
@@ -132,13 +133,15 @@ class ControlLink:
             try:
                 if kind == KIND_HEARTBEAT:
                     epoch, version = decode_heartbeat(body)
-                    if epoch != newest.epoch:
-                        gap = True  # another store: its full snapshot, fetched
-                    announced = max(announced, version)
+                    if epoch != newest.epoch and not (epoch == refused[0] and version <= refused[1]):
+                        gap = True  # another store: its full snapshot, fetched (unless refused already)
+                    elif epoch == newest.epoch:
+                        announced = max(announced, version)
                 elif kind == KIND_DELTA:
                     delta = decode_delta(body)
                     if delta.epoch != newest.epoch:
-                        gap = True  # a delta of another epoch: the full snapshot instead
+                        # a delta of another epoch: the full snapshot instead (unless refused already)
+                        gap = gap or not (delta.epoch == refused[0] and delta.version <= refused[1])
                         continue
                     if delta.version <= newest.version:
                         continue  # old news
@@ -160,7 +163,6 @@ class ControlLink:
                 # node staying up on whatever else a message may hold
                 self.log(f"malformed {kind[:32].decode(errors='replace')} ignored: {exc!r:.300}")
                 gap = gap or kind == KIND_DELTA
-        refused = self.refused if time.monotonic() < self._refused_until else (-1, -1)
         if gap or announced > max(newest.version, refused[1] if refused[0] == newest.epoch else -1):
             fetched = self.fetch()  # something was missed: the full snapshot, now
             if fetched is not None and _newer(fetched, newest):

@@ -61,7 +61,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lbcore.config import ConfigError, Service, check_name, parse_document
+from lbcore.config import MAX_SERVICES, ConfigError, Service, check_name, parse_document
 
 # ---------------------------------------------------------------- limits
 
@@ -234,6 +234,8 @@ def _check_counters(counters: Any) -> None:
     at most MAX_REPORT_BACKENDS rows in all."""
     if not isinstance(counters, dict):
         raise WireError("node.report: counters must be an object")
+    if len(counters) > MAX_SERVICES:
+        raise WireError(f"node.report: counters: more than {MAX_SERVICES} services")
     rows = 0
     for service, backends in counters.items():
         if check_name(service):
@@ -293,7 +295,10 @@ def read_ack(message: bytes) -> tuple[str, int, int, int] | None:
     match = _ACK_READ.fullmatch(message)
     if match is None:
         return None
-    return match[2].decode(), int(match[1]), int(match[4]), int(match[3])
+    node, epoch, version, staleness = match[2].decode(), int(match[1]), int(match[4]), int(match[3])
+    if check_name(node) or max(epoch, version, staleness) > MAX_VERSION:
+        return None  # the regular path refuses it, and says why
+    return node, epoch, version, staleness
 
 
 @functools.lru_cache(maxsize=16)

@@ -18,6 +18,7 @@ cdef enum:
     MAX_SPARE_BUFFERS = 256   # pending-data buffers kept for reuse
     PUMP_ROUNDS = 16          # reads per direction per turn: others get theirs
     CLAIM_ATTEMPTS = 8        # least_conn compare-and-swap tries before a plain claim
+    ABORT_FLUSH_MS = 2000     # an aborted pair's last bytes: sent before the reset, for at most this
 
 cdef enum PumpResult:
     PUMP_IDLE = 0
@@ -42,6 +43,7 @@ cdef struct Side:
     bint readable             # edge-triggered: ready until read says otherwise
     bint writable
     bint rdhup                # peer sent FIN: read until 0 even after a short read
+    bint err                  # an error (a reset) is pending: read until it, never infer a FIN
     bint nodelay              # TCP_NODELAY set (once bulk data flows towards it)
 
 
@@ -74,6 +76,8 @@ cdef struct Conn:
     uint64_t last_active_ms
     int next_free
     bint queued               # in the backlog: more to move, no edge will come
+    bint aborting             # reset on its way: what was read goes out first (abort_conn)
+    uint64_t abort_deadline_ms
 
 
 cdef struct Worker:

@@ -338,9 +338,39 @@ cdef void abort_conn(Worker *w, int index) noexcept nogil:
     """Close both sides with a reset. A reset or an error on one side is
     an abortive close on the other: a clean end of stream would make a
     truncated transfer look complete, and a peer that is gone leaves
-    nothing to finish."""
+    nothing to finish. Nothing more is read; what was read before the
+    error still goes out first (a reset discards a send queue), for at most
+    ABORT_FLUSH_MS: see finish_abort."""
+    cdef Conn *c = &w.conns[index]
+    if not c.aborting:
+        c.aborting = True
+        c.abort_deadline_ms = w.now_ms + ABORT_FLUSH_MS
+    finish_abort(w, index)
+
+
+cdef bint sending(Direction *d, Side *dst) noexcept nogil:
+    """Bytes of ``d`` still on their way to ``dst``: held by us, or in the
+    kernel's send queue. A destination that fails takes no more."""
+    cdef int queued = 0
+    if dst.fd < 0:
+        return False
+    if (d.buf_len > 0 or d.pipe_len > 0) and not flush_pending(d, dst):
+        d.buf_len = 0  # dst is gone: what it would have got is lost with it
+        d.pipe_len = 0
+        return False
+    if d.buf_len > 0 or d.pipe_len > 0:
+        return True
+    return ioctl(dst.fd, SIOCOUTQ, &queued) == 0 and queued > 0
+
+
+cdef void finish_abort(Worker *w, int index) noexcept nogil:
+    """Reset both sides once what was read has gone out, or at the deadline."""
     cdef Conn *c = &w.conns[index]
     cdef linger abortive
+    cdef bint up = sending(&c.up, &c.backend)
+    cdef bint down = sending(&c.down, &c.client)
+    if (up or down) and w.now_ms < c.abort_deadline_ms:
+        return  # again on the next event of this pair, or tick
     abortive.l_onoff = 1
     abortive.l_linger = 0  # close() then sends RST, not FIN
     if c.client.fd >= 0:
@@ -370,6 +400,7 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             c.backend.fd = fd
             c.backend.tag = w.next_tag
             c.backend.readable = c.backend.writable = c.backend.rdhup = c.backend.nodelay = False
+            c.backend.err = False
             c.state = CONN_CONNECTING
             c.connect_deadline_ms = w.now_ms + w.connect_timeout_ms
             epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
@@ -552,9 +583,10 @@ cdef bint read_some(Worker *w, Direction *d, Side *src, Side *dst) noexcept nogi
             # the peer's delayed ACK (tens of ms); small exchanges are one
             # segment each and need no extra system call.
             set_nodelay(dst)
-    elif src.rdhup:
+    elif src.rdhup and not src.err:
         # The peer's FIN came before this event and a short read emptied the
-        # socket: the next read could only return 0, so skip it.
+        # socket: the next read could only return 0, so skip it. (After a
+        # reset it returns the error, which must end the pair as a reset.)
         d.eof = True
         src.readable = False
     else:
@@ -640,7 +672,7 @@ cdef void run_backlog(Worker *w) noexcept nogil:
     for i in range(n):
         index = batch[i]
         w.conns[index].queued = False
-        if w.conns[index].state == CONN_RELAYING:
+        if w.conns[index].state == CONN_RELAYING and not w.conns[index].aborting:
             relay(w, index)
 
 
@@ -651,6 +683,8 @@ cdef inline void note_events(Side *s, uint32_t events) noexcept nogil:
         s.writable = True
     if events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         s.rdhup = True
+    if events & EPOLLERR:
+        s.err = True
 
 
 cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
@@ -683,15 +717,17 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
             connected(w, index)
         note_events(&c.backend, events)
     c.last_active_ms = w.now_ms
+    if c.aborting:
+        finish_abort(w, index)
+        return
     if c.state == CONN_RELAYING:
-        if events & EPOLLERR:
+        relay(w, index)  # the bytes that came before an error are read first; then the error aborts
+        if events & EPOLLERR and c.state == CONN_RELAYING and not c.aborting:
             # A reset (or another error) on either side ends the pair now,
             # whether or not a direction is still moving: a side that
             # reached end of stream is never read again, so its error would
             # otherwise wait for the idle timeout.
             abort_conn(w, index)
-            return
-        relay(w, index)
 
 
 # ---------------------------------------------------------------- time
@@ -711,7 +747,9 @@ cdef void tick(Worker *w) noexcept nogil:
         c = &w.conns[i]
         if c.state == CONN_FREE:
             continue
-        if c.state == CONN_CONNECTING and c.backend.fd >= 0 and w.now_ms >= c.connect_deadline_ms:
+        if c.aborting:
+            finish_abort(w, i)
+        elif c.state == CONN_CONNECTING and c.backend.fd >= 0 and w.now_ms >= c.connect_deadline_ms:
             connect_failed(w, i)
         elif c.state == CONN_RELAYING:
             idle_limit = w.idle_timeout_ms

@@ -87,6 +87,8 @@ class Orchestrator:
         self._last_audit = time.monotonic()
         self.published_version = -1
         self.published_epoch = -1
+        self._epoch_pending = False  # a new epoch taken, not yet published
+        self._store_failed = False  # the last derivation failed on the store itself (not a check)
         self.last_delta_bytes = 0
         self.last_error = ""  # why the last derivation was not published, if it was not
         self._stop = False
@@ -107,7 +109,8 @@ class Orchestrator:
     def _changed(self, change: Change, version: int) -> None:
         self.deriver.touch(change)
         self._dirty = True
-        self._retry_at = 0.0  # a write committed: the store works again, no need to wait for the retry
+        if self._store_failed:
+            self._retry_at = 0.0  # a write committed: the store works again, no need to wait for the retry
         self._committed[version] = time.monotonic_ns()
         if len(self._committed) > KEEP_COMMIT_TIMES:
             del self._committed[next(iter(self._committed))]
@@ -131,7 +134,7 @@ class Orchestrator:
                        counters: dict[str, Any] | None = None, digest: str | None = None,
                        max_staleness_ms: int | None = None) -> None:
         now_ns = time.monotonic_ns()
-        self._check_not_behind(name, epoch, version)
+        self._check_not_behind(name, epoch, version, digest)
         previous = self._forget(name) or {}  # re-inserted below: the dict keeps report order
         if counters is None:  # an ACK carries none
             counters = previous.get("counters", {})
@@ -147,6 +150,8 @@ class Orchestrator:
             counters = {service: {SUMMED: summed_counters(columns_of(backends.values()))}
                         for service, backends in counters.items()}
             rows = len(counters)
+        if self._counter_rows + rows > MAX_COUNTER_ROWS:
+            counters, rows = {}, 0  # past the budget even summed: none kept for this node
         self._counter_rows += rows
         # from the commit of the version to this node's first word of it
         propagation = previous.get("propagation_ms")
@@ -171,17 +176,27 @@ class Orchestrator:
             self._counter_rows -= node["rows"]
         return node
 
-    def _check_not_behind(self, name: str, epoch: int, version: int) -> None:
+    def _check_not_behind(self, name: str, epoch: int, version: int, digest: str | None) -> None:
         """A node that applied a newer version of this very epoch than the
         store holds means the store went back (restored from an older
         copy): versions would never compare again, so the store takes a new
         epoch, and its next snapshot, in full, re-bases every node."""
-        if self.published_version < 0 or epoch != self.published_epoch or version <= self.published_version:
+        if self._epoch_pending or self.published_version < 0 or epoch != self.published_epoch:
+            return  # one new epoch at a time: until it is published, reports of the old one say nothing new
+        if version > self.published_version:
+            why = f"applied version {version} of epoch {epoch}, the store is at {self.published_version}"
+        elif version == self.published_version and digest and digest != self.deriver.routing.digest():
+            why = f"applied version {version} of epoch {epoch} with other bytes than the store's"
+        else:
             return
-        new = self.store.new_epoch()
-        self.log(f"STORE BEHIND ITS NODES: node {name} applied version {version} of epoch {epoch}, the store "
-                 f"is at version {self.published_version} (restored from an older copy?); new epoch {new}: "
-                 "nodes re-base on its next snapshot")
+        try:
+            new = self.store.new_epoch()
+        except Exception as exc:  # the store's own error: the next report asks again
+            self.log(f"STORE BEHIND ITS NODES ({why}), and no new epoch yet: {exc.__class__.__name__}: {exc}")
+            return
+        self.log(f"STORE BEHIND ITS NODES: node {name} {why} (restored from an older copy?); "
+                 f"new epoch {new}: nodes re-base on its next snapshot")
+        self._epoch_pending = True
         self.deriver.derive_in_full_next()
         self._dirty = True
 
@@ -282,6 +297,7 @@ class Orchestrator:
         except Exception as exc:  # a failed check, or the store's own error
             # never publish what fails its check; nodes keep the last good
             # one; what was touched is kept and derived in full on the retry
+            self._store_failed = not isinstance(exc, InconsistentSnapshotError)
             error = f"{exc.__class__.__name__}: {exc}"
             if error != self.last_error:
                 self.log(f"not published ({error}); retrying every {RETRY_S:g} s")
@@ -301,6 +317,7 @@ class Orchestrator:
             self.publisher.send_multipart([KIND_DELTA, delta])
             self.last_delta_bytes = len(delta)
         self.published_version, self.published_epoch = routing.version, routing.epoch
+        self._epoch_pending = False
 
     def _audit_if_idle(self) -> None:
         """I2 at rest, now and then when nothing is changing: the published

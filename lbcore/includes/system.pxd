@@ -138,6 +138,15 @@ cdef extern from "<sys/socket.h>" nogil:
     int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 
 
+cdef extern from "<sys/ioctl.h>" nogil:
+    int ioctl(int fd, unsigned long request, ...)
+
+
+cdef extern from "<linux/sockios.h>" nogil:
+    enum:
+        SIOCOUTQ                  # bytes in a socket's send queue, not yet acknowledged
+
+
 cdef extern from "<time.h>" nogil:
     ctypedef long time_t
 

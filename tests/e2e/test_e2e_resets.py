@@ -262,3 +262,32 @@ def test_a_write_that_fails_in_the_relay_is_a_reset_for_the_other_side(lbproxy, 
             raise AssertionError(f"a clean end of stream ({data!r}), not a reset")
         client.close()
     wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("relay", ["auto", "copy"])
+def test_what_a_backend_sent_before_its_reset_reaches_the_client_first(lbproxy, scripted, relay):
+    """A backend that answers and then resets (an error page sent while the
+    request body is still unread): directly, a client reads the answer and
+    then the reset. Through the node too: the bytes queued before the
+    reset are read and sent on before the reset is passed on."""
+    answer = b"HTTP/1.1 413 Payload Too Large\r\n" + b"x" * 5000
+
+    def answer_then_reset(sock: socket.socket) -> None:
+        sock.sendall(answer)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+        sock.close()
+
+    backend = scripted(answer_then_reset)
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1, relay=relay)
+    host, port = listen.split(":")
+    for _ in range(5):
+        received = b""
+        with socket.create_connection((host, int(port)), timeout=10) as client:
+            with pytest.raises(ConnectionResetError):
+                while chunk := client.recv(65536):
+                    received += chunk
+                raise AssertionError(f"a clean end of stream after {len(received)} bytes")
+        assert received == answer, f"{len(received)} of {len(answer)} bytes before the reset"
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")

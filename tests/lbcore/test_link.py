@@ -197,3 +197,19 @@ def test_a_delta_on_an_older_base_is_never_applied_the_full_snapshot_is_fetched(
     routing = deliver(link, [b"delta", encode_delta(3, V1, 6, V3)])
     assert routing is not None and link.plane.fetches == 1
     assert routing.version == 6 and routing.encode() == encode_snapshot(6, V1)  # the fetched one
+
+
+def test_a_refused_snapshot_of_another_epoch_is_not_fetched_again_on_every_heartbeat(link):
+    """The node refused a snapshot of another epoch (a listen address in
+    use, say): heartbeats of that epoch and version do not fetch it again
+    before the retry time, as for a refused version of its own epoch."""
+    from lbcore.routing import Routing
+
+    link.routing = deliver(link, [b"snapshot", encode_snapshot(1, V1, 1)])
+    link.plane.answer = {"ok": True, "result": {"snapshot": encode_snapshot(3, V2, 2).decode()}}
+    fetched = deliver(link, [b"heartbeat", b'{"epoch": 2, "version": 3}'])
+    assert fetched is not None and (fetched.epoch, fetched.version) == (2, 3) and link.plane.fetches == 1
+    link.refuse(Routing.of(3, V2, 2))
+    for _ in range(5):
+        assert deliver(link, [b"heartbeat", b'{"epoch": 2, "version": 3}']) is None
+    assert link.plane.fetches == 1
