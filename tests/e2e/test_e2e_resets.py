@@ -69,6 +69,14 @@ def scripted():
         backend.close()
 
 
+def behind_a_node(lbproxy, backend: ScriptedBackend, **settings):
+    """One node with one worker in front of ``backend``: (node, host, port)."""
+    listen = f"127.0.0.1:{free_port()}"
+    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1, **settings)
+    host, port = listen.split(":")
+    return node, host, int(port)
+
+
 def read_to_the_end(sock: socket.socket) -> None:
     """A backend's script: read until the stream ends, and say how it ended."""
     ends = next(b.ends for b in ScriptedBackend.made if sock in b.held)
@@ -101,9 +109,7 @@ def test_a_client_gone_before_the_greeting_frees_its_pair_at_once(lbproxy, scrip
             pass
 
     backend = scripted(greet_and_hold)
-    listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
-    host, port = listen.split(":")
+    node, host, port = behind_a_node(lbproxy, backend)
     for _ in range(200):
         with socket.create_connection((host, int(port)), timeout=5):
             pass
@@ -175,9 +181,7 @@ def test_a_backend_reset_reaches_the_client_as_a_reset(lbproxy, scripted, relay)
         sock.close()
 
     backend = scripted(send_then_reset)
-    listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1, relay=relay)
-    host, port = listen.split(":")
+    node, host, port = behind_a_node(lbproxy, backend, relay=relay)
     received = 0
     with socket.create_connection((host, int(port)), timeout=10) as client:
         with pytest.raises(ConnectionResetError):
@@ -192,9 +196,7 @@ def test_a_client_reset_reaches_the_backend_as_a_reset(lbproxy, scripted):
     """The other way: a client that resets mid-upload is a reset at the backend."""
 
     backend = scripted(read_to_the_end)
-    listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
-    host, port = listen.split(":")
+    node, host, port = behind_a_node(lbproxy, backend)
     client = socket.create_connection((host, int(port)), timeout=10)
     client.sendall(b"y" * (1 << 20))
     client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
@@ -211,9 +213,7 @@ def test_a_client_reset_while_the_backend_is_being_reached_is_a_reset_there_too(
     see it reset, never a clean end of stream."""
 
     backend = scripted(read_to_the_end)
-    listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1)
-    host, port = listen.split(":")
+    node, host, port = behind_a_node(lbproxy, backend)
     for _ in range(50):
         client = socket.create_connection((host, int(port)), timeout=10)
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
@@ -279,9 +279,7 @@ def test_what_a_backend_sent_before_its_reset_reaches_the_client_first(lbproxy, 
         sock.close()
 
     backend = scripted(answer_then_reset)
-    listen = f"127.0.0.1:{free_port()}"
-    node = lbproxy([service("web", listen, [("b1", backend.address, 1)])], workers=1, relay=relay)
-    host, port = listen.split(":")
+    node, host, port = behind_a_node(lbproxy, backend, relay=relay)
     for _ in range(5):
         received = b""
         with socket.create_connection((host, int(port)), timeout=10) as client:
