@@ -164,10 +164,78 @@ SERVICE_SETTINGS = [
     Setting("algorithm", str, "wrr", _algorithm, " | ".join(ALGORITHMS)),
 ]
 
+SERVICE_TABLES = ("backend", "health", "outlier")
+
 BACKEND_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "backend id, unique in its service"),
     Setting("address", str, REQUIRED, _address, "IPv4 address:port of the backend"),
     Setting("weight", int, 1, between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
+    Setting("up", bool, True, lambda v: None,
+            "false: held out as down (in a snapshot: the health verdict; nodes keep probing it)"),
+]
+
+HEALTH_KINDS = ("none", "tcp", "http")
+MAX_PROBERS = 64
+_STATUS_RANGE = re.compile(r"([1-5][0-9][0-9])(?:-([1-5][0-9][0-9]))?")
+_HTTP_PATH = re.compile(r"/[!-~]*")
+
+
+def parse_expect(text: str) -> tuple[tuple[int, int], ...]:
+    """``"200-399"``, ``"200,204"``: the HTTP statuses that pass, as ranges;
+    ValueError saying why not."""
+    ranges = []
+    for part in text.split(","):
+        match = _STATUS_RANGE.fullmatch(part.strip())
+        if match is None:
+            raise ValueError(f"{text!r} is not a list of HTTP statuses (100..599) or ranges, "
+                             'like "200-399"')
+        low, high = int(match[1]), int(match[2] or match[1])
+        if low > high:
+            raise ValueError(f"{part.strip()!r}: the range ends before it starts")
+        ranges.append((low, high))
+    return tuple(ranges)
+
+
+def _expect(v: str) -> str | None:
+    try:
+        parse_expect(v)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _http_path(v: str) -> str | None:
+    if len(v) > 1024 or not _HTTP_PATH.fullmatch(v):
+        return f"{v!r} is not an HTTP path (starts with '/', visible ASCII, at most 1024 bytes)"
+    return None
+
+
+# [service.health]: the active checks, run by the nodes (DESIGN, "Health")
+HEALTH_SETTINGS = [
+    Setting("kind", str, "none", lambda v: None if v in HEALTH_KINDS else
+            f"{v!r} is not one of: {', '.join(HEALTH_KINDS)}",
+            "tcp (connect), http (GET path, status in expect), none (only lbctl health report)"),
+    Setting("interval_ms", int, 1000, between(50, 3_600_000), "each prober checks each backend this often"),
+    Setting("timeout_ms", int, 500, between(1, 3_600_000), "a check slower than this fails (< interval_ms)"),
+    Setting("rise", int, 2, between(1, 100), "consecutive good verdicts to go up"),
+    Setting("fall", int, 3, between(1, 100), "consecutive bad verdicts to go down"),
+    Setting("probers", int, 3, between(1, MAX_PROBERS),
+            "nodes that probe each backend (all nodes when fewer are alive)"),
+    Setting("jitter_percent", int, 10, between(0, 50), "each interval is shortened by up to this share"),
+    Setting("path", str, "/", _http_path, "http: the path to GET"),
+    Setting("expect", str, "200-399", _expect, "http: the statuses that pass (\"200-399\", \"200,204\")"),
+    Setting("port", int, 0, between(0, 65535), "0: the backend's own port"),
+]
+
+# [service.outlier]: passive ejection, decided by each node on its own
+OUTLIER_SETTINGS = [
+    Setting("consecutive_failures", int, 5, between(0, 1_000_000),
+            "refused or timed-out connects in a row that eject a backend from this node (0: never)"),
+    Setting("base_ejection_ms", int, 30_000, between(1, MAX_MS),
+            "the first ejection's length, doubled on each repeat up to max_ejection_ms"),
+    Setting("max_ejection_ms", int, 300_000, between(1, MAX_MS), "the longest ejection"),
+    Setting("max_ejection_percent", int, 50, between(0, 100),
+            "a node never ejects more than this share of a service's backends"),
 ]
 
 
@@ -193,6 +261,57 @@ class Backend:
     id: str
     address: str
     weight: int
+    up: bool = True  # False: down by the health verdict (kept in the snapshot so nodes still probe it)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    kind: str = "none"
+    interval_ms: int = 1000
+    timeout_ms: int = 500
+    rise: int = 2
+    fall: int = 3
+    probers: int = 3
+    jitter_percent: int = 10
+    path: str = "/"
+    expect: str = "200-399"
+    port: int = 0
+
+
+@dataclass(frozen=True)
+class Outlier:
+    consecutive_failures: int = 5
+    base_ejection_ms: int = 30_000
+    max_ejection_ms: int = 300_000
+    max_ejection_percent: int = 50
+
+
+DEFAULT_HEALTH, DEFAULT_OUTLIER = HealthCheck(), Outlier()
+
+
+def changed_settings(value: HealthCheck | Outlier) -> dict[str, Any]:
+    """The settings that differ from their defaults: how a snapshot, a
+    delta and the store write a table (the same value, the same bytes)."""
+    default = DEFAULT_HEALTH if isinstance(value, HealthCheck) else DEFAULT_OUTLIER
+    return {k: v for k, v in vars(value).items() if getattr(default, k) != v}
+
+
+def read_health(file: str, where: str, table: Any) -> HealthCheck:
+    """[service.health], with its checks across keys."""
+    health = HealthCheck(**read_table(file, where, table, HEALTH_SETTINGS))
+    if health.timeout_ms >= health.interval_ms:
+        raise ConfigError(file, f"{where}.timeout_ms",
+                          f"must be less than interval_ms ({health.timeout_ms} >= {health.interval_ms})")
+    return health
+
+
+def read_outlier(file: str, where: str, table: Any) -> Outlier:
+    """[service.outlier], with its checks across keys."""
+    outlier = Outlier(**read_table(file, where, table, OUTLIER_SETTINGS))
+    if outlier.max_ejection_ms < outlier.base_ejection_ms:
+        raise ConfigError(file, f"{where}.max_ejection_ms", f"must be at least base_ejection_ms "
+                          f"({outlier.max_ejection_ms} < {outlier.base_ejection_ms})")
+    return outlier
 
 
 @dataclass(frozen=True)
@@ -201,6 +320,8 @@ class Service:
     listen: str
     algorithm: str
     backends: tuple[Backend, ...]
+    health: HealthCheck = DEFAULT_HEALTH
+    outlier: Outlier = DEFAULT_OUTLIER
 
 
 @dataclass(frozen=True)
@@ -245,7 +366,7 @@ def read_table(file: str, where: str, table: Any, settings: list[Setting],
             continue
         value = table[s.name]
         # bool is an int in Python; a TOML boolean is never a valid number here
-        if not isinstance(value, s.kind) or isinstance(value, bool):
+        if not isinstance(value, s.kind) or (isinstance(value, bool) and s.kind is not bool):
             raise ConfigError(file, key, f"must be {s.kind.__name__}, got {type(value).__name__}")
         problem = s.check(value)
         if problem:
@@ -279,7 +400,7 @@ def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
     total_backends = 0
     for i, table in enumerate(raw):
         where = f"service[{i}]"
-        values = read_table(file, where, table, SERVICE_SETTINGS, nested=("backend",))
+        values = read_table(file, where, table, SERVICE_SETTINGS, nested=SERVICE_TABLES)
         if values["name"] in names:
             raise ConfigError(file, f"{where}.name", f"duplicate service name {values['name']!r}")
         names.add(values["name"])
@@ -292,7 +413,9 @@ def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
         total_backends += len(backends)
         if total_backends > MAX_BACKENDS:
             raise ConfigError(file, f"{where}.backend", f"at most {MAX_BACKENDS} backends per node")
-        services.append(Service(backends=backends, **values))
+        health = read_health(file, f"{where}.health", table.get("health", {}))
+        outlier = read_outlier(file, f"{where}.outlier", table.get("outlier", {}))
+        services.append(Service(backends=backends, health=health, outlier=outlier, **values))
     return tuple(services)
 
 

@@ -115,7 +115,7 @@ def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slo
     slot_of = backend_slots.slot_of
     rows["slot"] = [slot_of((name, b.id)) for b in backends]
     rows["service_slot"] = slot
-    rows["eligible"] = rows["weight"] > 0
+    rows["eligible"] = (rows["weight"] > 0) & np.array([b.up for b in backends], dtype=bool)
     return rows
 
 
@@ -125,7 +125,7 @@ def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
     rows["ip"][i] = int.from_bytes(socket.inet_aton(host), "little")
     rows["port"][i] = port
     rows["weight"][i] = backend.weight
-    rows["eligible"][i] = backend.weight > 0
+    rows["eligible"][i] = backend.weight > 0 and backend.up
 
 
 def _with_tables(service: Service, slot: int, rows: np.ndarray,

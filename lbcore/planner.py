@@ -155,6 +155,7 @@ def localize(config: Config, services: tuple[Service, ...]) -> Config:
     """The node's config with ``services``, listeners moved to node.address."""
     address = config.node.address
     if address:  # constructors, not dataclasses.replace: this runs once per version
-        services = tuple(Service(s.name, f"{address}:{parse_address(s.listen)[1]}", s.algorithm, s.backends)
+        services = tuple(Service(s.name, f"{address}:{parse_address(s.listen)[1]}", s.algorithm, s.backends,
+                                 s.health, s.outlier)
                          for s in services)
     return Config(config.path, config.node, services)

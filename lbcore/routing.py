@@ -23,16 +23,23 @@ from typing import Any
 
 from lbcore.config import (
     BACKEND_SETTINGS,
+    DEFAULT_HEALTH,
+    DEFAULT_OUTLIER,
     MAX_BACKENDS,
     MAX_SERVICES,
     SERVICE_SETTINGS,
     Backend,
     ConfigError,
+    HealthCheck,
+    Outlier,
     Service,
+    changed_settings,
     parse_address,
+    read_health,
+    read_outlier,
     read_table,
 )
-from lbcore.wire import Delta, WireError, snapshot_digest
+from lbcore.wire import Delta, WireError, backend_row, canonical_json, snapshot_digest
 
 # Rows a thin Routing (with_rows) holds over its root before the next delta
 # builds it whole: a bound on what a digest or a larger delta has to build.
@@ -48,8 +55,18 @@ def _quote(text: str) -> bytes:
 
 
 def backend_json(b: Backend) -> bytes:
-    """One backend as canonical_json writes it (sorted keys, no spaces)."""
+    """One backend as canonical_json writes it (sorted keys, no spaces);
+    ``up`` only when false (a backend held out by its health verdict)."""
+    if not b.up:
+        return b'{"address":%s,"id":%s,"up":false,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
     return b'{"address":%s,"id":%s,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
+
+
+def settings_json(key: bytes, value: HealthCheck | Outlier) -> bytes:
+    """A service's health or outlier table as the snapshot writes it: the
+    settings that differ from their defaults, none at all when none do."""
+    changed = changed_settings(value)
+    return b',"%s":%s' % (key, canonical_json(changed)) if changed else b""
 
 
 class ServiceRoutes:
@@ -64,17 +81,19 @@ class ServiceRoutes:
     comparing the whole pool."""
 
     __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "pieces_size", "service", "keys",
-                 "changed", "_json")
+                 "changed", "health", "outlier", "_json")
 
     def __init__(self, name: str, listen: str, algorithm: str, backends: dict[str, Backend],
                  pieces: dict[str, bytes], keys: tuple[str, ...] | None = None,
-                 changed: frozenset[str] = frozenset(), pieces_size: int | None = None) -> None:
+                 changed: frozenset[str] = frozenset(), pieces_size: int | None = None,
+                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER) -> None:
         self.name, self.listen, self.algorithm = name, listen, algorithm
+        self.health, self.outlier = health, outlier
         self.backends, self.pieces = backends, pieces
         # the bytes of all pieces: kept up to date by each delta, so that the
         # size of the snapshot is known without encoding it
         self.pieces_size = sum(map(len, pieces.values())) if pieces_size is None else pieces_size
-        self.service = Service(name, listen, algorithm, tuple(backends.values()))
+        self.service = Service(name, listen, algorithm, tuple(backends.values()), health, outlier)
         self.keys = keys if keys is not None else tuple(backends)
         self.changed = changed
         self._json: bytes | None = None
@@ -83,12 +102,13 @@ class ServiceRoutes:
     def of(cls, service: Service) -> ServiceRoutes:
         ordered = sorted(service.backends, key=lambda b: b.id)
         return cls(service.name, service.listen, service.algorithm, {b.id: b for b in ordered},
-                   {b.id: backend_json(b) for b in ordered})
+                   {b.id: backend_json(b) for b in ordered}, health=service.health, outlier=service.outlier)
 
     def _frame(self) -> tuple[bytes, bytes]:
         """What encode() puts before and after the pieces."""
         return (b'{"algorithm":' + _quote(self.algorithm) + b',"backends":[',
-                b'],"listen":' + _quote(self.listen) + b',"name":' + _quote(self.name) + b"}")
+                b"]" + settings_json(b"health", self.health) + b',"listen":' + _quote(self.listen)
+                + b',"name":' + _quote(self.name) + settings_json(b"outlier", self.outlier) + b"}")
 
     def encode(self) -> bytes:
         if self._json is None:
@@ -135,8 +155,7 @@ class Routing:
         services = self._services
         if services is None:  # thin: built now, from the root and the rows checked already
             assert self._root is not None
-            rows = [{"service": name, "id": backend_id, "address": b.address, "weight": b.weight}
-                    for name, changed in self._overlay.items() for backend_id, b in changed.items()]
+            rows = [backend_row(name, b) for name, changed in self._overlay.items() for b in changed.values()]
             services = self._services = self._root.apply(Delta(self.version, self._root.version,
                                                                 backends=rows, epoch=self.epoch)).services
             # built, it is the root of the next ones: holding its own root
@@ -243,10 +262,11 @@ class Routing:
                 raise WireError(f"delta: removed_services[{i}]: no service {name!r}")
             del services[name]
         for i, row in enumerate(delta.services):
-            values = _read_row(f"services[{i}]", row, SERVICE_SETTINGS)
+            values, health, outlier = _service_row(f"services[{i}]", row)
             name = values["name"]
             current = edits.get(name) or (_Edit.of(services[name]) if name in services else _Edit.empty())
             current.listen, current.algorithm = values["listen"], values["algorithm"]
+            current.health, current.outlier = health, outlier
             edits[name] = current
         for i, row in enumerate(delta.removed_backends):
             if not isinstance(row, dict) or set(row) != {"service", "id"} or not isinstance(row["id"], str):
@@ -295,8 +315,10 @@ class _Edit:
     """A service being changed by a delta: copies, never the shared dicts."""
 
     def __init__(self, listen: str, algorithm: str, backends: dict[str, Backend],
-                 pieces: dict[str, bytes], keys: tuple[str, ...] | None, pieces_size: int) -> None:
+                 pieces: dict[str, bytes], keys: tuple[str, ...] | None, pieces_size: int,
+                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER) -> None:
         self.listen, self.algorithm, self.backends, self.pieces = listen, algorithm, backends, pieces
+        self.health, self.outlier = health, outlier
         self.pieces_size = pieces_size
         self.keys = keys  # None once an id comes or goes
         self.changed: set[str] = set()
@@ -305,7 +327,7 @@ class _Edit:
     @classmethod
     def of(cls, service: ServiceRoutes) -> _Edit:
         return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces),
-                   service.keys, service.pieces_size)
+                   service.keys, service.pieces_size, service.health, service.outlier)
 
     @classmethod
     def empty(cls) -> _Edit:
@@ -317,11 +339,12 @@ class _Edit:
             self.pieces = {i: self.pieces[i] for i in self.backends}
         keys = None if self.reorder else self.keys
         return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces, keys,
-                             frozenset(self.changed), self.pieces_size)
+                             frozenset(self.changed), self.pieces_size, self.health, self.outlier)
 
 
-_ID, _ADDRESS, _WEIGHT = BACKEND_SETTINGS
+_ID, _ADDRESS, _WEIGHT, _UP = BACKEND_SETTINGS
 _DELTA_BACKEND_KEYS = frozenset({"service"} | {s.name for s in BACKEND_SETTINGS})
+_DELTA_BACKEND_KEYS_UP = _DELTA_BACKEND_KEYS - {"up"}  # "up" may be left out: true
 
 
 def _backend_row(where: str, row: dict[str, Any]) -> Backend:
@@ -329,17 +352,35 @@ def _backend_row(where: str, row: dict[str, Any]) -> Backend:
     row in line (a delta may carry thousands), anything else through
     read_table, which says what is wrong (and accepts no less)."""
     backend_id, address, weight = row.get("id"), row.get("address"), row.get("weight")
-    if row.keys() == _DELTA_BACKEND_KEYS and type(backend_id) is str and type(address) is str \
-            and type(weight) is int and not (_ID.check(backend_id) or _ADDRESS.check(address)
-                                             or _WEIGHT.check(weight)):
-        return Backend(backend_id, address, weight)
-    return Backend(**_read_row(where, {k: v for k, v in row.items() if k != "service"}, BACKEND_SETTINGS))
+    up = row.get("up", True)
+    keys = row.keys()
+    if (keys == _DELTA_BACKEND_KEYS or keys == _DELTA_BACKEND_KEYS_UP) and type(backend_id) is str \
+            and type(address) is str and type(weight) is int and type(up) is bool and not (
+                _ID.check(backend_id) or _ADDRESS.check(address) or _WEIGHT.check(weight)):
+        return Backend(backend_id, address, weight, up)
+    return Backend(**_read_row(where, {"up": True, **{k: v for k, v in row.items() if k != "service"}},
+                               BACKEND_SETTINGS, optional="up"))
 
 
-def _read_row(where: str, row: Any, settings: list[Any]) -> dict[str, Any]:
-    """One row checked by the rules a config file's row meets, all present."""
+def _service_row(where: str, row: Any) -> tuple[dict[str, Any], HealthCheck, Outlier]:
+    """A delta's service row: its settings, health and outlier tables (the
+    changed settings only; {} when absent), checked by the config file's rules."""
+    plain = {k: v for k, v in row.items() if k not in ("health", "outlier")} if isinstance(row, dict) else row
+    values = _read_row(where, plain,
+                       SERVICE_SETTINGS, optional="health, outlier")
+    try:
+        return (values, read_health("delta", f"{where}.health", row.get("health", {})),
+                read_outlier("delta", f"{where}.outlier", row.get("outlier", {})))
+    except ConfigError as exc:
+        raise WireError(f"delta: {exc.key}: {exc.reason}") from None
+
+
+def _read_row(where: str, row: Any, settings: list[Any], optional: str = "") -> dict[str, Any]:
+    """One row checked by the rules a config file's row meets, all present
+    (besides those ``optional`` names, which have their defaults)."""
     if not isinstance(row, dict) or set(row) != {s.name for s in settings}:
-        raise WireError(f"delta: {where}: must have exactly {', '.join(s.name for s in settings)}")
+        also = f" ({optional} optional)" if optional else ""
+        raise WireError(f"delta: {where}: must have exactly {', '.join(s.name for s in settings)}{also}")
     try:
         return read_table("delta", where, row, settings)
     except ConfigError as exc:

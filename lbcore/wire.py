@@ -38,7 +38,13 @@ On the control plane's PUB socket, two frames each:
 A snapshot (canonical JSON):
 
     {"epoch": E, "services": [{"algorithm", "backends": [{"address", "id",
-     "weight"}, ...], "listen", "name"}, ...], "version": N}
+     ["up": false,] "weight"}, ...], ["health": {...},] "listen", "name",
+     ["outlier": {...}]}, ...], "version": N}
+
+"up": false marks a backend held out by its health verdict: nodes route
+nothing to it and keep probing it. "health" and "outlier" are the
+service's [service.health] and [service.outlier] settings that differ from
+their defaults (absent when none do), so the same policy is the same bytes.
 
 E is the epoch of the store it was derived from: a store's identity, made
 with it (and made anew when the store is found behind its nodes, say a
@@ -61,7 +67,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from lbcore.config import MAX_SERVICES, ConfigError, Service, check_name, parse_document
+from lbcore.config import (
+    MAX_SERVICES,
+    Backend,
+    ConfigError,
+    Service,
+    changed_settings,
+    check_name,
+    parse_document,
+)
 
 # ---------------------------------------------------------------- limits
 
@@ -361,9 +375,9 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...], int]:
 # A delta carries only what changed since its base version:
 #
 #     {"epoch": E, "version": N, "base": B,
-#      "services": [{"name", "listen", "algorithm"}, ...],   # added or changed
+#      "services": [{"name", "listen", "algorithm"[, "health", "outlier"]}, ...],   # added or changed
 #      "removed_services": [NAME, ...],
-#      "backends": [{"service", "id", "address", "weight"}, ...],  # added or changed
+#      "backends": [{"service", "id", "address", "weight"[, "up": false]}, ...],  # added or changed
 #      "removed_backends": [{"service", "id"}, ...]}
 #
 # A node applies it only when it holds version B of epoch E; otherwise it
@@ -390,6 +404,25 @@ class Delta:
 DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
 
 
+def service_row(service: Service) -> dict[str, Any]:
+    """A delta's row of an added or changed service: "health" and "outlier"
+    only when they differ from the defaults (as in a snapshot)."""
+    row = {"name": service.name, "listen": service.listen, "algorithm": service.algorithm}
+    for key, value in (("health", service.health), ("outlier", service.outlier)):
+        changed = changed_settings(value)
+        if changed:
+            row[key] = changed
+    return row
+
+
+def backend_row(service: str, b: Backend) -> dict[str, Any]:
+    """A delta's row of an added or changed backend: "up" only when false."""
+    row = {"service": service, "id": b.id, "address": b.address, "weight": b.weight}
+    if not b.up:
+        row["up"] = False
+    return row
+
+
 def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Service],
                epoch: int = 0) -> Delta:
     """The delta from ``old`` (version ``base``) to ``new``, in canonical order."""
@@ -398,12 +431,12 @@ def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Se
     services, backends, removed_backends = [], [], []
     for name, service in sorted(after.items()):
         previous = before.get(name)
-        if previous is None or (previous.listen, previous.algorithm) != (service.listen, service.algorithm):
-            services.append({"name": name, "listen": service.listen, "algorithm": service.algorithm})
+        if previous is None or (previous.listen, previous.algorithm, previous.health, previous.outlier) \
+                != (service.listen, service.algorithm, service.health, service.outlier):
+            services.append(service_row(service))
         old_rows = {b.id: b for b in previous.backends} if previous else {}
         new_rows = {b.id: b for b in service.backends}
-        backends += [{"service": name, "id": b.id, "address": b.address, "weight": b.weight}
-                     for i, b in sorted(new_rows.items()) if old_rows.get(i) != b]
+        backends += [backend_row(name, b) for i, b in sorted(new_rows.items()) if old_rows.get(i) != b]
         removed_backends += [{"service": name, "id": i} for i in sorted(old_rows) if i not in new_rows]
     return Delta(version, base, services, sorted(set(before) - set(after)), backends, removed_backends, epoch)
 

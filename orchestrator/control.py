@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from lbcore.config import DEFAULT_HEALTH, DEFAULT_OUTLIER
 from lbcore.wire import (
     WireError,
     decode_reply,
@@ -28,8 +29,10 @@ from lbcore.wire import (
 )
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
 from orchestrator.model import Change, Membership, State
+from orchestrator.policy import health_of, merged_health, merged_outlier, outlier_of
 
 if TYPE_CHECKING:  # lbctl imports this module: not the store (and what it imports)
+    from lbcore.config import HealthCheck, Outlier
     from orchestrator.store import Store
 
 # what a client of the admin API (lbctl) needs to speak it
@@ -42,7 +45,8 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "backend.set_weight": (frozenset({"service", "id", "weight"}), frozenset({"expected_version"})),
     "backend.list": (frozenset(), frozenset({"service"})),
     "policy.get": (frozenset({"service"}), frozenset()),
-    "policy.set": (frozenset({"service", "algorithm"}), frozenset({"listen", "expected_version"})),
+    "policy.set": (frozenset({"service", "algorithm"}),
+                   frozenset({"listen", "expected_version", "health", "outlier"})),
     "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
     "health.show": (frozenset(), frozenset()),
     "version": (frozenset(), frozenset()),
@@ -93,6 +97,8 @@ class ControlPlane:
                  on_change: Callable[[Change, int], None] = lambda change, version: None) -> None:
         self.store = store
         self.on_change = on_change
+        # told of every operator's health report that applied (the checks' counter follows it)
+        self.on_health_report: Callable[[str, bool], None] = lambda backend, up: None
         # verbs answered by whoever runs this plane (the server's snapshot fetch)
         self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
 
@@ -137,14 +143,12 @@ class ControlPlane:
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
                                Change(backend=(service, backend_id)))
         if verb == "policy.set":
-            listen = self._listen(args)
-            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected),
+            listen, health, outlier = self._policy_settings(args)
+            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected,
+                                                        health, outlier),
                                Change(service=service))
         if verb == "health.report":
-            applied, version = store.record_health(args["backend"], args["up"], args["revision"])
-            if applied:
-                self.on_change(Change(health=args["backend"]), version)
-            return {"version": version, "applied": applied}
+            return self._health_report(args["backend"], args["up"], args["revision"])
         state = store.read()
         if verb == "backend.list":
             return [_backend(b) for b in state.backends if args.get("service") in (None, b.service)]
@@ -154,19 +158,51 @@ class ControlPlane:
             return [asdict(h) for h in state.health]
         return {"version": state.version}
 
-    def _listen(self, args: dict[str, Any]) -> str:
+    def _policy_settings(self, args: dict[str, Any]) -> tuple[str, HealthCheck | None, Outlier | None]:
+        """The listen address (the service's own when not given) and the
+        health and outlier settings with the given ones over the service's
+        (None: unchanged), checked as a file's are."""
+        current = next((p for p in self.store.read().policies if p.service == args["service"]), None)
         if "listen" in args:
-            return str(args["listen"])
-        for policy in self.store.read().policies:
-            if policy.service == args["service"]:
-                return policy.listen
-        raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address")
+            listen = str(args["listen"])
+        elif current is not None:
+            listen = current.listen
+        else:
+            raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address")
+        health = outlier = None
+        if "health" in args:
+            health = merged_health(health_of(current.health) if current else DEFAULT_HEALTH, args["health"])
+        if "outlier" in args:
+            base = outlier_of(current.outlier) if current else DEFAULT_OUTLIER
+            outlier = merged_outlier(base, args["outlier"])
+        return listen, health, outlier
+
+    def _health_report(self, backend: str, up: bool, revision: int) -> dict[str, Any]:
+        """An operator's observation (I4: only a newer revision applies; an
+        older one is refused, saying the stored revision, and changes nothing)."""
+        applied, version = self.store.record_health(backend, up, revision, "report")
+        if not applied:
+            stored = next((h.revision for h in self.store.read().health if h.backend_id == backend), None)
+            raise BadRequestError(f"health.report: revision {revision} of {backend} is not newer than the "
+                                  f"stored revision {stored}: nothing changed")
+        self.on_change(Change(health=backend), version)
+        self.on_health_report(backend, up)
+        return {"version": version, "applied": applied}
+
+    def record_verdict(self, backend: str, up: bool) -> int:
+        """The health checks' change of verdict: one observation with the
+        next revision, through the same store path as an operator's (I4)."""
+        applied, version = self.store.record_health(backend, up, None, "checks")
+        if applied:
+            self.on_change(Change(health=backend), version)
+        return version
 
     @staticmethod
     def _policy(state: State, service: str) -> dict[str, Any]:
         for policy in state.policies:
             if policy.service == service:
-                return asdict(policy)
+                return {**asdict(policy), "health": asdict(health_of(policy.health)),
+                        "outlier": asdict(outlier_of(policy.outlier))}
         raise NotFoundError(f"no service {service!r}")
 
 

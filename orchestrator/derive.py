@@ -5,14 +5,18 @@ running control plane, one change at a time (``Deriver``).
 A backend is routable when its membership is active, its last health
 observation says up (no observation yet counts as up: a new backend takes
 traffic at once, and health checks take it out), and its weight is above 0.
+An active backend with weight above 0 that its health verdict holds down is
+in the snapshot too, marked ``up: false``: nodes route nothing to it and
+keep probing it, which is how it comes back.
 """
 from __future__ import annotations
 
 from lbcore.config import Backend, Service
 from lbcore.routing import Routing
-from lbcore.wire import Delta, WireError, decode_snapshot, diff_delta
+from lbcore.wire import Delta, WireError, backend_row, decode_snapshot, diff_delta, service_row
 from orchestrator import model
 from orchestrator.model import Change, Membership, State
+from orchestrator.policy import health_of, outlier_of
 from orchestrator.store import Store
 
 # Touched rows beyond which one whole read beats reading them one by one (a
@@ -24,17 +28,23 @@ class InconsistentSnapshotError(Exception):
     """A derived snapshot failed its check; it is not published."""
 
 
-def routable(record: model.Backend, up: bool) -> bool:
-    return record.state is Membership.ACTIVE and up and record.weight > 0
+def row_of(record: model.Backend | None, up: bool) -> Backend | None:
+    """The snapshot's row of a membership record: active with weight above
+    0, marked down when its health says so; None when not in the snapshot."""
+    if record is None or record.state is not Membership.ACTIVE or record.weight <= 0:
+        return None
+    return Backend(record.id, record.address, record.weight, up)
 
 
 def eligible(state: State) -> tuple[Service, ...]:
     up = {h.backend_id: h.up for h in state.health}
     routed: dict[str, list[Backend]] = {p.service: [] for p in state.policies}
     for b in state.backends:
-        if b.service in routed and routable(b, up.get(b.id, True)):
-            routed[b.service].append(Backend(b.id, b.address, b.weight))
-    return tuple(Service(p.service, p.listen, p.algorithm, tuple(routed[p.service])) for p in state.policies)
+        row = row_of(b, up.get(b.id, True)) if b.service in routed else None
+        if row is not None:
+            routed[b.service].append(row)
+    return tuple(Service(p.service, p.listen, p.algorithm, tuple(routed[p.service]),
+                         health_of(p.health), outlier_of(p.outlier)) for p in state.policies)
 
 
 def derive_in_full(state: State) -> Routing:
@@ -153,19 +163,19 @@ class Deriver:
             policy, held = policies.get(name), current.get(name)
             if policy is None and held is not None:
                 delta.removed_services.append(name)
-            elif policy is not None and (held is None or (held.listen, held.algorithm)
-                                         != (policy.listen, policy.algorithm)):
-                delta.services.append({"name": name, "listen": policy.listen, "algorithm": policy.algorithm})
+            elif policy is not None:
+                health, outlier = health_of(policy.health), outlier_of(policy.outlier)
+                if held is None or (held.listen, held.algorithm, held.health, held.outlier) \
+                        != (policy.listen, policy.algorithm, health, outlier):
+                    delta.services.append(service_row(Service(name, policy.listen, policy.algorithm, (),
+                                                              health, outlier)))
         for service, backend_id in sorted(backends):
             if service in delta.removed_services:
                 continue
-            record = records.get((service, backend_id))
-            row = Backend(backend_id, record.address, record.weight) \
-                if record is not None and routable(record, up.get(backend_id, True)) else None
+            row = row_of(records.get((service, backend_id)), up.get(backend_id, True))
             held_row = current[service].backends.get(backend_id) if service in current else None
             if row is not None and row != held_row:
-                delta.backends.append({"service": service, "id": backend_id, "address": row.address,
-                                       "weight": row.weight})
+                delta.backends.append(backend_row(service, row))
             elif row is None and held_row is not None:
                 delta.removed_backends.append({"service": service, "id": backend_id})
         return delta
@@ -175,11 +185,11 @@ class Deriver:
         """What the nodes will hold after ``delta`` is what was derived."""
         for row in delta.services:
             held = routing.services.get(row["name"])
-            if held is None or (held.listen, held.algorithm) != (row["listen"], row["algorithm"]):
+            if held is None or service_row(held.service) != row:
                 raise InconsistentSnapshotError(f"service {row['name']} not as derived")
         for row in delta.backends:
             held_row = routing.services[row["service"]].backends.get(row["id"])
-            if held_row != Backend(row["id"], row["address"], row["weight"]):
+            if held_row != Backend(row["id"], row["address"], row["weight"], row.get("up", True)):
                 raise InconsistentSnapshotError(f"backend {row['service']}/{row['id']} not as derived")
         for row in delta.removed_backends:
             if row["id"] in routing.services[row["service"]].backends:

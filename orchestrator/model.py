@@ -40,6 +40,8 @@ class Health:
     backend_id: str
     up: bool
     revision: int       # observation revision; only a newer one applies
+    source: str = "report"  # who observed it: "report" (lbctl health report) or "checks" (the verdict)
+    since: float = 0.0  # when it was written (wall clock, seconds)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class Policy:
     listen: str
     algorithm: str
     version: int        # strictly increasing per service
+    health: str = "{}"  # [service.health] settings that differ from the defaults (orchestrator.policy)
+    outlier: str = "{}"  # [service.outlier] likewise
 
 
 @dataclass(frozen=True)

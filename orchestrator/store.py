@@ -15,15 +15,17 @@ compare-and-swap rules live here and only here:
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from lbcore.balance import ALGORITHMS
-from lbcore.config import MAX_WEIGHT, Service, check_name, parse_address
+from lbcore.config import MAX_WEIGHT, HealthCheck, Outlier, Service, check_name, parse_address
 from lbcore.layout import MAX_BACKENDS, MAX_SERVICES
 from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
 from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy, State
+from orchestrator.policy import settings_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -33,15 +35,23 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('config_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', abs(random() % 4611686018427387903) + 1);
 CREATE TABLE IF NOT EXISTS policy (
     service TEXT PRIMARY KEY, listen TEXT NOT NULL, algorithm TEXT NOT NULL,
-    version INTEGER NOT NULL);
+    version INTEGER NOT NULL, health TEXT NOT NULL DEFAULT '{}', outlier TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS backend (
     service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT NULL,
     weight INTEGER NOT NULL, state TEXT NOT NULL, version INTEGER NOT NULL,
     PRIMARY KEY (service, id));
 CREATE INDEX IF NOT EXISTS backend_by_id ON backend (id);
 CREATE TABLE IF NOT EXISTS health (
-    backend_id TEXT PRIMARY KEY, up INTEGER NOT NULL, revision INTEGER NOT NULL);
+    backend_id TEXT PRIMARY KEY, up INTEGER NOT NULL, revision INTEGER NOT NULL,
+    source TEXT NOT NULL DEFAULT 'report', since REAL NOT NULL DEFAULT 0);
 """
+# Columns added since the first stores were made: added to an older store
+# when it is opened (a default each, so its rows read as before).
+ADDED_COLUMNS = {
+    "policy": ("health TEXT NOT NULL DEFAULT '{}'", "outlier TEXT NOT NULL DEFAULT '{}'"),
+    "health": ("source TEXT NOT NULL DEFAULT 'report'", "since REAL NOT NULL DEFAULT 0"),
+}
+HEALTH_SOURCES = ("report", "checks")
 
 
 class Store(Protocol):
@@ -51,13 +61,15 @@ class Store(Protocol):
     def read(self) -> State: ...
     def read_rows(self, services: set[str], backends: set[tuple[str, str]],
                   backend_ids: set[str]) -> State: ...
-    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int: ...
+    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None,
+                   health: HealthCheck | None = None, outlier: Outlier | None = None) -> int: ...
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
                     expected_version: int | None) -> int: ...
     def set_membership(self, service: str, backend_id: str, state: Membership,
                        expected_version: int | None) -> int: ...
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
-    def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]: ...
+    def record_health(self, backend_id: str, up: bool, revision: int | None,
+                      source: str = "report") -> tuple[bool, int]: ...
     def seed(self, services: Sequence[Service]) -> bool: ...
     def advance_version(self) -> int: ...
     def new_epoch(self) -> int: ...
@@ -123,12 +135,20 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._add_columns()
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"{self.path}: {_why(exc)}") from None
 
     def close(self) -> None:
         self._db.close()
+
+    def _add_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for column in columns:
+                if column.split()[0] not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
     # ------------------------------------------------------------ reads
 
@@ -139,12 +159,12 @@ class SqliteStore:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
             epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for row in db.execute(
-                "SELECT service, listen, algorithm, version FROM policy ORDER BY service"))
+                "SELECT service, listen, algorithm, version, health, outlier FROM policy ORDER BY service"))
             backends = tuple(
                 Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in db.execute(
                     "SELECT service, id, address, weight, state, version FROM backend ORDER BY service, id"))
-            health = tuple(Health(b, bool(up), r) for b, up, r in db.execute(
-                "SELECT backend_id, up, revision FROM health ORDER BY backend_id"))
+            health = tuple(Health(b, bool(up), r, source, since) for b, up, r, source, since in db.execute(
+                "SELECT backend_id, up, revision, source, since FROM health ORDER BY backend_id"))
         finally:
             db.execute("COMMIT")
         return State(version, policies, backends, health, epoch)
@@ -159,16 +179,17 @@ class SqliteStore:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
             epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for name in sorted(services) for row in db.execute(
-                "SELECT service, listen, algorithm, version FROM policy WHERE service = ?", (name,)))
+                "SELECT service, listen, algorithm, version, health, outlier FROM policy WHERE service = ?",
+                (name,)))
             query = "SELECT service, id, address, weight, state, version FROM backend WHERE "
             rows = {(r[0], r[1]): r for key in backends
                     for r in db.execute(query + "service = ? AND id = ?", key)}
             rows.update({(r[0], r[1]): r for i in backend_ids for r in db.execute(query + "id = ?", (i,))})
             records = tuple(Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in
                             (rows[key] for key in sorted(rows)))
-            health_query = "SELECT backend_id, up, revision FROM health WHERE backend_id = ?"
-            health = tuple(Health(b, bool(up), r) for i in sorted({b.id for b in records})
-                           for b, up, r in db.execute(health_query, (i,)))
+            health_query = "SELECT backend_id, up, revision, source, since FROM health WHERE backend_id = ?"
+            health = tuple(Health(b, bool(up), r, source, since) for i in sorted({b.id for b in records})
+                           for b, up, r, source, since in db.execute(health_query, (i,)))
         finally:
             db.execute("COMMIT")
         return State(version, policies, records, health, epoch)
@@ -193,7 +214,9 @@ class SqliteStore:
             raise
         return changed, int(version)
 
-    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None) -> int:
+    def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None,
+                   health: HealthCheck | None = None, outlier: Outlier | None = None) -> int:
+        """``health``, ``outlier``: None keeps the service's (the defaults for a new one)."""
         _check_name("service", service)
         listen = _canonical_address(listen)
         _check_expected(expected_version)
@@ -215,6 +238,10 @@ class SqliteStore:
                        "ON CONFLICT (service) DO UPDATE SET listen = excluded.listen, "
                        "algorithm = excluded.algorithm, version = excluded.version",
                        (service, listen, algorithm, current + 1))
+            for column, value in (("health", health), ("outlier", outlier)):
+                if value is not None:
+                    db.execute(f"UPDATE policy SET {column} = ? WHERE service = ?",
+                               (settings_text(value), service))
 
         return self._mutate(change)[1]
 
@@ -284,12 +311,19 @@ class SqliteStore:
 
         return self._mutate(change)[1]
 
-    def record_health(self, backend_id: str, up: bool, revision: int) -> tuple[bool, int]:
+    def record_health(self, backend_id: str, up: bool, revision: int | None,
+                      source: str = "report") -> tuple[bool, int]:
         """(applied, config version). An observation not newer than the
-        stored one is ignored and the version does not move (I4)."""
+        stored one is ignored and the version does not move (I4).
+        ``revision`` None: the stored one + 1 (the health checks' verdict,
+        whose writes are in order by construction). ``source``: who
+        observed it (HEALTH_SOURCES)."""
         _check_name("backend", backend_id)
-        if isinstance(revision, bool) or not isinstance(revision, int) or not 0 <= revision < MAX_INTEGER:
+        if revision is not None and (isinstance(revision, bool) or not isinstance(revision, int)
+                                     or not 0 <= revision < MAX_INTEGER):
             raise BadRequestError(f"revision must be an integer 0..2**62 (got {revision!r})")
+        if source not in HEALTH_SOURCES:
+            raise BadRequestError(f"source must be one of {', '.join(HEALTH_SOURCES)} (got {source!r})")
         if not isinstance(up, bool):
             raise BadRequestError(f"up must be a boolean (got {up!r})")
 
@@ -297,12 +331,13 @@ class SqliteStore:
             if not db.execute("SELECT 1 FROM backend WHERE id = ? LIMIT 1", (backend_id,)).fetchone():
                 raise NotFoundError(f"no backend {backend_id!r} in any service")
             row = db.execute("SELECT revision FROM health WHERE backend_id = ?", (backend_id,)).fetchone()
-            if row and row[0] >= revision:
+            new = (row[0] + 1 if row else 1) if revision is None else revision
+            if row and row[0] >= new:
                 return False
-            db.execute("INSERT INTO health (backend_id, up, revision) VALUES (?, ?, ?) "
-                       "ON CONFLICT (backend_id) DO UPDATE SET "
-                       "up = excluded.up, revision = excluded.revision",
-                       (backend_id, int(up), revision))
+            db.execute("INSERT INTO health (backend_id, up, revision, source, since) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT (backend_id) DO UPDATE SET up = excluded.up, "
+                       "revision = excluded.revision, source = excluded.source, since = excluded.since",
+                       (backend_id, int(up), new, source, time.time()))
             return True
 
         return self._mutate(change)
@@ -318,8 +353,10 @@ class SqliteStore:
         def change(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0] != 0:
                 return False
-            db.executemany("INSERT INTO policy (service, listen, algorithm, version) VALUES (?, ?, ?, 1)",
-                           [(s.name, _canonical_address(s.listen), s.algorithm) for s in services])
+            db.executemany("INSERT INTO policy (service, listen, algorithm, version, health, outlier) "
+                           "VALUES (?, ?, ?, 1, ?, ?)",
+                           [(s.name, _canonical_address(s.listen), s.algorithm, settings_text(s.health),
+                             settings_text(s.outlier)) for s in services])
             db.executemany("INSERT INTO backend (service, id, address, weight, state, version) "
                            "VALUES (?, ?, ?, ?, 'active', 1)",
                            [(s.name, b.id, _canonical_address(b.address), b.weight)

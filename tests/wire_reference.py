@@ -5,20 +5,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lbcore.config import Service
+from lbcore.config import DEFAULT_HEALTH, DEFAULT_OUTLIER, Service
 from lbcore.wire import canonical_json, diff_delta
 
 
+def _service(s: Service) -> dict:
+    document = {"name": s.name, "listen": s.listen, "algorithm": s.algorithm,
+                "backends": [{"id": b.id, "address": b.address, "weight": b.weight,
+                              **({} if b.up else {"up": False})}
+                             for b in sorted(s.backends, key=lambda b: b.id)]}
+    tables = (("health", s.health, DEFAULT_HEALTH), ("outlier", s.outlier, DEFAULT_OUTLIER))
+    for key, value, default in tables:
+        changed = {k: v for k, v in vars(value).items() if getattr(default, k) != v}
+        if changed:
+            document[key] = changed
+    return document
+
+
 def encode_snapshot(version: int, services: Sequence[Service], epoch: int = 0) -> bytes:
+    """The snapshot format written out plainly from its description in
+    lbcore.wire: down rows say "up": false, health and outlier tables carry
+    only what differs from the defaults."""
     return canonical_json({
         "epoch": epoch,
         "version": version,
-        "services": [
-            {"name": s.name, "listen": s.listen, "algorithm": s.algorithm,
-             "backends": [{"id": b.id, "address": b.address, "weight": b.weight}
-                          for b in sorted(s.backends, key=lambda b: b.id)]}
-            for s in sorted(services, key=lambda s: s.name)
-        ],
+        "services": [_service(s) for s in sorted(services, key=lambda s: s.name)],
     })
 
 

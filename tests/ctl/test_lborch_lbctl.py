@@ -105,9 +105,10 @@ def test_conflict_exits_3_and_changes_nothing(orch):
 def test_stale_health_revision_changes_nothing(orch):
     assert lbctl(orch, "health", "report", "w1", "down", "--revision", "5").returncode == 0
     stale = lbctl(orch, "health", "report", "w1", "up", "--revision", "4")
-    assert stale.returncode == 0 and "not applied" in stale.stdout
+    assert stale.returncode == 1
+    assert "revision 4 of w1 is not newer than the stored revision 5: nothing changed" in stale.stderr
     shown = json.loads(lbctl(orch, "health", "show", "--json").stdout)
-    assert shown == [{"backend_id": "w1", "revision": 5, "up": False}]
+    assert [(h["id"], h["state"], h["revision"], h["source"]) for h in shown] == [("w1", "down", 5, "report")]
 
 
 def test_usage_errors_exit_2(orch):

@@ -56,9 +56,12 @@ def test_stale_health_changes_nothing(plane):
     call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001")
     assert call(plane, "health.report", backend="w1", up=False, revision=3)["result"]["applied"] is True
     before = len(plane.changes)
-    assert call(plane, "health.report", backend="w1", up=True, revision=2)["result"]["applied"] is False
+    refused = call(plane, "health.report", backend="w1", up=True, revision=2)["error"]
+    assert refused["code"] == "bad_request"
+    assert "revision 2 of w1 is not newer than the stored revision 3: nothing changed" in refused["message"]
     assert len(plane.changes) == before
-    assert call(plane, "health.show")["result"] == [{"backend_id": "w1", "up": False, "revision": 3}]
+    assert [(h["backend_id"], h["up"], h["revision"]) for h in call(plane, "health.show")["result"]] \
+        == [("w1", False, 3)]
 
 
 @pytest.mark.parametrize("raw, fragment", [

@@ -212,10 +212,13 @@ class StoreMachine(RuleBasedStateMachine):
         if not any(b == backend for _, b in self.backends):
             assert reply["error"]["code"] == "not_found"  # health of a backend no service has
             return
-        assert reply["result"]["applied"] == newer  # I4
-        if newer:
-            self.version += 1
-            self.health[backend] = (up, revision)
+        if not newer:  # I4: refused, saying why, and nothing changed
+            assert reply["error"]["code"] == "bad_request"
+            assert f"not newer than the stored revision {stored[1]}" in reply["error"]["message"]
+            return
+        assert reply["result"]["applied"]
+        self.version += 1
+        self.health[backend] = (up, revision)
         assert reply["result"]["version"] == self.version
 
     @invariant()
@@ -241,13 +244,14 @@ class StoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def routing_state_is_derived(self):
-        """I2: the published snapshot is eligible(membership, health, policy)."""
+        """I2: the published snapshot is eligible(membership, health, policy):
+        active backends with weight above 0, those whose health is down
+        marked so (nodes route nothing to them and keep probing them)."""
         expected = [
             Service(service, LISTEN[service], algorithm, tuple(
-                Backend(backend, address, weight)
+                Backend(backend, address, weight, self.health.get(backend, (True, 0))[0])
                 for (s, backend), (address, weight, state, _) in sorted(self.backends.items())
-                if s == service and state is Membership.ACTIVE and weight > 0
-                and self.health.get(backend, (True, 0))[0]))
+                if s == service and state is Membership.ACTIVE and weight > 0))
             for service, (algorithm, _) in sorted(self.policies.items())]
         state = self.store.read()
         assert derive_in_full(state).encode() == encode_snapshot(self.version, expected, state.epoch)
