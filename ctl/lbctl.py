@@ -26,6 +26,8 @@ from orchestrator.control import WireError, decode_reply, encode_request
 from orchestrator.settings import (
     ALGORITHM_NAMES,
     DEFAULT_CONTROL,
+    HEALTH_SETTINGS,
+    OUTLIER_SETTINGS,
     ConfigError,
     control_endpoint,
     load_services,
@@ -102,15 +104,23 @@ def _parser() -> argparse.ArgumentParser:
     command(policy, "get").add_argument("service")
     pset = command(policy, "set", write=True)
     pset.add_argument("service")
-    pset.add_argument("--algorithm", required=True, choices=ALGORITHM_NAMES)
+    pset.add_argument("--algorithm", choices=ALGORITHM_NAMES, help="(required for a new service)")
     pset.add_argument("--listen", help="address:port (required for a new service)")
+    for table, settings in (("health", HEALTH_SETTINGS), ("outlier", OUTLIER_SETTINGS)):
+        for s in settings:  # one flag per key of [service.health] and [service.outlier]
+            pset.add_argument(f"--{table}-{s.name.replace('_', '-')}", dest=f"{table}__{s.name}", type=s.kind,
+                              help=f"[service.{table}] {s.name}: {s.help}")
 
     health = groups.add_parser("health").add_subparsers(dest="verb", required=True)
     report = command(health, "report")
     report.add_argument("backend")
     report.add_argument("status", choices=("up", "down"))
     report.add_argument("--revision", type=int, required=True)
-    command(health, "show")
+    command(health, "show").add_argument("service", nargs="?")
+    explain = command(groups, "explain")
+    explain.set_defaults(verb="explain")
+    explain.add_argument("service")
+    explain.add_argument("backend")
 
     snapshot = groups.add_parser("snapshot").add_subparsers(dest="verb", required=True)
     command(snapshot, "show").add_argument("--node", help="what this node applied, audited")
@@ -149,13 +159,20 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if key == ("policy", "get"):
         return "policy.get", {"service": args.service}
     if key == ("policy", "set"):
-        listen = {"listen": args.listen} if args.listen else {}
-        return "policy.set", {"service": args.service, "algorithm": args.algorithm, **listen, **expected}
+        given = {k: v for k, v in (("listen", args.listen), ("algorithm", args.algorithm)) if v}
+        for table in ("health", "outlier"):
+            values = {k.split("__", 1)[1]: v for k, v in vars(args).items()
+                      if k.startswith(f"{table}__") and v is not None}
+            if values:
+                given[table] = values
+        return "policy.set", {"service": args.service, **given, **expected}
     if key == ("health", "report"):
         return "health.report", {"backend": args.backend, "up": args.status == "up",
                                  "revision": args.revision}
     if key == ("health", "show"):
-        return "health.show", {}
+        return "health.show", {"service": args.service} if args.service else {}
+    if key == ("explain", "explain"):
+        return "explain", {"service": args.service, "backend": args.backend}
     if getattr(args, "node", None):
         return "snapshot.node", {"node": args.node}
     return "snapshot.get", {}
@@ -198,6 +215,11 @@ def _show(result: Any, as_json: bool) -> str:
                    else "DIFFERENT from" if result["current"] else "behind")
         return (f"node {result['node']}: applied version {result['applied_version']}, "
                 f"{verdict} the control plane")
+    if isinstance(result, dict) and "eligible" in result:
+        return "\n".join([f"eligible: {'yes' if result['eligible'] else 'NO'}",
+                          *(f"  {reason}" for reason in result["reasons"])])
+    if isinstance(result, list) and result and "probers" in result[0]:
+        return "\n".join(_health_line(row) for row in result)
     if isinstance(result, dict) and "snapshot" in result:
         return json.dumps(json.loads(result["snapshot"]), indent=2, sort_keys=True)
     if isinstance(result, list):
@@ -212,6 +234,32 @@ def _show(result: Any, as_json: bool) -> str:
         applied = "" if result.get("applied", True) else " (not applied: revision not newer)"
         return f"ok: version {result['version']}{applied}"
     return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def _health_line(row: dict[str, Any]) -> str:
+    """One backend of ``health show``, on one line."""
+    parts = [f"{row['service']}/{row['id']}: {row['state']}"]
+    if row["source"]:
+        since = time.strftime("%H:%M:%S", time.localtime(row["since"])) if row["since"] else "?"
+        parts.append(f"by {row['source']} (revision {row['revision']}, since {since})")
+    counter = row["counter"]
+    if counter:
+        parts.append(f"counter {counter['health']}/{counter['rise'] + counter['fall'] - 1} "
+                     f"(rise {counter['rise']}, fall {counter['fall']})")
+    if row["probers"]:
+        parts.append("probers " + " ".join(
+            f"{p['node']}={p['result'] or '-'}"
+            + (f"({p['age_ms']} ms ago)" if p["age_ms"] is not None else "")
+            for p in row["probers"]))
+    if row["ejected_by"]:
+        ejections = (f"{e['node']}({e['for_ms']} ms left)" for e in row["ejected_by"])
+        parts.append("EJECTED on " + " ".join(ejections))
+    if row["flaps"]:
+        parts.append(f"{row['flaps']} changes in 60 s")
+    if row["held_until"]:
+        until = time.strftime("%H:%M:%S", time.localtime(row["held_until"]))
+        parts.append(f"HELD DOWN for flapping until {until}")
+    return ", ".join(parts)
 
 
 def _apply(args: argparse.Namespace) -> int:

@@ -30,11 +30,14 @@ from lbcore.wire import (
     KIND_DELTA,
     KIND_HEARTBEAT,
     KIND_SNAPSHOT,
+    MAX_RESULTS_PER_MESSAGE,
+    NodeHealth,
     WireError,
     decode_delta,
     decode_heartbeat,
     decode_reply,
     decode_snapshot,
+    health_results_request,
     report_request,
     snapshot_of_fetch_result,
 )
@@ -56,6 +59,8 @@ class ControlLink:
         self.refused = (-1, -1)  # (epoch, version) the node could not apply: not fetched again
         self._refused_until = 0.0  # ... until a newer one comes, or this time (it may apply later)
         self.last_heard = time.monotonic()  # start: staleness counts from now
+        self.nodes: tuple[str, ...] = ()  # the nodes the control plane hears from (its last heartbeat)
+        self.resend_health = False  # the control plane's digest of our probe results differs: send them all
         self._context = zmq.Context()
         self.sub = self._context.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -132,7 +137,9 @@ class ControlLink:
             kind, body = frames
             try:
                 if kind == KIND_HEARTBEAT:
-                    epoch, version = decode_heartbeat(body)
+                    epoch, version, nodes = decode_heartbeat(body)
+                    if nodes != self.nodes:
+                        self.nodes = nodes  # the probers' choice changes with them (lbcore.probing)
                     if epoch != newest.epoch and not (epoch == refused[0] and version <= refused[1]):
                         gap = True  # another store: its full snapshot, fetched (unless refused already)
                     elif epoch == newest.epoch:
@@ -189,7 +196,26 @@ class ControlLink:
         self.routing = routing
         self.report(None)
 
-    def tick(self, counters: Callable[[], dict[str, Any]]) -> None:
+    @property
+    def stale(self) -> bool:
+        """Past max_staleness_ms without word from the control plane."""
+        return self._stale
+
+    def send_results(self, results: dict[str, bool | None], replace: bool = False) -> None:
+        """Probe results that changed (or, ``replace``, the full set), in
+        parts of at most MAX_RESULTS_PER_MESSAGE, fire and forget."""
+        items = list(results.items())
+        for start in range(0, max(1, len(items)), MAX_RESULTS_PER_MESSAGE):
+            part = dict(items[start:start + MAX_RESULTS_PER_MESSAGE])
+            try:
+                message = health_results_request(self.node_id, part, replace and start == 0)
+                self.dealer.send(message, zmq.NOBLOCK)
+            except zmq.Again:
+                self.resend_health = True  # not sent: the whole set goes again
+                return
+
+    def tick(self, counters: Callable[[], dict[str, Any]],
+             health: Callable[[], NodeHealth | None] = lambda: None) -> None:
         """Report what is applied, and say loudly when the control plane has
         been silent past max_staleness_ms (the node keeps serving: fail-static)."""
         staleness, limit = self.staleness_ms(), self.max_staleness_ms
@@ -202,9 +228,9 @@ class ControlLink:
             self.log(f"control plane heard again; serving version {self.version}")
         if time.monotonic() >= self._next_report:
             self._next_report = time.monotonic() + REPORT_INTERVAL_S
-            self.report(counters())
+            self.report(counters(), health())
 
-    def report(self, counters: dict[str, Any] | None) -> None:
+    def report(self, counters: dict[str, Any] | None, health: NodeHealth | None = None) -> None:
         """Tell the control plane what is applied (fire and forget). The
         ACK (no counters) carries no digest: hashing the whole snapshot
         would delay it; the periodic report (with counters) does."""
@@ -212,12 +238,13 @@ class ControlLink:
         if counters is not None:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(self.node_id, self.routing.epoch, self.routing.version, self.staleness_ms(),
-                                 counters, digest, self.max_staleness_ms if counters is not None else None)
+                                 counters, digest, self.max_staleness_ms if counters is not None else None,
+                                 health)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
-        # only refusals are answered: read with the periodic report, not the ACK
+        # only refusals and requests to resend are answered: read with the periodic report, not the ACK
         while counters is not None:
             try:
                 raw = self.dealer.recv_multipart(zmq.NOBLOCK)[-1]
@@ -230,7 +257,9 @@ class ControlLink:
                 continue
             if not reply["ok"]:
                 error = reply["error"]
-                self.log(f"report refused by the control plane: {error['code']}: {error['message'][:300]}")
+                self.log(f"refused by the control plane: {error['code']}: {error['message'][:300]}")
+            elif isinstance(reply["result"], dict) and reply["result"].get("resend_health") is True:
+                self.resend_health = True
 
     def close(self) -> None:
         for sock in (self.sub, self.dealer, self.fetcher):

@@ -32,8 +32,10 @@ On the control plane's PUB socket, two frames each:
 
     [KIND_SNAPSHOT, SNAPSHOT]     a full snapshot, applied only if newer (I6)
     [KIND_DELTA, DELTA]           what changed since its base version
-    [KIND_HEARTBEAT, {"epoch": E, "version": N}]  N newer than applied, or
-                                  another epoch: a gap, so fetch
+    [KIND_HEARTBEAT, {"epoch": E, "nodes": [ID, ...], "version": N}]
+                                  N newer than applied, or another epoch:
+                                  a gap, so fetch; nodes: those the control
+                                  plane hears from (probers are chosen among them)
 
 A snapshot (canonical JSON):
 
@@ -83,6 +85,8 @@ MAX_REQUEST = 64 * 1024          # a request past this is refused with a reply t
 MAX_RECEIVED = 16 * MAX_REQUEST  # past this the socket drops the message and its connection
 MAX_REPORT_BYTES = 48 * 1024     # a node's report stays under MAX_REQUEST: counters summed past this
 MAX_REPORT_BACKENDS = 500        # past this many backends a node sums its counters per service at once
+MAX_RESULTS_PER_MESSAGE = 1000   # probe results in one health.results message
+MAX_HEARTBEAT_NODES = 1024       # nodes a heartbeat names (the control plane keeps at most this many)
 REPORT_FIELDS = ("active", "total", "failed")  # the counters a report carries per backend
 SUMMED = "(all)"                 # the backend of a service's counters summed
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -218,6 +222,53 @@ class Report:
     counters: dict[str, Any] | None  # None: keep the ones last reported (an ACK)
     digest: str | None               # None: none for this version yet (an ACK)
     max_staleness_ms: int | None = None  # the node's bound (I7), with the periodic report
+    health: NodeHealth | None = None     # with the periodic report of a node that probes or ejects
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """What a periodic report says of a node's health checking: the digest
+    of its current probe results (results_digest), the backends it ejects
+    now (service -> backend -> ms left) and its panics (service -> count)."""
+
+    digest: str
+    ejected: dict[str, dict[str, int]]
+    panics: dict[str, int]
+
+    def as_args(self) -> dict[str, Any]:
+        return {"digest": self.digest, "ejected": self.ejected, "panics": self.panics}
+
+
+_RESULTS_DIGEST = re.compile(r"[0-9a-f]{32}")
+
+
+def decode_node_health(value: Any) -> NodeHealth:
+    if not isinstance(value, dict) or set(value) != {"digest", "ejected", "panics"}:
+        raise WireError('node.report: health must be {"digest", "ejected", "panics"}')
+    digest, ejected, panics = value["digest"], value["ejected"], value["panics"]
+    if not isinstance(digest, str) or not _RESULTS_DIGEST.fullmatch(digest):
+        raise WireError("node.report: health.digest must be 32 hex digits")
+    if not isinstance(ejected, dict) or len(ejected) > MAX_SERVICES or not isinstance(panics, dict) \
+            or len(panics) > MAX_SERVICES:
+        raise WireError(f"node.report: health.ejected and health.panics: objects of at most {MAX_SERVICES} "
+                        "services")
+    rows = 0
+    for service, backends in ejected.items():
+        if check_name(service) or not isinstance(backends, dict):
+            raise WireError(f"node.report: health.ejected: {str(service)[:64]!r}: "
+                            "must be a service of backends")
+        rows += len(backends)
+        if rows > MAX_REPORT_BACKENDS or any(
+                check_name(b) or isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_VERSION
+                for b, ms in backends.items()):
+            raise WireError(f"node.report: health.ejected.{service}: at most {MAX_REPORT_BACKENDS} "
+                            "backend ids, each with its ms left")
+    for service, count in panics.items():
+        if check_name(service) or isinstance(count, bool) or not isinstance(count, int) \
+                or not 0 <= count <= MAX_COUNTER:
+            raise WireError(f"node.report: health.panics: {str(service)[:64]!r}: "
+                            "must be a service and a count")
+    return NodeHealth(digest, ejected, panics)
 
 
 def decode_report(args: dict[str, Any]) -> Report:
@@ -240,7 +291,8 @@ def decode_report(args: dict[str, Any]) -> Report:
     bound = args.get("max_staleness_ms")
     if bound is not None:
         bound = _version("node.report: max_staleness_ms", bound, low=1)
-    return Report(node, epoch, version, staleness, counters, digest, bound)
+    health = decode_node_health(args["health"]) if args.get("health") is not None else None
+    return Report(node, epoch, version, staleness, counters, digest, bound, health)
 
 
 def _check_counters(counters: Any) -> None:
@@ -270,7 +322,8 @@ def _check_counters(counters: Any) -> None:
 
 
 def report_request(node: str, epoch: int, version: int, staleness_ms: int, counters: dict[str, Any] | None,
-                   digest: str | None = None, max_staleness_ms: int | None = None) -> bytes:
+                   digest: str | None = None, max_staleness_ms: int | None = None,
+                   health: NodeHealth | None = None) -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
     control plane keeps the ones last reported, without a digest it knows
     none for a version it had no digest of."""
@@ -283,6 +336,8 @@ def report_request(node: str, epoch: int, version: int, staleness_ms: int, count
         args["counters"] = counters
     if max_staleness_ms is not None:
         args["max_staleness_ms"] = max_staleness_ms
+    if health is not None:
+        args["health"] = health.as_args()
     message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
         args["counters"] = {service: {SUMMED: summed_counters(columns_of(rows.values()))}
@@ -340,16 +395,33 @@ def _version(where: str, value: Any, low: int = 0) -> int:
 
 # ---------------------------------------------------------------- snapshots, deltas, heartbeats (PUB)
 
-def encode_heartbeat(epoch: int, version: int) -> bytes:
-    return json.dumps({"epoch": epoch, "version": version}).encode()
+def health_results_request(node: str, results: Mapping[str, bool | None], replace: bool) -> bytes:
+    """A node's probe results that changed ({backend: true | false | null},
+    null: no longer probed by it), or with ``replace`` the first part of
+    its full set. The caller keeps each under MAX_RESULTS_PER_MESSAGE."""
+    args: dict[str, Any] = {"node": node, "results": dict(results)}
+    if replace:
+        args["replace"] = True
+    return encode_request("health.results", args)
 
 
-def decode_heartbeat(data: bytes) -> tuple[int, int]:
-    """(epoch, version) a heartbeat announces."""
+def encode_heartbeat(epoch: int, version: int, nodes: Sequence[str] = ()) -> bytes:
+    """``nodes``: those the control plane hears from, sorted: the nodes
+    probers are chosen among (lbcore.probing.probers_for)."""
+    return json.dumps({"epoch": epoch, "nodes": list(nodes), "version": version}).encode()
+
+
+def decode_heartbeat(data: bytes) -> tuple[int, int, tuple[str, ...]]:
+    """(epoch, version, nodes) a heartbeat announces."""
     body = _load("heartbeat", data)
-    if not isinstance(body, dict) or set(body) != {"epoch", "version"}:
-        raise WireError('heartbeat: must be {"epoch": E, "version": N}')
-    return _version("heartbeat.epoch", body["epoch"]), _version("heartbeat.version", body["version"], low=-1)
+    if not isinstance(body, dict) or set(body) - {"nodes"} != {"epoch", "version"}:
+        raise WireError('heartbeat: must be {"epoch": E, "nodes": [ID, ...], "version": N}')
+    nodes = body.get("nodes", [])
+    if not isinstance(nodes, list) or len(nodes) > MAX_HEARTBEAT_NODES or any(
+            not isinstance(n, str) or check_name(n) for n in nodes):
+        raise WireError(f"heartbeat.nodes: must be a list of at most {MAX_HEARTBEAT_NODES} node ids")
+    return (_version("heartbeat.epoch", body["epoch"]),
+            _version("heartbeat.version", body["version"], low=-1), tuple(nodes))
 
 
 def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...], int]:

@@ -45,15 +45,17 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "backend.set_weight": (frozenset({"service", "id", "weight"}), frozenset({"expected_version"})),
     "backend.list": (frozenset(), frozenset({"service"})),
     "policy.get": (frozenset({"service"}), frozenset()),
-    "policy.set": (frozenset({"service", "algorithm"}),
-                   frozenset({"listen", "expected_version", "health", "outlier"})),
+    "policy.set": (frozenset({"service"}),
+                   frozenset({"algorithm", "listen", "expected_version", "health", "outlier"})),
     "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
-    "health.show": (frozenset(), frozenset()),
+    "health.show": (frozenset(), frozenset({"service"})),
+    "explain": (frozenset({"service", "backend"}), frozenset()),
+    "health.results": (frozenset({"node", "results"}), frozenset({"replace"})),
     "version": (frozenset(), frozenset()),
     # answered by the server (extra_verbs): node traffic and the fleet view
     "snapshot.get": (frozenset(), frozenset()),
     "node.report": (frozenset({"node", "epoch", "version", "staleness_ms"}),
-                    frozenset({"counters", "digest", "max_staleness_ms"})),
+                    frozenset({"counters", "digest", "max_staleness_ms", "health"})),
     "verify": (frozenset(), frozenset()),
     "snapshot.node": (frozenset({"node"}), frozenset()),
     "status": (frozenset(), frozenset()),
@@ -143,10 +145,10 @@ class ControlPlane:
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
                                Change(backend=(service, backend_id)))
         if verb == "policy.set":
-            listen, health, outlier = self._policy_settings(args)
-            return self._write(lambda: store.put_policy(service, listen, args["algorithm"], expected,
-                                                        health, outlier),
-                               Change(service=service))
+            listen, algorithm, health, outlier = self._policy_settings(args)
+            return self._write(
+                lambda: store.put_policy(service, listen, algorithm, expected, health, outlier),
+                Change(service=service))
         if verb == "health.report":
             return self._health_report(args["backend"], args["up"], args["revision"])
         state = store.read()
@@ -158,24 +160,23 @@ class ControlPlane:
             return [asdict(h) for h in state.health]
         return {"version": state.version}
 
-    def _policy_settings(self, args: dict[str, Any]) -> tuple[str, HealthCheck | None, Outlier | None]:
-        """The listen address (the service's own when not given) and the
-        health and outlier settings with the given ones over the service's
-        (None: unchanged), checked as a file's are."""
+    def _policy_settings(self, args: dict[str, Any]) -> tuple[str, str, HealthCheck | None, Outlier | None]:
+        """The listen address and algorithm (the service's own when not
+        given) and the health and outlier settings with the given ones over
+        the service's (None: unchanged), checked as a file's are."""
         current = next((p for p in self.store.read().policies if p.service == args["service"]), None)
-        if "listen" in args:
-            listen = str(args["listen"])
-        elif current is not None:
-            listen = current.listen
-        else:
-            raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address")
+        if current is None and not {"listen", "algorithm"} <= set(args):
+            raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address "
+                                  "and an algorithm")
+        listen = str(args["listen"]) if "listen" in args else current.listen  # type: ignore[union-attr]
+        algorithm = args["algorithm"] if "algorithm" in args else current.algorithm  # type: ignore[union-attr]
         health = outlier = None
         if "health" in args:
             health = merged_health(health_of(current.health) if current else DEFAULT_HEALTH, args["health"])
         if "outlier" in args:
             base = outlier_of(current.outlier) if current else DEFAULT_OUTLIER
             outlier = merged_outlier(base, args["outlier"])
-        return listen, health, outlier
+        return listen, algorithm, health, outlier
 
     def _health_report(self, backend: str, up: bool, revision: int) -> dict[str, Any]:
         """An operator's observation (I4: only a newer revision applies; an

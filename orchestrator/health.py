@@ -4,7 +4,9 @@ changes the backend's state. Pure: times are given, nothing is read.
 
 - ``probers_for``: the ``k`` nodes that probe a backend, by rendezvous
   hashing over the nodes the control plane hears from. Adding or losing a
-  node moves only the backends it probes (k x M probes, not N x M).
+  node moves only the backends it probes (k x M probes, not N x M). The
+  nodes count with the same function (lbcore.probing, with ``RiseFall``,
+  which a node in static mode uses too).
 - ``quorum``: the probers' latest results, those older than 3 intervals
   counting as none; down when a majority of the current probers say down.
 - ``RiseFall``: one counter per backend in [0, rise + fall - 1], up while
@@ -16,21 +18,15 @@ changes the backend's state. Pure: times are given, nothing is read.
 """
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from lbcore.probing import RiseFall, probers_for
+
+__all__ = ["STALE_INTERVALS", "FlapDamper", "Result", "RiseFall", "probers_for", "quorum"]
+
 STALE_INTERVALS = 3  # a prober's result older than this many intervals counts as no result
-
-
-def probers_for(backend: str, nodes: Iterable[str], k: int) -> list[str]:
-    """The ``k`` nodes (all of them, when fewer) that probe ``backend``: the
-    highest scores of hash(node, backend), in score order."""
-    def score(node: str) -> bytes:
-        return hashlib.blake2b(f"{node}\0{backend}".encode(), digest_size=8).digest()
-
-    return sorted(set(nodes), key=score, reverse=True)[:max(0, k)]
 
 
 @dataclass(frozen=True)
@@ -51,34 +47,6 @@ def quorum(results: Mapping[str, Result], probers: Iterable[str], now_s: float,
         return None
     down = sum(1 for r in fresh if not r.up)
     return not down * 2 > len(current)
-
-
-class RiseFall:
-    """One counter: up while at least ``rise``. A new backend starts up
-    (full health), as a backend with no observation is routable."""
-
-    def __init__(self, rise: int, fall: int, up: bool = True) -> None:
-        if rise < 1 or fall < 1:
-            raise ValueError("rise and fall must be at least 1")
-        self.rise, self.fall = rise, fall
-        self.health = rise + fall - 1 if up else 0
-
-    @property
-    def up(self) -> bool:
-        return self.health >= self.rise
-
-    def observe(self, good: bool) -> bool | None:
-        """Count one verdict; the new state when it changed, else None."""
-        was = self.up
-        if good:
-            self.health = min(self.health + 1, self.rise + self.fall - 1)
-            if not was and self.health >= self.rise:
-                self.health = self.rise + self.fall - 1  # up again: full health, as check.c does
-        else:
-            self.health = max(self.health - 1, 0)
-            if was and self.health < self.rise:
-                self.health = 0  # down: rise good verdicts to come back
-        return None if self.up == was else self.up
 
 
 class FlapDamper:

@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq
 
+from lbcore.config import check_name
 from lbcore.wire import (
     KIND_DELTA,
     KIND_HEARTBEAT,
@@ -44,9 +45,11 @@ from lbcore.wire import (
     read_ack,
     summed_counters,
 )
+from orchestrator.checks import HealthChecks
 from orchestrator.control import ControlPlane
 from orchestrator.derive import Deriver, InconsistentSnapshotError, derive_in_full
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError
+from orchestrator.health_view import NodeEjections, explain, health_rows
 from orchestrator.model import Change
 from orchestrator.settings import Endpoints
 from orchestrator.store import Store
@@ -62,6 +65,7 @@ MAX_OTHER_EPOCH_NODES = 64
 # Per-backend counter rows kept over all nodes (what status shows): past it,
 # a node's counters are kept summed per service
 MAX_COUNTER_ROWS = 50_000
+LIVE_S = 1.5  # a node that reported within this is one probers are chosen among (3 report intervals)
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
@@ -79,6 +83,13 @@ class Orchestrator:
         self.plane.extra_verbs["status"] = self._status
         self.plane.extra_verbs["snapshot.node"] = self._snapshot_node
         self.plane.extra_verbs["verify"] = self._verify
+        self.checks = HealthChecks(self.plane.record_verdict, self.log)
+        self.plane.on_health_report = self.checks.operator_set
+        self.plane.extra_verbs["health.results"] = self._health_results
+        self.plane.extra_verbs["health.show"] = self._health_show
+        self.plane.extra_verbs["explain"] = self._explain
+        self.ejections: dict[str, NodeEjections] = {}  # node -> its last word on ejections
+        self._next_verdict = 0.0
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
@@ -128,7 +139,49 @@ class Orchestrator:
             raise BadRequestError(str(exc)) from None
         self._record_report(report.node, report.epoch, report.version, report.staleness_ms, report.counters,
                             report.digest, report.max_staleness_ms)
+        if report.health is not None:
+            now = time.monotonic()
+            self.ejections[report.node] = NodeEjections(report.health.ejected, report.health.panics, now)
+            if not self.checks.vouch(report.node, report.health.digest, now):
+                return {"resend_health": True}  # a result message was lost: the node sends them all
         return {}
+
+    def _health_results(self, args: dict[str, Any]) -> Any:
+        node = args["node"]
+        if check_name(node):
+            raise BadRequestError(f"health.results: node: {check_name(node)}")
+        if not isinstance(args.get("replace", False), bool):
+            raise BadRequestError("health.results: replace must be a boolean")
+        self.checks.receive(node, args["results"], args.get("replace", False), time.monotonic())
+        return {}
+
+    def live_nodes(self) -> list[str]:
+        """The nodes probers are chosen among: heard from within LIVE_S, on
+        the published epoch. Also forgets what nodes no longer reporting said."""
+        now = time.monotonic()
+        for name in [n for n in self.ejections if n not in self.nodes]:
+            del self.ejections[name]
+        for name in [n for n in self.checks.by_node if n not in self.nodes]:
+            self.checks.forget(name)
+        return sorted(n for n, v in self.nodes.items()
+                      if now - v["reported"] <= LIVE_S and v["epoch"] == self.published_epoch)
+
+    def _health_show(self, args: dict[str, Any]) -> Any:
+        return health_rows(self.store.read(), self.checks, self.ejections, self.live_nodes(),
+                           args.get("service"))
+
+    def _explain(self, args: dict[str, Any]) -> Any:
+        return explain(self.store.read(), self.checks, self.ejections, self.live_nodes(), args["service"],
+                       args["backend"])
+
+    def _check_health(self) -> float:
+        """The checks' verdicts that are due; when the next one is (monotonic)."""
+        now = time.monotonic()
+        if self.published_version >= 0:
+            self.checks.follow(self.deriver.routing, now)
+        if now >= self._next_verdict:
+            self._next_verdict = self.checks.tick(now, self.live_nodes())
+        return self._next_verdict
 
     def _record_report(self, name: str, epoch: int, version: int, staleness: int,
                        counters: dict[str, Any] | None = None, digest: str | None = None,
@@ -279,7 +332,10 @@ class Orchestrator:
                        "staleness_ms": n["staleness_ms"],
                        "propagation_ms": n["propagation_ms"],
                        "last_report_ms": int((now - n["reported"]) * 1000),
-                       "counters": n["counters"]}
+                       "counters": n["counters"],
+                       # what its last periodic report said: backends it ejects (ms left then), panics
+                       "ejected": self.ejections[name].ejected if name in self.ejections else {},
+                       "panics": self.ejections[name].panics if name in self.ejections else {}}
                       for name, n in sorted(self.nodes.items())],
         }
 
@@ -338,7 +394,8 @@ class Orchestrator:
         if self.published_version < 0:
             return  # nothing to announce: nodes keep counting their staleness
         self.publisher.send_multipart([KIND_HEARTBEAT, encode_heartbeat(self.published_epoch,
-                                                                        self.published_version)])
+                                                                        self.published_version,
+                                                                        self.live_nodes())])
 
     def _answer(self, frames: list[bytes]) -> None:
         # REQ puts an empty delimiter between the identity and the body
@@ -347,7 +404,8 @@ class Orchestrator:
             self._record_report(*ack)  # a node's ACK (DEALER): never answered
             return
         verb, reply = self.plane.answer(body)
-        if reply["ok"] and verb == "node.report" and len(envelope) == 1:
+        if reply["ok"] and reply["result"] == {} and verb in ("node.report", "health.results") \
+                and len(envelope) == 1:
             return  # a node's report (DEALER, no delimiter) is fire and forget: answered only if refused
         self.control.send_multipart([*envelope, encode_reply(reply)])
 
@@ -366,7 +424,8 @@ class Orchestrator:
                  f"version {self.deriver.routing.version}")
         try:
             while not self._stop:
-                timeout_ms = max(0, int((next_heartbeat - time.monotonic()) * 1000))
+                next_verdict = self._check_health()
+                timeout_ms = max(0, int((min(next_heartbeat, next_verdict) - time.monotonic()) * 1000))
                 if self._dirty:
                     wait_s = self._retry_at - time.monotonic()
                     timeout_ms = min(timeout_ms, int(wait_s * 1000) + 1 if wait_s > 0 else COALESCE_MS)

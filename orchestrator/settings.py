@@ -11,7 +11,9 @@ from typing import Any
 
 from lbcore.balance import ALGORITHMS
 from lbcore.config import (
+    HEALTH_SETTINGS,
     MAX_MS,
+    OUTLIER_SETTINGS,
     ConfigError,
     Service,
     Setting,
@@ -23,8 +25,9 @@ from lbcore.config import (
     services_of_document,
 )
 
-__all__ = ["ALGORITHM_NAMES", "DEFAULT_CONTROL", "ConfigError", "Endpoints", "OrchestratorConfig", "Service",
-           "control_endpoint", "load_orchestrator_config", "load_services"]
+__all__ = ["ALGORITHM_NAMES", "DEFAULT_CONTROL", "HEALTH_SETTINGS", "OUTLIER_SETTINGS", "ConfigError",
+           "Endpoints", "OrchestratorConfig", "Service", "control_endpoint", "load_orchestrator_config",
+           "load_services"]
 
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # as a service's ``algorithm`` names them
 

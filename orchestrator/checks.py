@@ -1,0 +1,214 @@
+"""The health checks' verdict on the control plane: the nodes' probe
+results in, one health observation per change of verdict out (DESIGN,
+"Health"; the pure rules are orchestrator/health.py).
+
+Per checked backend (an active backend with weight above 0 of a service
+whose ``health.kind`` is not "none", as the published routing has it):
+
+1. the current probers are ``probers_for(backend, live nodes, probers)``;
+2. every interval (and soon after a prober's result changes, at most
+   twice an interval) their fresh results give a quorum verdict;
+3. the verdict moves one RiseFall counter; a change of its state is
+   damped (more than 4 changes in 60 s hold the backend down 120 s);
+4. a change of the backend's state is written through the store's
+   health path (``record_verdict``: the next revision, source "checks"),
+   then routed like any write (coalesced recompute).
+
+An operator's ``health report`` is a write like any other and sets the
+counter to full or none (HAProxy's ``set server health``): the checks
+then need ``fall`` bad verdicts to take a backend reported up down again,
+or ``rise`` good ones to bring a backend reported down back.
+
+Nodes report a result only when it changes; their periodic report carries
+the digest of all their results (``vouch``): a match refreshes them all, a
+mismatch asks the node for its full set again.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from lbcore.config import HealthCheck
+from lbcore.probing import results_digest
+from lbcore.routing import Routing, ServiceRoutes
+from orchestrator.errors import BadRequestError
+from orchestrator.health import FlapDamper, Result, RiseFall, probers_for, quorum
+
+MAX_RESULTS = 16384  # results in one message (a node sends its full set in parts of at most this)
+
+
+@dataclass
+class Checked:
+    service: str
+    health: HealthCheck
+    counter: RiseFall
+    up: bool                      # the verdict as stored and published
+    damper: FlapDamper = field(default_factory=FlapDamper)
+    due_s: float = 0.0            # the next verdict
+    last_s: float = -1e9          # the last verdict
+
+    @property
+    def interval_s(self) -> float:
+        return self.health.interval_ms / 1000
+
+
+class HealthChecks:
+    def __init__(self, record_verdict: Callable[[str, bool], Any], log: Callable[[str], None]) -> None:
+        self.record_verdict = record_verdict
+        self.log = log
+        self.checked: dict[str, Checked] = {}
+        self.known: set[str] = set()  # every backend id of the published routing: what results may name
+        self.results: dict[str, dict[str, Result]] = {}  # backend -> node -> its latest result
+        self.by_node: dict[str, dict[str, bool]] = {}  # node -> backend -> result: what the node holds
+        self._digests: dict[str, str] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._services: dict[str, ServiceRoutes] = {}
+        self.changes = 0  # verdict changes written (a benchmark's count)
+
+    # ------------------------------------------------------------ what is checked
+
+    def follow(self, routing: Routing, now_s: float) -> None:
+        """The checked backends of the published routing: only the services
+        whose routes changed are looked at again."""
+        services = routing.services
+        if services.keys() == self._services.keys() and all(
+                services[name] is held for name, held in self._services.items()):
+            return
+        wanted: dict[str, tuple[str, HealthCheck, bool]] = {}
+        known: set[str] = set()
+        for name, routes in services.items():  # in name order: a backend's first service wins
+            known.update(routes.backends)
+            if routes.health.kind == "none":
+                continue
+            for backend in routes.backends.values():
+                wanted.setdefault(backend.id, (name, routes.health, backend.up))
+        for backend in set(self.checked) - set(wanted):
+            del self.checked[backend]
+        for backend, (service, health, up) in wanted.items():
+            c = self.checked.get(backend)
+            if c is None or c.health != health:
+                counter = RiseFall(health.rise, health.fall, up)
+                c = self.checked[backend] = Checked(service, health, counter, up)
+                c.due_s = now_s + c.interval_s
+                heapq.heappush(self._heap, (c.due_s, backend))
+            c.service, c.up = service, up
+        self.known = known
+        self._services = dict(services)
+
+    # ------------------------------------------------------------ the nodes' results
+
+    def receive(self, node: str, results: Any, replace: bool, now_s: float) -> None:
+        """A node's changed results (or, ``replace``, the first part of its
+        full set): ``{backend: true | false | null}`` (null: no longer
+        probed). BadRequestError, and nothing taken, when one is malformed
+        or names a backend the routing does not have."""
+        if not isinstance(results, dict) or len(results) > MAX_RESULTS:
+            raise BadRequestError(f"health.results: results must be an object of at most {MAX_RESULTS} "
+                                  "backends")
+        for backend, up in results.items():
+            if up is not None and not isinstance(up, bool):
+                raise BadRequestError(f"health.results: {backend}: must be true, false or null")
+            if up is not None and backend not in self.known:
+                raise BadRequestError(f"health.results: no backend {backend!r} in the routing (probed by "
+                                      f"node {node}); nothing taken")
+        held = self.by_node.setdefault(node, {})
+        if replace:
+            for backend in held:
+                self.results.get(backend, {}).pop(node, None)
+            held.clear()
+        for backend, up in results.items():
+            if up is None:
+                held.pop(backend, None)
+                self.results.get(backend, {}).pop(node, None)
+                continue
+            before = held.get(backend)
+            held[backend] = up
+            self.results.setdefault(backend, {})[node] = Result(up, now_s)
+            c = self.checked.get(backend)
+            if c is not None and before != up:
+                # soon, not at once: two probers' news close together are one verdict, not two
+                due = max(now_s, c.last_s + c.interval_s / 2)
+                if due < c.due_s:
+                    c.due_s = due
+                    heapq.heappush(self._heap, (due, backend))
+        self._digests.pop(node, None)
+
+    def vouch(self, node: str, digest: str, now_s: float) -> bool:
+        """A node's periodic word on all its results: True when it matches
+        what was received (they are all current as of now), False when
+        something was lost (the node is to send its full set)."""
+        held = self.by_node.get(node, {})
+        mine = self._digests.get(node)
+        if mine is None:
+            mine = self._digests[node] = results_digest(held)
+        if mine != digest:
+            return False
+        for backend, up in held.items():
+            self.results.setdefault(backend, {})[node] = Result(up, now_s)
+        return True
+
+    def forget(self, node: str) -> None:
+        for backend in self.by_node.pop(node, {}):
+            self.results.get(backend, {}).pop(node, None)
+        self._digests.pop(node, None)
+
+    def operator_set(self, backend: str, up: bool) -> None:
+        c = self.checked.get(backend)
+        if c is not None:
+            c.counter.set(up)
+            c.up = up
+
+    # ------------------------------------------------------------ verdicts
+
+    def tick(self, now_s: float, live: Iterable[str]) -> float:
+        """The verdicts due by ``now_s``; when the next one is due."""
+        nodes = sorted(live)
+        heap = self._heap
+        while heap and heap[0][0] <= now_s:
+            due, backend = heapq.heappop(heap)
+            c = self.checked.get(backend)
+            if c is None or due != c.due_s:
+                continue  # dropped, or rescheduled (a newer entry stands)
+            self._verdict(backend, c, now_s, nodes)
+            c.due_s = now_s + c.interval_s
+            heapq.heappush(heap, (c.due_s, backend))
+        return heap[0][0] if heap else now_s + 1.0
+
+    def _verdict(self, backend: str, c: Checked, now_s: float, nodes: list[str]) -> None:
+        c.last_s = now_s
+        probers = probers_for(backend, nodes, c.health.probers)
+        good = quorum(self.results.get(backend, {}), probers, now_s, c.interval_s)
+        if good is not None:
+            c.counter.observe(good)
+        wanted = c.counter.up and not c.damper.held(now_s)
+        if wanted == c.up:
+            return
+        if c.damper.record(now_s):
+            self.log(f"health: {c.service}/{backend} changed state more than {c.damper.max_changes} times "
+                     f"in {c.damper.window_s:g} s: held down for {c.damper.hold_s:g} s")
+            wanted = False
+            if wanted == c.up:
+                return
+        c.up = wanted
+        self.changes += 1
+        self.record_verdict(backend, wanted)
+
+    # ------------------------------------------------------------ what is shown
+
+    def evidence(self, backend: str, now_s: float, live: Iterable[str]) -> dict[str, Any] | None:
+        """What the verdict of ``backend`` rests on now, or None if unchecked."""
+        c = self.checked.get(backend)
+        if c is None:
+            return None
+        results = self.results.get(backend, {})
+        probers = []
+        for node in probers_for(backend, sorted(live), c.health.probers):
+            r = results.get(node)
+            fresh = r is not None and now_s - r.at_s <= 3 * c.interval_s
+            probers.append({"node": node, "result": None if r is None else ("up" if r.up else "down"),
+                            "age_ms": None if r is None else int((now_s - r.at_s) * 1000), "fresh": fresh})
+        return {"counter": {"health": c.counter.health, "rise": c.counter.rise, "fall": c.counter.fall},
+                "probers": probers, "flaps": c.damper.flaps,
+                "held_for_s": max(0.0, c.damper.held_until_s - now_s) if c.damper.held(now_s) else None}
