@@ -29,13 +29,15 @@ import zmq
 from lbcore import PACKAGE_ROOT
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, load_config, parse_address
+from lbcore.ejection import release_eject_locks
 from lbcore.embedded import EmbeddedControlPlane
 from lbcore.link import ControlLink
+from lbcore.node_checks import NodeChecks
 from lbcore.planner import Planner, localize
 from lbcore.routing import Routing
 from lbcore.segment import Segment
 from lbcore.stats import format_stats, node_stats, report_counters
-from lbcore.wire import MAX_REPORT_BACKENDS
+from lbcore.wire import MAX_REPORT_BACKENDS, NodeHealth
 from lbcore.worker import descriptors_needed
 
 READY_TIMEOUT_S = 15.0
@@ -123,6 +125,7 @@ class NodeAgent:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.link: ControlLink | None = None  # services from a control plane
         self.embedded: EmbeddedControlPlane | None = None  # ... started by this node
+        self.checks: NodeChecks | None = None  # probes and local verdicts (lbcore.node_checks)
 
     @property
     def config(self) -> Config:
@@ -155,6 +158,7 @@ class NodeAgent:
                             -int(row[slot]))
         row[:] = 0
         self.segment.workers[index] = 0
+        release_eject_locks(self.segment, index)
 
     def _reap(self) -> None:
         for index, worker in list(self.workers.items()):
@@ -230,6 +234,8 @@ class NodeAgent:
             self.segment = Segment.create(self._config.node.id)
             self.planner = Planner(self._config, self.segment, self.workers.keys)
             self.planner.publish(self.planner.plan(self._config))
+            node = self._config.node
+            self.checks = NodeChecks(node.id, node.address, self.segment, self._wake_w)
             self._scale_workers()
             if not self._wait_adopted(READY_TIMEOUT_S):
                 raise RuntimeError("workers did not come up (see their messages above)")
@@ -322,6 +328,9 @@ class NodeAgent:
                 worker.process.kill()
                 worker.process.wait()
         self.workers.clear()
+        if self.checks is not None:
+            self.checks.close()
+            self.checks = None
         self.listeners.close()
         if self.link is not None:
             self.link.close()
@@ -382,7 +391,39 @@ class NodeAgent:
                     self.apply_remote(update)
                 if self.embedded is not None:
                     self.embedded.supervise()
-                self.link.tick(self._remote_counters)
+            self._health_step()
+            if self.link is not None:
+                self.link.tick(self._remote_counters, self._node_health)
+
+    def _health_step(self) -> None:
+        """Probe what this node is to probe, say what changed, and apply the
+        node's own verdicts where they are the ones (static mode, STALE)."""
+        checks, planner = self.checks, self.planner
+        if checks is None or planner is None:
+            return
+        link = self.link
+        if link is None:
+            checks.assign_static(self.config.services, planner.backend_slots)
+            checks.prober.take_changes()  # no one to tell
+            checks.apply_local(True)
+            return
+        routing = link.routing
+        checks.assign(lambda: ((s.name, s.health, s.backends.values()) for s in routing.services.values()),
+                      planner.backend_slots, routing, link.nodes)
+        if link.resend_health:
+            link.resend_health = False
+            checks.prober.take_changes()
+            link.send_results(dict(checks.prober.results()), replace=True)
+        else:
+            changes = checks.prober.take_changes()
+            if changes:
+                link.send_results(changes)
+        checks.apply_local(link.stale)
+
+    def _node_health(self) -> NodeHealth | None:
+        if self.checks is None or self.planner is None:
+            return None
+        return self.checks.node_health(self.planner.image, self.log)
 
 
 def serve(config: Config, log: TextIO = sys.stderr,

@@ -34,7 +34,7 @@ from lbcore.config import HealthCheck
 from lbcore.probing import results_digest
 from lbcore.routing import Routing, ServiceRoutes
 from orchestrator.errors import BadRequestError
-from orchestrator.health import FlapDamper, Result, RiseFall, probers_for, quorum
+from orchestrator.health import FlapDamper, Result, RiseFall, fresh_for, probers_for, quorum
 
 MAX_RESULTS = 16384  # results in one message (a node sends its full set in parts of at most this)
 
@@ -206,7 +206,7 @@ class HealthChecks:
         probers = []
         for node in probers_for(backend, sorted(live), c.health.probers):
             r = results.get(node)
-            fresh = r is not None and now_s - r.at_s <= 3 * c.interval_s
+            fresh = r is not None and now_s - r.at_s <= fresh_for(c.interval_s)
             probers.append({"node": node, "result": None if r is None else ("up" if r.up else "down"),
                             "age_ms": None if r is None else int((now_s - r.at_s) * 1000), "fresh": fresh})
         return {"counter": {"health": c.counter.health, "rise": c.counter.rise, "fall": c.counter.fall},

@@ -8,7 +8,8 @@ changes the backend's state. Pure: times are given, nothing is read.
   nodes count with the same function (lbcore.probing, with ``RiseFall``,
   which a node in static mode uses too).
 - ``quorum``: the probers' latest results, those older than 3 intervals
-  counting as none; down when a majority of the current probers say down.
+  (and 1.5 s: three of the reports that vouch for them) counting as none;
+  down when a majority of the current probers say down.
 - ``RiseFall``: one counter per backend in [0, rise + fall - 1], up while
   it is at least ``rise`` (HAProxy's src/check.c): ``fall`` bad verdicts in
   a row take an up backend down, ``rise`` good ones bring it back, and
@@ -24,9 +25,17 @@ from dataclasses import dataclass
 
 from lbcore.probing import RiseFall, probers_for
 
-__all__ = ["STALE_INTERVALS", "FlapDamper", "Result", "RiseFall", "probers_for", "quorum"]
+__all__ = ["STALE_INTERVALS", "FlapDamper", "Result", "RiseFall", "fresh_for", "probers_for", "quorum"]
 
 STALE_INTERVALS = 3  # a prober's result older than this many intervals counts as no result
+# ... but never sooner than this: a node vouches for its unchanged results
+# with its periodic report (every 0.5 s), so three reports may go by
+MIN_FRESH_S = 1.5
+
+
+def fresh_for(interval_s: float) -> float:
+    """How long a prober's result counts (refreshed each time it is vouched for)."""
+    return max(STALE_INTERVALS * interval_s, MIN_FRESH_S)
 
 
 @dataclass(frozen=True)
@@ -41,8 +50,7 @@ def quorum(results: Mapping[str, Result], probers: Iterable[str], now_s: float,
     (down: a majority of the current probers say so), or None (no prober
     has a fresh result: nothing to conclude)."""
     current = list(probers)
-    fresh = [results[p] for p in current
-             if p in results and now_s - results[p].at_s <= STALE_INTERVALS * interval_s]
+    fresh = [results[p] for p in current if p in results and now_s - results[p].at_s <= fresh_for(interval_s)]
     if not fresh:
         return None
     down = sum(1 for r in fresh if not r.up)
