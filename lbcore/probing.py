@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import heapq
 import json
 import random
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -35,6 +37,7 @@ from lbcore.config import HealthCheck, parse_expect
 MAX_IN_FLIGHT = 256        # probes open at once on a node
 HTTP_RESPONSE_BYTES = 4096  # read at most this much of an HTTP check's answer
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: a source address without taking a port at bind
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 
 def probers_for(backend: str, nodes: Iterable[str], k: int) -> list[str]:
@@ -119,7 +122,8 @@ class Prober(threading.Thread):
         self._lock = threading.Lock()
         self._targets: dict[str, Target] = {}
         self._assigned: dict[str, Target] | None = None  # handed over, taken by the thread
-        self._due: dict[str, float] = {}
+        self._due: dict[str, float] = {}        # each target's next probe
+        self._heap: list[tuple[float, str]] = []  # (due, target), stale entries skipped
         self._results: dict[str, bool] = {}     # the latest probe result of each target
         self._changes: dict[str, bool | None] = {}  # since the last take: None, a target dropped
         self._local: dict[str, RiseFall] = {}   # the node's own verdict of each target
@@ -161,18 +165,22 @@ class Prober(threading.Thread):
     # ------------------------------------------------------------ the thread
 
     def run(self) -> None:
+        heap = self._heap
         while not self._stopping.is_set():
             now = time.monotonic()
             self._take_assignment(now)
             self._start_due(now)
-            wait = min([*self._due.values(), *(p.deadline for p in self._in_flight.values()), now + 0.05])
+            wait = min(heap[0][0] if heap else now + 0.05, now + 0.05)
+            if self._in_flight:
+                wait = min(wait, min(p.deadline for p in self._in_flight.values()))
             for fd, events in self._epoll.poll(max(0.0, wait - time.monotonic())):
                 probe = self._in_flight.get(fd)
                 if probe is not None:
                     self._advance(probe, events)
-            now = time.monotonic()
-            for probe in [p for p in self._in_flight.values() if p.deadline <= now]:
-                self._finish(probe, False)
+            if self._in_flight:
+                now = time.monotonic()
+                for probe in [p for p in self._in_flight.values() if p.deadline <= now]:
+                    self._finish(probe, False)
 
     def _take_assignment(self, now: float) -> None:
         with self._lock:
@@ -189,21 +197,23 @@ class Prober(threading.Thread):
                 old = self._targets.get(backend)
                 if old is None or old.health != target.health:
                     # a random point of the first interval: nodes that start together do not probe together
-                    self._due[backend] = now + random.random() * target.health.interval_ms / 1000
+                    due = self._due[backend] = now + random.random() * target.health.interval_ms / 1000
+                    heapq.heappush(self._heap, (due, backend))
                     self._local[backend] = RiseFall(target.health.rise, target.health.fall,
                                                     backend not in self._down)
             self._targets = assigned
 
     def _start_due(self, now: float) -> None:
-        for backend, due in list(self._due.items()):
-            if len(self._in_flight) >= self.max_in_flight:
-                return  # the rest when a probe ends
-            if due > now:
-                continue
+        heap, due_of = self._heap, self._due
+        while heap and heap[0][0] <= now and len(self._in_flight) < self.max_in_flight:
+            due, backend = heapq.heappop(heap)
+            if due_of.get(backend) != due:
+                continue  # dropped, or rescheduled (a newer entry stands)
             target = self._targets[backend]
             health = target.health
             jitter = 1 - health.jitter_percent / 100 * random.random()
-            self._due[backend] = now + health.interval_ms / 1000 * jitter
+            due = due_of[backend] = now + health.interval_ms / 1000 * jitter
+            heapq.heappush(heap, (due, backend))
             self._start(target, now + health.timeout_ms / 1000)
 
     def _start(self, target: Target, deadline: float) -> None:
@@ -218,7 +228,18 @@ class Prober(threading.Thread):
             return  # out of descriptors or ports: no result this time, none changed
         self.probes += 1
         probe = _Probe(target, sock, deadline)
-        if code not in (0, errno.EINPROGRESS):
+        if code == errno.EINPROGRESS:
+            # Asked again, a connect says how it went without waiting: a
+            # near backend (loopback, the same host) has answered already,
+            # and the probe costs no epoll registration at all.
+            code = sock.connect_ex((target.ip, target.port))
+            code = 0 if code == errno.EISCONN else code
+        if code == 0 and target.health.kind != "http":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            sock.close()
+            self._record(target, True)
+            return
+        if code not in (0, errno.EINPROGRESS, errno.EALREADY):
             sock.close()
             self._record(target, False)
             return
@@ -232,7 +253,10 @@ class Prober(threading.Thread):
                 self._finish(probe, False)
                 return
             if probe.target.health.kind != "http":
-                self._finish(probe, True)  # connected: a tcp check passes
+                # connected: a tcp check passes; closed with a reset, as HAProxy does, so
+                # that neither side keeps the connection in TIME_WAIT
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+                self._finish(probe, True)
                 return
             target = probe.target
             request = (f"GET {target.health.path} HTTP/1.0\r\nHost: {target.ip}:{target.port}\r\n"
