@@ -47,9 +47,14 @@ from lbcore.wire import decode_reply, encode_request  # noqa: E402
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_s(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
+
+
+def cpu_s(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def request(sock: zmq.Socket[bytes], verb: str, **args: object) -> object:
@@ -109,7 +114,8 @@ def accepted(path: Path) -> int:
 
 
 def service_toml(name: str, listen: str, ports: list[int], health: str) -> str:
-    backends = "".join(f'[[service.backend]]\nid = "b{i}"\naddress = "127.0.0.1:{p}"\n' for i, p in enumerate(ports))
+    backends = "".join(f'[[service.backend]]\nid = "b{i}"\naddress = "127.0.0.1:{p}"\n'
+                       for i, p in enumerate(ports))
     return f'[[service]]\nname = "{name}"\nlisten = "{listen}"\n{health}\n{backends}'
 
 
@@ -138,19 +144,27 @@ def bench_probe(backends: int, seconds: float) -> dict[str, float]:
                               + service_toml("web", f"127.0.0.1:{fleet.port()}", ports, health))
             pid = node_pid_ready(fleet, config, fleet.work / f"node-{kind}.log")
             time.sleep(2.0)  # the first interval spreads the probes
-            cpu0, probes0, t0 = cpu_s(pid), accepted(counted), time.monotonic()
+            (user0, sys0), probes0, t0 = cpu_split(pid), accepted(counted), time.monotonic()
             time.sleep(seconds)
             took = time.monotonic() - t0
-            results[kind] = (cpu_s(pid) - cpu0) / took
+            user1, sys1 = cpu_split(pid)
+            results[kind] = (user1 - user0 + sys1 - sys0) / took
+            results[f"{kind}_user"], results[f"{kind}_sys"] = (user1 - user0) / took, (sys1 - sys0) / took
             results[f"{kind}_probes_per_s"] = (accepted(counted) - probes0) / took
             fleet.stop(fleet.processes.pop())
         share = results["tcp"] - results["none"]
+        per_probe_us = share * 1e6 / max(1.0, results["tcp_probes_per_s"])
+        rate = max(1.0, results["tcp_probes_per_s"])
+        user_us = (results["tcp_user"] - results["none_user"]) * 1e6 / rate
+        sys_us = (results["tcp_sys"] - results["none_sys"]) * 1e6 / rate
         print(f"probe: {backends} backends, interval 1 s: agent CPU {results['tcp'] * 100:.2f} % of a core "
               f"with checks, {results['none'] * 100:.2f} % without: {share * 100:.2f} % of a core for "
-              f"{results['tcp_probes_per_s']:.0f} probes/s ({share * 1e6 / max(1.0, results['tcp_probes_per_s']):.1f}"
-              f" us CPU per probe); per 1,000 backends: {share * 100 * 1000 / backends:.2f} % of a core")
+              f"{results['tcp_probes_per_s']:.0f} probes/s ({per_probe_us:.1f} us CPU per probe: "
+              f"{user_us:.1f} us user, {sys_us:.1f} us kernel, which on loopback includes the backend's side "
+              f"of each handshake); per 1,000 backends: {share * 100 * 1000 / backends:.2f} % of a core")
         return {"backends": backends, "agent_cpu_checks": results["tcp"], "agent_cpu_none": results["none"],
-                "probes_per_s": results["tcp_probes_per_s"], "share_per_1000": share * 1000 / backends}
+                "probes_per_s": results["tcp_probes_per_s"], "share_per_1000": share * 1000 / backends,
+                "user_us_per_probe": user_us, "kernel_us_per_probe": sys_us}
     finally:
         fleet.close()
 
@@ -181,8 +195,8 @@ def bench_cp(backends: int, seconds: float) -> dict[str, float]:
 
         def report() -> None:
             node.send(encode_request("node.report", {
-                "node": "bench", "epoch": snapshot["epoch"], "version": snapshot["version"], "staleness_ms": 0,
-                "health": {"digest": results_digest(held), "ejected": {}, "panics": {}}}))
+                "node": "bench", "epoch": snapshot["epoch"], "version": snapshot["version"],
+                "staleness_ms": 0, "health": {"digest": results_digest(held), "ejected": {}, "panics": {}}}))
 
         node.send(encode_request("health.results", {"node": "bench", "results": held, "replace": True}))
         report()
@@ -210,7 +224,8 @@ def bench_cp(backends: int, seconds: float) -> dict[str, float]:
         rows = request(req, "health.show")
         written = sum(r["revision"] or 0 for r in rows)  # type: ignore[union-attr]
         versions = request(req, "version")["version"]  # type: ignore[index]
-        print(f"cp: {backends} checked backends, {sent} results in {took:.1f} s, {written} observations written, "
+        print(f"cp: {backends} checked backends, {sent} results in {took:.1f} s, "
+              f"{written} observations written, "
               f"version {versions}: lborch CPU {cpu:.2f} s ({cpu / took * 100:.1f} % of a core): "
               f"{cpu * 1e6 / max(1, sent):.0f} us per result received, "
               f"{cpu * 1e6 / max(1, written):.0f} us per observation written (incl. recompute and publish)")
@@ -281,10 +296,10 @@ def bench_death(trials: int) -> dict[str, float]:
                 time.sleep(0.005)
             if version is None:
                 raise RuntimeError(f"trial {trial}: {backend} never went down")
-            wait_for(lambda: all(applied(s) >= version for s in segments), 10, "every node applied")
+            wait_for(lambda v=version: all(applied(s) >= v for s in segments), 10, "every node applied")
             took.append((time.monotonic() - killed) * 1000)
             listeners[port] = socket.create_server(("127.0.0.1", port), backlog=512)
-            wait_for(lambda: backend_up(backend)[0], 10, f"{backend} up again")  # type: ignore[index]
+            wait_for(lambda b=backend: backend_up(b)[0], 10, f"{backend} up again")  # type: ignore[index]
         for s in segments:
             s.close()
         req.close(0)
@@ -305,7 +320,8 @@ def bench_death(trials: int) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--trials", type=int, default=20)
