@@ -126,6 +126,7 @@ class NodeAgent:
         self.link: ControlLink | None = None  # services from a control plane
         self.embedded: EmbeddedControlPlane | None = None  # ... started by this node
         self.checks: NodeChecks | None = None  # probes and local verdicts (lbcore.node_checks)
+        self._next_health_note = 0.0
 
     @property
     def config(self) -> Config:
@@ -406,6 +407,9 @@ class NodeAgent:
             checks.assign_static(self.config.services, planner.backend_slots)
             checks.prober.take_changes()  # no one to tell
             checks.apply_local(True)
+            if time.monotonic() >= self._next_health_note:  # no report to carry it: panics logged here
+                self._next_health_note = time.monotonic() + 1.0
+                checks.node_health(planner.image, self.log)
             return
         routing = link.routing
         checks.assign(lambda: ((s.name, s.health, s.backends.values()) for s in routing.services.values()),
