@@ -40,11 +40,14 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class Limits:
+    """The node-wide settings an image header carries for the workers."""
+
     connect_timeout_ms: int
     idle_timeout_ms: int
     retries: int
     relay_mode: int = 0
     fin_timeout_ms: int = 30_000
+    source_ip: int = 0  # node.address as the C side reads it (network order); 0: none
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,11 @@ def image_checksum(services: np.ndarray, backends: np.ndarray, table: np.ndarray
         ffi.from_buffer("flc_service[]", np.ascontiguousarray(services)), len(services),
         ffi.from_buffer("flc_backend[]", np.ascontiguousarray(backends)), len(backends),
         ffi.from_buffer("uint32_t[]", np.ascontiguousarray(table)), len(table)))
+
+
+def source_ip_of(address: str) -> int:
+    """node.address ("" or an IPv4 address) as the header's source_ip."""
+    return int.from_bytes(socket.inet_aton(address), "little") if address else 0
 
 
 @functools.lru_cache(maxsize=1 << 10)
@@ -233,10 +241,12 @@ def build_image(services: Iterable[Service], limits: Limits, version: int,
                                 "of its weights): lower the weights or use fewer maglev services", index)
         ip, port = _ip_port(service.listen)
         n_rows = len(tables.rows)
+        outlier = service.outlier
         service_rows[slot] = (
             service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
             next_row, n_rows, schedule_offset, len(tables.schedule), maglev_offset, len(tables.maglev),
-            tables.eligible_count, 0,
+            tables.eligible_count, outlier.consecutive_failures, outlier.base_ejection_ms,
+            outlier.max_ejection_ms, outlier.max_ejection_percent, 0,
         )
         backend_parts.append(tables.rows)
         table_parts.extend((_shifted(tables.schedule, next_row), _shifted(tables.maglev, next_row)))
@@ -266,7 +276,7 @@ def image_of_config(config: Config, version: int, service_slots: SlotMap, backen
                          changed: Mapping[str, frozenset[str]] | None = None) -> Image:
     node = config.node
     limits = Limits(node.connect_timeout_ms, node.idle_timeout_ms, node.retries, RELAY_MODES[node.relay],
-                    node.fin_timeout_ms)
+                    node.fin_timeout_ms, source_ip_of(node.address))
     try:
         return build_image(config.services, limits, version, service_slots, backend_slots, previous,
                               changed)
@@ -302,6 +312,7 @@ def publish_image(segment: Segment, image: Image) -> int:
     fields.connect_timeout_ms, fields.idle_timeout_ms = limits.connect_timeout_ms, limits.idle_timeout_ms
     fields.retries, fields.relay_mode = limits.retries, limits.relay_mode
     fields.fin_timeout_ms = limits.fin_timeout_ms
+    _write_source_ip(segment, generation, limits.source_ip)
     lib.flc_publish_image(segment.base_pointer, generation, fields,
                              ffi.from_buffer("flc_service[]", image.services),
                              ffi.from_buffer("flc_backend[]", image.backends),
@@ -310,6 +321,20 @@ def publish_image(segment: Segment, image: Image) -> int:
 
 
 _HEADER_FIELDS = ffi.new("flc_image_header *")
+
+
+def _write_source_ip(segment: Segment, generation: int, source_ip: int) -> None:
+    """The header's source_ip, in the buffer about to be published, under
+    its seqlock (flc_publish_image copies the header fields it knows; this
+    one is written just before, in a write of its own: a worker still
+    reading that buffer sees the sequence move and reads again).
+    Precondition: the caller is the segment's only publisher."""
+    header: Any = segment.buffer(generation).header_ptr
+    if header.source_ip == source_ip:
+        return
+    lib.flc_write_begin(header)
+    header.source_ip = source_ip
+    lib.flc_write_end(header)
 
 
 def read_image(segment: Segment, attempts: int = 100) -> Image:
@@ -332,7 +357,8 @@ def read_image(segment: Segment, attempts: int = 100) -> Image:
         if image_checksum(services, backends, table) != int(header["checksum"]):
             raise ImageError("image checksum mismatch")
         limits = Limits(int(header["connect_timeout_ms"]), int(header["idle_timeout_ms"]),
-                        int(header["retries"]), int(header["relay_mode"]), int(header["fin_timeout_ms"]))
+                        int(header["retries"]), int(header["relay_mode"]), int(header["fin_timeout_ms"]),
+                        int(header["source_ip"]))
         return Image(int(header["snapshot_version"]), limits, services, backends, table,
                              published_ns=int(header["published_ns"]))
     raise ImageError("no stable image after repeated reads (publisher too busy?)")

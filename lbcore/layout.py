@@ -33,11 +33,14 @@ CONTROL = np.dtype([
 
 COUNTER = np.dtype([
     ("active", "<i8"), ("total", "<u8"), ("failed", "<u8"),
-    ("bytes_to_backend", "<u8"), ("bytes_to_client", "<u8"), ("pad", "<u8", (3,)),
+    ("bytes_to_backend", "<u8"), ("bytes_to_client", "<u8"),
+    ("consecutive_failures", "<u4"), ("ejections", "<u4"), ("ejected_until_ms", "<u8"),
+    ("local_down", "<u4"), ("pad", "<u4"),
 ])
 
 SERVICE_STATE = np.dtype([
-    ("rr_cursor", "<u8"), ("accepted", "<u8"), ("pad", "<u8", (6,)),
+    ("rr_cursor", "<u8"), ("accepted", "<u8"), ("panics", "<u8"),
+    ("eject_lock", "<u4"), ("pad", "<u4", (9,)),
 ])
 
 WORKER_STATE = np.dtype([
@@ -51,7 +54,7 @@ IMAGE_HEADER = np.dtype([
     ("snapshot_version", "<u8"), ("checksum", "<u4"),
     ("n_services", "<u4"), ("n_backends", "<u4"), ("table_used", "<u4"),
     ("connect_timeout_ms", "<u4"), ("idle_timeout_ms", "<u4"),
-    ("retries", "<u4"), ("relay_mode", "<u4"), ("fin_timeout_ms", "<u4"), ("pad", "<u4"),
+    ("retries", "<u4"), ("relay_mode", "<u4"), ("fin_timeout_ms", "<u4"), ("source_ip", "<u4"),
     ("published_ns", "<u8"),
 ])
 
@@ -61,7 +64,9 @@ SERVICE = np.dtype([
     ("backend_first", "<u4"), ("backend_count", "<u4"),
     ("schedule_offset", "<u4"), ("schedule_len", "<u4"),
     ("maglev_offset", "<u4"), ("maglev_len", "<u4"),
-    ("eligible_count", "<u4"), ("pad", "<u4"),
+    ("eligible_count", "<u4"),
+    ("consecutive_failures", "<u4"), ("base_ejection_ms", "<u4"), ("max_ejection_ms", "<u4"),
+    ("max_ejection_percent", "<u4"), ("pad", "<u4"),
 ])
 
 BACKEND = np.dtype([

@@ -38,6 +38,41 @@ static inline uint64_t flc_fetch_inc_u64(uint64_t *p)
     return __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
 }
 
+static inline void flc_store_u64(uint64_t *p, uint64_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+static inline uint32_t flc_load_u32(const uint32_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void flc_store_u32(uint32_t *p, uint32_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELAXED);
+}
+
+/* Returns the value after the addition. */
+static inline uint32_t flc_add_fetch_u32(uint32_t *p, uint32_t v)
+{
+    return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
+}
+
+/* The ejection lock of a service (flc_service_state.eject_lock): taken by a
+ * worker with expected 0, given back with a release store of 0; the agent
+ * frees a dead worker's with expected = its index + 1. */
+static inline int flc_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired)
+{
+    return __atomic_compare_exchange_n(p, &expected, desired, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+
+static inline void flc_store_release_u32(uint32_t *p, uint32_t v)
+{
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+
 /* Least-connections claims a backend only if no other worker changed its
  * count since the scan: the chosen count is then still the minimum. */
 static inline int flc_cas_i64(int64_t *p, int64_t expected, int64_t desired)

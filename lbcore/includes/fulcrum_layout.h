@@ -10,7 +10,7 @@
  *
  *   flc_control                         generation, owner, drain flag
  *   flc_counter[FLC_MAX_BACKENDS]       per backend slot, shared by workers
- *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor)
+ *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor, ejection lock)
  *   flc_worker_state[FLC_MAX_WORKERS]   per worker
  *   int32 worker_active[FLC_MAX_WORKERS][FLC_MAX_BACKENDS]
  *   flc_image buffer 0, buffer 1        double buffer, seqlock each
@@ -23,6 +23,12 @@
  * being written, so a worker that read a buffer while the agent rewrote it
  * notices and reads again: no worker ever acts on a torn image.
  *
+ * Passive ejection lives in the counters: workers count a slot's failures in
+ * a row and set its ejected_until_ms (atomics); one worker at a time per
+ * service decides an ejection, under the service's eject_lock, a try-lock (a
+ * worker that finds it taken skips; the next failure tries again). The agent
+ * frees the lock of a worker that died holding it, and writes local_down.
+ *
  * Addresses are IPv4, network byte order; ports are host byte order.
  * Counters are keyed by a backend slot that the agent keeps stable for a
  * backend across snapshot versions.
@@ -33,7 +39,7 @@
 
 /* LAYOUT BEGIN */
 #define FLC_MAGIC 1129076038
-#define FLC_LAYOUT_VERSION 3
+#define FLC_LAYOUT_VERSION 4
 #define FLC_MAX_SERVICES 64
 #define FLC_MAX_BACKENDS 16384
 #define FLC_MAX_WORKERS 64
@@ -66,13 +72,21 @@ typedef struct {
     uint64_t failed;            /* connects refused or timed out */
     uint64_t bytes_to_backend;
     uint64_t bytes_to_client;
-    uint64_t pad[3];
+    /* Passive ejection (node-local): workers count connect failures in a
+     * row and eject the backend from their picks for a backed-off time. */
+    uint32_t consecutive_failures;  /* refused, timed out or reset before its first byte, in a row */
+    uint32_t ejections;         /* ejections in a row: the back-off exponent */
+    uint64_t ejected_until_ms;  /* CLOCK_MONOTONIC ms; no pick before then */
+    uint32_t local_down;        /* 1: the node's own probe verdict holds it down (the agent writes it) */
+    uint32_t pad;
 } flc_counter;
 
 typedef struct {
     uint64_t rr_cursor;         /* shared by all workers: exact WRR shares */
     uint64_t accepted;
-    uint64_t pad[6];
+    uint64_t panics;            /* connections routed in panic: all left were ejected or down */
+    uint32_t eject_lock;        /* 0 free, else the holding worker's index + 1 */
+    uint32_t pad[9];
 } flc_service_state;
 
 typedef struct {
@@ -99,7 +113,7 @@ typedef struct {
     uint32_t retries;           /* further backends tried after a failed connect */
     uint32_t relay_mode;        /* FLC_RELAY_*: how bytes are moved */
     uint32_t fin_timeout_ms;    /* a pair with one direction ended, silent this long, closes */
-    uint32_t pad;
+    uint32_t source_ip;         /* backend connects leave from this address; 0: the system's choice */
     uint64_t published_ns;      /* CLOCK_MONOTONIC when the agent published it */
 } flc_image_header;
 
@@ -116,6 +130,10 @@ typedef struct {
     uint32_t maglev_offset;     /* Maglev table in the pool, or len 0 */
     uint32_t maglev_len;
     uint32_t eligible_count;
+    uint32_t consecutive_failures;  /* outlier: failures in a row that eject (0: never) */
+    uint32_t base_ejection_ms;  /* the first ejection's length, doubled on each repeat */
+    uint32_t max_ejection_ms;   /* the longest ejection */
+    uint32_t max_ejection_percent;  /* of the service's rows, counted after the new ejection */
     uint32_t pad;
 } flc_service;
 

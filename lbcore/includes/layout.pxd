@@ -33,10 +33,16 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint64_t failed
         uint64_t bytes_to_backend
         uint64_t bytes_to_client
+        uint32_t consecutive_failures
+        uint32_t ejections
+        uint64_t ejected_until_ms
+        uint32_t local_down
 
     ctypedef struct flc_service_state:
         uint64_t rr_cursor
         uint64_t accepted
+        uint64_t panics
+        uint32_t eject_lock
 
     ctypedef struct flc_worker_state:
         int32_t pid
@@ -60,6 +66,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t retries
         uint32_t relay_mode
         uint32_t fin_timeout_ms
+        uint32_t source_ip
 
     ctypedef struct flc_service:
         uint8_t name[48]
@@ -74,6 +81,10 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t maglev_offset
         uint32_t maglev_len
         uint32_t eligible_count
+        uint32_t consecutive_failures
+        uint32_t base_ejection_ms
+        uint32_t max_ejection_ms
+        uint32_t max_ejection_percent
 
     ctypedef struct flc_backend:
         uint8_t id[48]
@@ -87,6 +98,12 @@ cdef extern from "fulcrum_atomic.h" nogil:
     uint64_t flc_load_acquire_u64(const uint64_t *p)
     int64_t flc_load_i64(const int64_t *p)
     uint64_t flc_load_u64(const uint64_t *p)
+    void flc_store_u64(uint64_t *p, uint64_t v)
+    uint32_t flc_load_u32(const uint32_t *p)
+    void flc_store_u32(uint32_t *p, uint32_t v)
+    uint32_t flc_add_fetch_u32(uint32_t *p, uint32_t v)
+    bint flc_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired)
+    void flc_store_release_u32(uint32_t *p, uint32_t v)
     void flc_add_i64(int64_t *p, int64_t v)
     void flc_add_u64(uint64_t *p, uint64_t v)
     uint64_t flc_fetch_inc_u64(uint64_t *p)

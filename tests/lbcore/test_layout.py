@@ -36,3 +36,16 @@ def test_counters_do_not_share_cache_lines():
 def test_maglev_size_is_prime():
     n = layout.MAGLEV_SIZE
     assert n >= 65537 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+
+
+def test_ejection_state_fits_the_same_lines():
+    # passive ejection took the counters' and service states' padding: one
+    # cache line each still, and a layout version of its own
+    assert layout.LAYOUT_VERSION == 4
+    assert layout.SERVICE_STATE.itemsize == 64
+    assert {"consecutive_failures", "ejections", "ejected_until_ms",
+            "local_down"} <= set(layout.COUNTER.names)
+    assert {"panics", "eject_lock"} <= set(layout.SERVICE_STATE.names)
+    assert {"consecutive_failures", "base_ejection_ms", "max_ejection_ms",
+            "max_ejection_percent"} <= set(layout.SERVICE.names)
+    assert "source_ip" in layout.IMAGE_HEADER.names
