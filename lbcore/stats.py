@@ -10,6 +10,7 @@ import numpy as np
 
 from lbcore import layout
 from lbcore.balance import ALGORITHMS
+from lbcore.ejection import monotonic_ms
 from lbcore.image import Image, read_image
 from lbcore.segment import Segment
 from lbcore.wire import REPORT_FIELDS, SUMMED, summed_counters
@@ -38,22 +39,29 @@ def node_stats(segment: Segment) -> dict[str, Any]:
         for i, w in enumerate(segment.workers) if int(w["pid"]) != 0
     ]
     services = []
+    now_ms = monotonic_ms()
     for slot, row in enumerate(image.services):
         if not row["active"]:
             continue
         rows, counters = _service_backends(segment, image, row)
         columns = [counters[name].tolist() for name in COUNTER_FIELDS]
+        # passive ejection: ms of ejection left (0: not ejected), held down by this node's probes
+        ejected_ms = np.maximum(counters["ejected_until_ms"].astype(np.int64) - now_ms, 0).tolist()
+        local_down = (counters["local_down"] != 0).tolist()
         backends = [
             {"id": i.decode(), "address": _address(ip, port), "weight": weight, "eligible": bool(eligible),
-             "slot": slot, **dict(zip(COUNTER_FIELDS, values, strict=True))}
-            for i, ip, port, weight, eligible, slot, *values in zip(
+             "slot": slot, **dict(zip(COUNTER_FIELDS, values, strict=True)),
+             "ejected_ms": ejected, "local_down": down}
+            for i, ip, port, weight, eligible, slot, ejected, down, *values in zip(
                 rows["id"].tolist(), rows["ip"].tolist(), rows["port"].tolist(), rows["weight"].tolist(),
-                rows["eligible"].tolist(), rows["slot"].tolist(), *columns, strict=True)]
+                rows["eligible"].tolist(), rows["slot"].tolist(), ejected_ms, local_down, *columns,
+                strict=True)]
         services.append({
             "name": row["name"].decode(), "slot": slot,
             "listen": _address(row["listen_ip"], row["listen_port"]),
             "algorithm": ALGORITHM_OF_CODE.get(int(row["algorithm"]), "?"),
             "accepted": int(segment.service_states[slot]["accepted"]),
+            "panics": int(segment.service_states[slot]["panics"]),
             "backends": backends,
         })
     return {
@@ -85,7 +93,25 @@ def format_stats(stats: dict[str, Any]) -> str:
             lines.append(f"    {b['id']:<20} {b['address']:<22} {b['weight']:>6} "
                          f"{'yes' if b['eligible'] else 'no':>4} "
                          + " ".join(f"{b[name]:>16}" for name in COUNTER_FIELDS))
+        lines.extend(_ejection_lines(s))
     return "\n".join(lines)
+
+
+def _ejection_lines(service: dict[str, Any]) -> list[str]:
+    """What passive ejection does to a service here, when it does anything:
+    the backends ejected (time left), held down by this node's probes, and
+    the connections routed in panic."""
+    lines = []
+    ejected = [f"{b['id']} ({b['ejected_ms']} ms left)" for b in service["backends"] if b.get("ejected_ms")]
+    down = [b["id"] for b in service["backends"] if b.get("local_down")]
+    if ejected:
+        lines.append(f"    ejected: {', '.join(ejected)}")
+    if down:
+        lines.append(f"    down here: {', '.join(down)}")
+    if service.get("panics"):
+        lines.append(f"    panics: {service['panics']} connections routed while every backend left "
+                     "was ejected or down here")
+    return lines
 
 
 

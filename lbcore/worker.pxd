@@ -18,6 +18,7 @@ cdef enum:
     MAX_SPARE_BUFFERS = 256   # pending-data buffers kept for reuse
     PUMP_ROUNDS = 16          # reads per direction per turn: others get theirs
     CLAIM_ATTEMPTS = 8        # least_conn compare-and-swap tries before a plain claim
+    MAX_BACKOFF = 64          # ejections in a row counted at most (the back-off is capped long before)
     ABORT_FLUSH_MS = 2000     # an aborted pair's last bytes: sent before the reset, for at most this
 
 cdef enum PumpResult:
@@ -69,6 +70,7 @@ cdef struct Conn:
     uint32_t service_slot
     uint32_t backend_slot
     bint holds_claim          # counted in the backend's active count
+    bint backend_spoke        # a byte or a clean FIN came from the backend: its connect did not fail
     uint32_t client_hash
     uint32_t tried[MAX_EXCLUDED]
     int n_tried

@@ -19,7 +19,7 @@ from libc.string cimport memcpy, memmove, memset
 from lbcore.includes.system cimport *
 from lbcore.includes.layout cimport *
 from lbcore.balance.context cimport MAX_EXCLUDED, PickContext, row_is_eligible
-from lbcore.balance.pick cimport claim_backend, pick_backend
+from lbcore.balance.pick cimport claim_backend, pick_with_panic
 from lbcore.worker cimport *
 
 
@@ -247,7 +247,110 @@ cdef void drop_claim(Worker *w, Conn *c, bint failed) noexcept nogil:
     w.my_active[c.backend_slot] -= 1
     if failed:
         flc_add_u64(&w.counters[c.backend_slot].failed, 1)
+        note_failure(w, c)
     c.holds_claim = False
+
+
+# ---------------------------------------------------------------- passive ejection
+
+cdef void note_failure(Worker *w, Conn *c) noexcept nogil:
+    """The backend of ``c`` failed a connection (refused, timed out, or
+    reset before its first byte): one more failure in a row of its slot; at
+    the service's consecutive_failures, try to eject it. Precondition: ``c``
+    holds its claim (c.backend_slot is the slot it picked)."""
+    cdef uint32_t failures = flc_add_fetch_u32(&w.counters[c.backend_slot].consecutive_failures, 1)
+    cdef flc_image_header *snap = w.snap
+    cdef uint32_t threshold
+    if snap == NULL or c.service_slot >= FLC_MAX_SERVICES:
+        return
+    # may be torn: only a trigger, eject_locked reads it again under the seqlock
+    threshold = flc_services_of(snap)[c.service_slot].consecutive_failures
+    if threshold != 0 and failures >= threshold:
+        try_eject(w, c.service_slot, c.backend_slot)
+
+
+cdef void try_eject(Worker *w, uint32_t service_slot, uint32_t slot) noexcept nogil:
+    """Eject the backend in ``slot`` under the service's eject_lock, a
+    try-lock: one worker at a time decides for a service, so two never both
+    take the last ejection max_ejection_percent allows. Taken by another
+    worker: skip (the next failure tries again; a lock left by a dead
+    worker is freed by the agent, lbcore.ejection.release_eject_locks)."""
+    cdef uint32_t *lock = &w.service_states[service_slot].eject_lock
+    if not flc_cas_u32(lock, 0, <uint32_t>w.index + 1):
+        return
+    eject_locked(w, service_slot, slot)
+    flc_store_release_u32(lock, 0)
+
+
+cdef inline uint64_t ejection_ms(uint64_t base, uint64_t longest, uint32_t ejections) noexcept nogil:
+    # base << (ejections - 1), at most longest; shifted only where it cannot
+    # overflow (base < 2**32, shift < 32)
+    cdef uint32_t shift = ejections - 1 if ejections > 0 else 0
+    if shift >= 32 or (base << shift) >= longest:
+        return longest
+    return base << shift
+
+
+cdef void eject_locked(Worker *w, uint32_t service_slot, uint32_t slot) noexcept nogil:
+    """The ejection itself. Precondition: this worker holds the service's
+    eject_lock. The service's settings and rows come from the image this
+    worker holds, read under its seqlock (torn: nothing is done)."""
+    cdef flc_image_header *snap = w.snap
+    cdef flc_service *service
+    cdef const flc_backend *backends
+    cdef flc_counter *counter = &w.counters[slot]
+    cdef uint64_t seq, until, now = w.now_ms
+    cdef uint32_t first, count, threshold, percent, base, longest, row, ejections, ejected = 0
+    if snap == NULL:
+        return
+    seq = flc_read_begin(snap)
+    if seq & 1 or service_slot >= snap.n_services:
+        return
+    service = &flc_services_of(snap)[service_slot]
+    first, count = service.backend_first, service.backend_count
+    threshold, percent = service.consecutive_failures, service.max_ejection_percent
+    base, longest = service.base_ejection_ms, service.max_ejection_ms
+    if count == 0 or first >= FLC_MAX_BACKENDS or count > FLC_MAX_BACKENDS - first:
+        return
+    backends = flc_backends_of(snap)
+    for row in range(first, first + count):
+        if flc_load_u64(&w.counters[backends[row].slot % FLC_MAX_BACKENDS].ejected_until_ms) > now:
+            ejected += 1
+    if not flc_read_validate(snap, seq):
+        return
+    if threshold == 0 or flc_load_u32(&counter.consecutive_failures) < threshold:
+        return  # another worker ejected it meanwhile (and reset the count)
+    until = flc_load_u64(&counter.ejected_until_ms)
+    if until > now:
+        # failures of connections begun before the ejection: not a new one
+        flc_store_u32(&counter.consecutive_failures, 0)
+        return
+    # the cap, counted after this ejection; past it the backend stays in
+    # (its failures keep it at the threshold: the next one asks again)
+    if <uint64_t>(ejected + 1) * 100 > <uint64_t>percent * count:
+        return
+    ejections = flc_load_u32(&counter.ejections)
+    if until == 0 or ejections == 0 or now - until >= longest:
+        ejections = 1  # the last ejection is long over: start the back-off again
+    elif ejections < MAX_BACKOFF:
+        ejections += 1
+    flc_store_u32(&counter.ejections, ejections)
+    flc_store_u64(&counter.ejected_until_ms, now + ejection_ms(base, longest, ejections))
+    flc_store_u32(&counter.consecutive_failures, 0)
+
+
+cdef void note_backend_spoke(Worker *w, Conn *c) noexcept nogil:
+    """After a relay turn: a first byte (or a clean FIN) from the backend
+    ends its failures in a row. Written only when not 0 already, so a
+    healthy backend's counter line sees no write here."""
+    cdef uint32_t *failures
+    if c.down.unflushed == 0 and c.down.buf_len == 0 and c.down.pipe_len == 0 and not c.down.eof:
+        return
+    c.backend_spoke = True
+    if c.holds_claim:
+        failures = &w.counters[c.backend_slot].consecutive_failures
+        if flc_load_u32(failures) != 0:
+            flc_store_u32(failures, 0)
 
 
 # ---------------------------------------------------------------- connections
@@ -302,8 +405,9 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         ctx.n_excluded = c.n_tried
         memcpy(ctx.excluded, c.tried, sizeof(c.tried))
         ctx.observed_active = -1
+        ctx.now_ms = w.now_ms
         algorithm = service.algorithm
-        row = pick_backend(&ctx)
+        row = pick_with_panic(&ctx)
         w.rng = ctx.rng
         w.tiebreak = ctx.tiebreak
         if not service.active or not backend_is_eligible(snap, c.service_slot, row):
@@ -325,6 +429,8 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         if not claim_backend(&ctx, slot, algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS):
             continue  # another worker took a connection meanwhile: scan again
         w.my_active[slot] += 1
+        if ctx.panic:
+            flc_add_u64(&w.service_states[c.service_slot].panics, 1)
         c.backend_slot = slot
         c.holds_claim = True
         if c.n_tried < MAX_EXCLUDED:
@@ -345,6 +451,8 @@ cdef void abort_conn(Worker *w, int index) noexcept nogil:
     if not c.aborting:
         c.aborting = True
         c.abort_deadline_ms = w.now_ms + ABORT_FLUSH_MS
+        if c.backend.err and not c.backend_spoke and c.holds_claim and c.state == CONN_RELAYING:
+            note_failure(w, c)  # accepted, then reset before its first byte: a failed connect
     finish_abort(w, index)
 
 
@@ -648,6 +756,8 @@ cdef void relay(Worker *w, int index) noexcept nogil:
     cdef int down = PUMP_ERROR
     if up != PUMP_ERROR:
         down = pump(w, &c.down, &c.up, &c.backend, &c.client)
+    if not c.backend_spoke:
+        note_backend_spoke(w, c)
     if up == PUMP_ERROR or down == PUMP_ERROR:
         abort_conn(w, index)
     elif c.up.shut and c.down.shut:

@@ -8,7 +8,7 @@
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport (
     FLC_MAX_BACKENDS, FLC_TABLE_POOL, flc_next_random, flc_image_header, flc_service,
-    flc_backend, flc_counter, flc_service_state,
+    flc_backend, flc_counter, flc_service_state, flc_load_u32, flc_load_u64,
 )
 
 cdef enum:
@@ -28,6 +28,8 @@ cdef struct PickContext:
     uint32_t excluded[MAX_EXCLUDED]  # slots already tried for this connection
     int n_excluded
     int64_t observed_active       # least_conn: raw count seen, claimed by CAS; else -1
+    uint64_t now_ms               # CLOCK_MONOTONIC ms: a slot ejected until later is skipped
+    bint panic                    # ejections and local_down ignored (see pick_with_panic)
 
 
 cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
@@ -39,14 +41,23 @@ cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
 cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogil:
     # Rows out of range (a torn read) count as excluded: never dereferenced.
     # Exclusion is by slot, which stays the same when a retry meets a newer
-    # image whose rows moved.
+    # image whose rows moved. A slot this node ejected (passive ejection,
+    # until its ejected_until_ms) or holds down by its own probes
+    # (local_down) is excluded too, except in a panic's pick. Both live on
+    # the counter's cache line, which the claim writes anyway.
     cdef int i
+    cdef uint32_t slot
+    cdef const flc_counter *counter
     if row >= FLC_MAX_BACKENDS:
         return True
+    slot = ctx.backends[row].slot
     for i in range(ctx.n_excluded):
-        if ctx.excluded[i] == ctx.backends[row].slot:
+        if ctx.excluded[i] == slot:
             return True
-    return False
+    if ctx.panic:
+        return False
+    counter = &ctx.counters[slot % FLC_MAX_BACKENDS]
+    return flc_load_u64(&counter.ejected_until_ms) > ctx.now_ms or flc_load_u32(&counter.local_down) != 0
 
 
 cdef inline bint table_in_pool(uint32_t offset, uint32_t length) noexcept nogil:

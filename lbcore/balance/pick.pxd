@@ -7,7 +7,8 @@
 # service has no eligible backend left that is not excluded. The context and
 # the helpers the algorithms share are in context.pxd; ``pick_backend`` is
 # the one dispatch on the service's algorithm, and ``claim_backend`` the one
-# claim of a pick, for the worker and the probe.
+# claim of a pick, for the worker and the probe; ``pick_with_panic`` the
+# pick that honours passive ejection (is_excluded) and falls back to panic.
 from libc.stdint cimport uint8_t, uint32_t
 from lbcore.includes.layout cimport (
     FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_i64, flc_cas_i64,
@@ -25,6 +26,22 @@ cdef inline int pick_backend(PickContext *ctx) noexcept nogil:
     if algorithm == FLC_ALGO_MAGLEV:
         return maglev.pick(ctx)
     return wrr.pick(ctx)
+
+
+cdef inline int pick_with_panic(PickContext *ctx) noexcept nogil:
+    # The pick honours ejections and local_down; when that leaves nothing
+    # while the service has eligible rows (all of them ejected or down
+    # here), it picks again among every eligible row not yet tried: panic,
+    # said by ctx.panic (the caller counts it once the pick is claimed).
+    # Eligibility itself is never relaxed: a panic picks from the image's
+    # eligible rows only, and the worker's I1 check still follows.
+    cdef int row
+    ctx.panic = False
+    row = pick_backend(ctx)
+    if row < 0 and ctx.service.eligible_count > 0:
+        ctx.panic = True
+        row = pick_backend(ctx)
+    return row
 
 
 cdef inline bint claim_backend(PickContext *ctx, uint32_t slot, bint exact) noexcept nogil:

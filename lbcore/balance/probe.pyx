@@ -5,11 +5,13 @@ Picks read a real image in a real segment, exactly as a worker does;
 ``hold`` counts each pick as an open connection (what a worker's claim does),
 so least-connections sees its own earlier picks.
 """
+import time
+
 import numpy as np
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
 from lbcore.balance.context cimport MAX_EXCLUDED, PickContext
-from lbcore.balance.pick cimport claim_backend, pick_backend
+from lbcore.balance.pick cimport claim_backend, pick_backend, pick_with_panic
 
 
 cdef bint context_of(PickContext *ctx, uintptr_t base, uint32_t service_slot) noexcept nogil:
@@ -26,27 +28,40 @@ cdef bint context_of(PickContext *ctx, uintptr_t base, uint32_t service_slot) no
     ctx.table = flc_table_of(snap)
     ctx.counters = flc_counters_of(segment)
     ctx.service_state = &flc_service_states_of(segment)[service_slot]
+    ctx.panic = False
     return True
 
 
+def monotonic_ms():
+    """The clock of ejected_until_ms (CLOCK_MONOTONIC), in ms."""
+    return time.monotonic_ns() // 1_000_000
+
+
 def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=None,
-          bint hold=False, excluded_slots=(), uint64_t seed=12345):
-    """Rows picked for ``n`` connections of the service in slot ``service_slot``."""
+          bint hold=False, excluded_slots=(), uint64_t seed=12345, now_ms=None, bint panic=False):
+    """Rows picked for ``n`` connections of the service in slot
+    ``service_slot``, at ``now_ms`` (default: now) for ejections. ``panic``:
+    each pick as the worker makes it (pick_with_panic); then returns (rows,
+    whether each was a panic's), else rows."""
     cdef PickContext ctx
     cdef flc_counter *counters = flc_counters_of(<void *>base)
     cdef Py_ssize_t i
     cdef int row
     cdef uint32_t slot
     cdef int64_t[::1] out
+    cdef uint8_t[::1] panicked
     cdef uint32_t[::1] hashes
     result = np.full(n, -1, dtype=np.int64)
     out = result
+    panics = np.zeros(n, dtype=np.uint8)
+    panicked = panics
     hashes = np.zeros(n, dtype=np.uint32) if client_hashes is None else \
         np.ascontiguousarray(client_hashes, dtype=np.uint32)
     if not context_of(&ctx, base, service_slot):
         raise ValueError(f"no service in slot {service_slot}")
     ctx.rng = seed | 1
     ctx.tiebreak = 0
+    ctx.now_ms = monotonic_ms() if now_ms is None else now_ms
     ctx.n_excluded = min(len(excluded_slots), MAX_EXCLUDED)
     for i, slot in enumerate(excluded_slots[:MAX_EXCLUDED]):
         ctx.excluded[i] = slot
@@ -54,11 +69,15 @@ def picks(uintptr_t base, uint32_t service_slot, Py_ssize_t n, client_hashes=Non
         for i in range(n):
             ctx.client_hash = hashes[i]
             ctx.observed_active = -1
-            row = pick_backend(&ctx)
+            if panic:
+                row = pick_with_panic(&ctx)
+                panicked[i] = ctx.panic
+            else:
+                row = pick_backend(&ctx)
             out[i] = row
             if hold and row >= 0:
                 flc_add_i64(&counters[ctx.backends[row].slot].active, 1)
-    return result
+    return (result, panics.astype(bool)) if panic else result
 
 
 def hash_address(uint32_t ip_network_order):
@@ -124,6 +143,7 @@ def claim_with_a_rival(uintptr_t base, uint32_t service_slot, bint rival):
     ctx.tiebreak = 0
     ctx.n_excluded = 0
     ctx.observed_active = -1
+    ctx.now_ms = monotonic_ms()
     row = pick_backend(&ctx)
     if row < 0:
         return row, False, -1, False

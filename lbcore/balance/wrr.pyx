@@ -9,24 +9,30 @@ workers of a node, not only per worker.
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
-from lbcore.balance.context cimport PickContext, is_excluded, table_in_pool
+from lbcore.balance.context cimport PickContext, is_excluded, scan_for_any, table_in_pool
+
+cdef enum:
+    STEPS = 32   # cursor steps before a scan, when retries or ejections exclude rows
 
 
 cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t offset = ctx.service.schedule_offset
     cdef uint32_t length = ctx.service.schedule_len
     cdef uint32_t tries, row
-    cdef uint64_t cursor
+    cdef uint64_t cursor = 0
     if not table_in_pool(offset, length):
         return -1
-    # A retry skips the rows already tried; a schedule of length L holds every
-    # eligible row, so L steps are enough to find any that is left.
-    for tries in range(length):
+    # A retry or an ejection skips rows; the steps that find one left are
+    # few unless a heavy backend is excluded (its entries fill the
+    # schedule), or every row is: then, after STEPS, a walk of the rows
+    # (each step is an atomic increment of a shared cursor).
+    for tries in range(length if length < STEPS else STEPS):
         cursor = flc_fetch_inc_u64(&ctx.service_state.rr_cursor)
         row = ctx.table[offset + <uint32_t>(cursor % length)]
         if not is_excluded(ctx, row):
             return <int>row
-    return -1
+    # (also when L <= STEPS: other workers' steps move the cursor meanwhile)
+    return scan_for_any(ctx, <uint32_t>cursor)
 
 
 # Schedules are built by counting the reduced weights: a weight (divided by
