@@ -99,6 +99,7 @@ cdef struct Worker:
     uint32_t fin_timeout_ms
     uint32_t retries
     uint32_t relay_mode
+    uint32_t source_ip        # backend connects bind to it (network order); 0: the system's choice
     int listen_fd[FLC_MAX_SERVICES]
     uint32_t listen_ip[FLC_MAX_SERVICES]
     uint16_t listen_port[FLC_MAX_SERVICES]

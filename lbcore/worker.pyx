@@ -112,6 +112,7 @@ cdef bint read_listeners(flc_image_header *snap, uint32_t *ips, uint16_t *ports,
     limits[2] = snap.retries
     limits[3] = snap.relay_mode
     limits[4] = snap.fin_timeout_ms
+    limits[5] = snap.source_ip
     return flc_read_validate(snap, seq) and snap.magic == FLC_MAGIC \
         and snap.layout_version == FLC_LAYOUT_VERSION
 
@@ -122,7 +123,7 @@ cdef void notice_image(Worker *w) noexcept nogil:
     cdef flc_image_header *snap
     cdef uint32_t ips[FLC_MAX_SERVICES]
     cdef uint16_t ports[FLC_MAX_SERVICES]
-    cdef uint32_t limits[5]
+    cdef uint32_t limits[6]
     cdef int attempt, slot
     cdef bint complete = True
     if generation == w.generation:
@@ -142,6 +143,7 @@ cdef void notice_image(Worker *w) noexcept nogil:
     w.retries = limits[2] if limits[2] < MAX_EXCLUDED else MAX_EXCLUDED - 1
     w.relay_mode = limits[3]
     w.fin_timeout_ms = limits[4]
+    w.source_ip = limits[5]
     if not w.draining:
         for slot in range(FLC_MAX_SERVICES):
             if w.listen_fd[slot] >= 0 and (ports[slot] == 0 or ips[slot] != w.listen_ip[slot]
@@ -488,6 +490,19 @@ cdef void finish_abort(Worker *w, int index) noexcept nogil:
     close_conn(w, index)
 
 
+cdef bint bind_source(int fd, uint32_t ip) noexcept nogil:
+    """Connects leave from the node's address (node.address): the path
+    its probes test. IP_BIND_ADDRESS_NO_PORT leaves the port to connect(),
+    which picks it per destination, so a bind holds no port of its own."""
+    cdef sockaddr_in sa
+    cdef int one = 1
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof(one))
+    memset(&sa, 0, sizeof(sa))
+    sa.sin_family = AF_INET
+    sa.sin_addr.s_addr = ip
+    return bind(fd, <sockaddr *>&sa, sizeof(sa)) == 0
+
+
 cdef bint connect_backend(Worker *w, int index) noexcept nogil:
     """Start a nonblocking connect to a backend, trying others (up to the
     image's retries) when one refuses at once. False: no backend left."""
@@ -502,6 +517,11 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             drop_claim(w, c, False)
             if out_of_resources():
                 pause_accepts(w)
+            return False
+        if w.source_ip != 0 and not bind_source(fd, w.source_ip):
+            # the node's own address cannot be used: not the backend's failure
+            close(fd)
+            drop_claim(w, c, False)
             return False
         if connect(fd, <sockaddr *>&sa, sizeof(sa)) == 0 or errno == EINPROGRESS:
             w.next_tag += 1

@@ -95,6 +95,8 @@ cdef extern from "<netinet/in.h>" nogil:
 
     enum:
         IPPROTO_TCP
+        IPPROTO_IP
+        IP_BIND_ADDRESS_NO_PORT   # bind a source address now, its port at connect (no port held per bind)
 
 
 cdef extern from "<netinet/tcp.h>" nogil:

@@ -2,7 +2,8 @@
 locally-down slot in every algorithm (and fall back to panic when nothing
 else is left); real worker processes count connect failures (refused, or
 reset before the first byte), eject within max_ejection_percent, back off,
-take the backend back when its time is over. Backends are real listeners on 127.0.0.0/8."""
+take the backend back when its time is over; connects leave from the node's
+address. Backends are real listeners on 127.0.0.0/8."""
 from __future__ import annotations
 
 import contextlib
@@ -193,10 +194,12 @@ def listeners(*specs: dict) -> Iterator[list[Listener]]:
             listener.close()
 
 
-def config(listen: int, backends: list[tuple[str, int]], outlier: dict[str, int],
-           algorithm: str = "wrr") -> Config:
+def config(listen: int, backends: list[tuple[str, int]], outlier: dict[str, int], algorithm: str = "wrr",
+           address: str = "") -> Config:
     """One service on 127.0.0.1:``listen``, backends (id, port) on 127.0.0.1."""
     lines = ["[node]", f'id = "{unique_node_id()}"', "workers = 1", "retries = 3"]
+    if address:
+        lines.append(f'address = "{address}"')
     lines += ["[[service]]", 'name = "web"', f'listen = "127.0.0.1:{listen}"', f'algorithm = "{algorithm}"',
               "[service.outlier]", *(f"{k} = {v}" for k, v in outlier.items())]
     for backend_id, port in backends:
@@ -366,6 +369,16 @@ def test_locally_down_backends_are_skipped_and_panic_routes_to_them(published):
             set_local_down(published.segment, slots["b"], False)
             assert {ask(listen) for _ in range(10)} == {b"a\n", b"b\n"}
             assert panics(published.segment, published.image)["web"] == 10
+
+
+@pytest.mark.timeout(60)
+def test_backend_connects_leave_from_the_node_address(published):
+    listen = free_port()
+    with listeners({"greeting": b"hi\n"}) as (backend,):
+        cfg = config(listen, [("only", backend.port)], {}, address="127.0.0.2")
+        with serving(published, cfg):
+            assert [ask(listen) for _ in range(5)] == [b"hi\n"] * 5
+        assert backend.peers == ["127.0.0.2"] * 5
 
 
 @pytest.mark.timeout(60)
