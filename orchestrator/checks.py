@@ -7,7 +7,8 @@ whose ``health.kind`` is not "none", as the published routing has it):
 
 1. the current probers are ``probers_for(backend, live nodes, probers)``;
 2. every interval (and soon after a prober's result changes, at most
-   twice an interval) their fresh results give a quorum verdict;
+   twice an interval) their fresh results give a quorum verdict; verdicts
+   fall due on a 50 ms grid, so many backends' changes are one recompute;
 3. the verdict moves one RiseFall counter; a change of its state is
    damped (more than 4 changes in 60 s hold the backend down 120 s);
 4. a change of the backend's state is written through the store's
@@ -26,6 +27,7 @@ mismatch asks the node for its full set again.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,14 @@ from orchestrator.errors import BadRequestError
 from orchestrator.health import FlapDamper, Result, RiseFall, fresh_for, probers_for, quorum
 
 MAX_RESULTS = 16384  # results in one message (a node sends its full set in parts of at most this)
+# Verdicts fall due on a grid of this step, so that those of many backends
+# are made in one turn and give one recompute: health churn on a large pool
+# makes at most 1 / VERDICT_STEP_S snapshots a second, not one per backend.
+VERDICT_STEP_S = 0.05
+
+
+def on_step(t: float) -> float:
+    return math.ceil(t / VERDICT_STEP_S) * VERDICT_STEP_S
 
 
 @dataclass
@@ -91,7 +101,7 @@ class HealthChecks:
             if c is None or c.health != health:
                 counter = RiseFall(health.rise, health.fall, up)
                 c = self.checked[backend] = Checked(service, health, counter, up)
-                c.due_s = now_s + c.interval_s
+                c.due_s = on_step(now_s + c.interval_s)
                 heapq.heappush(self._heap, (c.due_s, backend))
             c.service, c.up = service, up
         self.known = known
@@ -129,7 +139,7 @@ class HealthChecks:
             c = self.checked.get(backend)
             if c is not None and before != up:
                 # soon, not at once: two probers' news close together are one verdict, not two
-                due = max(now_s, c.last_s + c.interval_s / 2)
+                due = on_step(max(now_s, c.last_s + c.interval_s / 2))
                 if due < c.due_s:
                     c.due_s = due
                     heapq.heappush(self._heap, (due, backend))
@@ -172,7 +182,7 @@ class HealthChecks:
             if c is None or due != c.due_s:
                 continue  # dropped, or rescheduled (a newer entry stands)
             self._verdict(backend, c, now_s, nodes)
-            c.due_s = now_s + c.interval_s
+            c.due_s = on_step(now_s + c.interval_s)
             heapq.heappush(heap, (c.due_s, backend))
         return heap[0][0] if heap else now_s + 1.0
 

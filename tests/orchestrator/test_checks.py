@@ -137,4 +137,25 @@ def test_unchecked_services_are_not_checked():
     c = HealthChecks(lambda b, up: None, lambda line: None)
     c.follow(routing(kind="none"), 0.0)
     assert c.checked == {}
-    c.receive("n1", {"b1": False}, False, 0.0)  # a result for a known backend is taken, and counts for nothing
+    c.receive("n1", {"b1": False}, False, 0.0)  # taken (a known backend), counts for nothing
+
+
+def test_many_backends_changing_at_once_are_decided_in_few_turns():
+    """Verdicts fall due on a grid: 200 backends dying over 0.8 s are
+    written in a few dozen turns (each turn one recompute), not 200."""
+    health = HealthCheck(kind="tcp", interval_ms=1000, timeout_ms=500, rise=1, fall=1, probers=1)
+    backends = tuple(Backend(f"b{i:03}", f"10.0.{i // 200}.{i % 200 + 1}:80", 1) for i in range(200))
+    turns: list[float] = []
+    now = [0.0]
+    c = HealthChecks(lambda b, up: turns.append(now[0]), lambda line: None)
+    c.follow(Routing.of(1, [Service("web", "127.0.0.1:8080", "wrr", backends, health)]), 0.0)
+    t = 0.0
+    while t < 3.0:
+        now[0] = t
+        i = int((t - 0.1) / 0.004)
+        if 0 <= i < 200 and t >= 0.1:
+            c.receive("n1", {f"b{i:03}": False}, False, t)
+        c.tick(t, ["n1"])
+        t = round(t + 0.001, 3)
+    assert len(turns) == 200
+    assert len(set(turns)) <= 30, len(set(turns))
