@@ -311,8 +311,7 @@ def publish_image(segment: Segment, image: Image) -> int:
     limits = image.limits
     fields.connect_timeout_ms, fields.idle_timeout_ms = limits.connect_timeout_ms, limits.idle_timeout_ms
     fields.retries, fields.relay_mode = limits.retries, limits.relay_mode
-    fields.fin_timeout_ms = limits.fin_timeout_ms
-    _write_source_ip(segment, generation, limits.source_ip)
+    fields.fin_timeout_ms, fields.source_ip = limits.fin_timeout_ms, limits.source_ip
     lib.flc_publish_image(segment.base_pointer, generation, fields,
                              ffi.from_buffer("flc_service[]", image.services),
                              ffi.from_buffer("flc_backend[]", image.backends),
@@ -321,20 +320,6 @@ def publish_image(segment: Segment, image: Image) -> int:
 
 
 _HEADER_FIELDS = ffi.new("flc_image_header *")
-
-
-def _write_source_ip(segment: Segment, generation: int, source_ip: int) -> None:
-    """The header's source_ip, in the buffer about to be published, under
-    its seqlock (flc_publish_image copies the header fields it knows; this
-    one is written just before, in a write of its own: a worker still
-    reading that buffer sees the sequence move and reads again).
-    Precondition: the caller is the segment's only publisher."""
-    header: Any = segment.buffer(generation).header_ptr
-    if header.source_ip == source_ip:
-        return
-    lib.flc_write_begin(header)
-    header.source_ip = source_ip
-    lib.flc_write_end(header)
 
 
 def read_image(segment: Segment, attempts: int = 100) -> Image:

@@ -479,7 +479,7 @@ DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
 def service_row(service: Service) -> dict[str, Any]:
     """A delta's row of an added or changed service: "health" and "outlier"
     only when they differ from the defaults (as in a snapshot)."""
-    row = {"name": service.name, "listen": service.listen, "algorithm": service.algorithm}
+    row: dict[str, Any] = {"name": service.name, "listen": service.listen, "algorithm": service.algorithm}
     for key, value in (("health", service.health), ("outlier", service.outlier)):
         changed = changed_settings(value)
         if changed:

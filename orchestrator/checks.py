@@ -92,10 +92,10 @@ class HealthChecks:
             known.update(routes.backends)
             if routes.health.kind == "none":
                 continue
-            for backend in routes.backends.values():
-                wanted.setdefault(backend.id, (name, routes.health, backend.up))
-        for backend in set(self.checked) - set(wanted):
-            del self.checked[backend]
+            for row in routes.backends.values():
+                wanted.setdefault(row.id, (name, routes.health, row.up))
+        for gone in set(self.checked) - set(wanted):
+            del self.checked[gone]
         for backend, (service, health, up) in wanted.items():
             c = self.checked.get(backend)
             if c is None or c.health != health:

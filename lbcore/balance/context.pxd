@@ -56,8 +56,28 @@ cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogi
             return True
     if ctx.panic:
         return False
-    counter = &ctx.counters[slot % FLC_MAX_BACKENDS]
+    return is_held_out(ctx, slot)
+
+
+cdef inline bint is_held_out(const PickContext *ctx, uint32_t slot) noexcept nogil:
+    # Ejected by this node (until its ejected_until_ms) or held down by its own probes.
+    cdef const flc_counter *counter = &ctx.counters[slot % FLC_MAX_BACKENDS]
     return flc_load_u64(&counter.ejected_until_ms) > ctx.now_ms or flc_load_u32(&counter.local_down) != 0
+
+
+cdef inline bint all_held_out(const PickContext *ctx) noexcept nogil:
+    # Every eligible row of the service ejected or held down here, whatever
+    # this connection tried: the condition of a panic. O(backends), on a
+    # pick that found nothing only.
+    cdef uint32_t first = ctx.service.backend_first
+    cdef uint32_t count = ctx.service.backend_count
+    cdef uint32_t i
+    if count == 0 or first >= FLC_MAX_BACKENDS or count > FLC_MAX_BACKENDS - first:
+        return False
+    for i in range(count):
+        if row_is_eligible(&ctx.backends[first + i]) and not is_held_out(ctx, ctx.backends[first + i].slot):
+            return False
+    return True
 
 
 cdef inline bint table_in_pool(uint32_t offset, uint32_t length) noexcept nogil:

@@ -13,7 +13,7 @@ from libc.stdint cimport uint8_t, uint32_t
 from lbcore.includes.layout cimport (
     FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_i64, flc_cas_i64,
 )
-from lbcore.balance.context cimport PickContext
+from lbcore.balance.context cimport PickContext, all_held_out
 from lbcore.balance cimport least_conn, maglev, p2c, wrr
 
 
@@ -30,15 +30,16 @@ cdef inline int pick_backend(PickContext *ctx) noexcept nogil:
 
 cdef inline int pick_with_panic(PickContext *ctx) noexcept nogil:
     # The pick honours ejections and local_down; when that leaves nothing
-    # while the service has eligible rows (all of them ejected or down
-    # here), it picks again among every eligible row not yet tried: panic,
-    # said by ctx.panic (the caller counts it once the pick is claimed).
-    # Eligibility itself is never relaxed: a panic picks from the image's
-    # eligible rows only, and the worker's I1 check still follows.
+    # because every eligible row of the service is ejected or down here
+    # (not merely tried by this connection: its retries do not go to what
+    # this node ejected), it picks again among every eligible row not yet
+    # tried: panic, said by ctx.panic (the caller counts it once the pick
+    # is claimed). Eligibility itself is never relaxed: a panic picks from
+    # the image's eligible rows only, and the worker's I1 check still follows.
     cdef int row
     ctx.panic = False
     row = pick_backend(ctx)
-    if row < 0 and ctx.service.eligible_count > 0:
+    if row < 0 and ctx.service.eligible_count > 0 and all_held_out(ctx):
         ctx.panic = True
         row = pick_backend(ctx)
     return row

@@ -100,6 +100,7 @@ static inline uint32_t flc_publish_image(void *base, uint64_t generation,
     h->retries = fields->retries;
     h->relay_mode = fields->relay_mode;
     h->fin_timeout_ms = fields->fin_timeout_ms;
+    h->source_ip = fields->source_ip;
     memcpy(flc_services_of(h), services, fields->n_services * sizeof(flc_service));
     memcpy(flc_backends_of(h), backends, fields->n_backends * sizeof(flc_backend));
     memcpy(flc_table_of(h), table, fields->table_used * sizeof(uint32_t));

@@ -92,7 +92,8 @@ class Admin:
                   for b in self.call("backend.list", service="web")["result"]}
         lost = [f"backend {i}: acknowledged {want}, stored {listed.get(i)}"
                 for i, want in self.backends.items() if listed.get(i) != want]
-        health = {h["backend_id"]: (h["up"], h["revision"]) for h in self.call("health.show")["result"]}
+        health = {h["id"]: (h["state"] == "up", h["revision"])
+                  for h in self.call("health.show")["result"] if h["revision"] is not None}
         lost += [f"health {i}: acknowledged {(up, self.revisions[i])}, stored {health.get(i)}"
                  for i, up in self.health.items() if health.get(i) != (up, self.revisions[i])]
         algorithm = self.call("policy.get", service="web")["result"]["algorithm"]

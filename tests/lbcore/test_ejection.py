@@ -297,9 +297,16 @@ def test_never_more_than_max_ejection_percent_at_once(published):
             t.join(timeout=30)
         assert set(answers) == {None} and len(answers) == 160
         assert most <= 2
-        assert len(ejected_now(published)) == 2
-        # once the cap is reached, the ejected ones are still tried in panic
-        assert panics(published.segment, published.image)["web"] > 0
+        ejected = ejected_now(published)
+        assert len(ejected) == 2
+        # the two left are not all held out: no panic, and a connection's
+        # retries never go to what the node ejected (their failures stop)
+        assert panics(published.segment, published.image)["web"] == 0
+        counters = published.segment.counters
+        slot_of = {row["id"].decode(): int(row["slot"]) for row in published.image.backends}
+        before = {b: int(counters[slot_of[b]]["failed"]) for b in ejected}
+        assert {ask(listen) for _ in range(20)} == {None}
+        assert {b: int(counters[slot_of[b]]["failed"]) for b in ejected} == before
 
 
 @pytest.mark.timeout(60)
