@@ -94,8 +94,9 @@ class Admin:
                 for i, want in self.backends.items() if listed.get(i) != want]
         health = {h["id"]: (h["state"] == "up", h["revision"])
                   for h in self.call("health.show")["result"] if h["revision"] is not None}
+        shown = {i for i, record in self.backends.items() if record[2] != "removed"}  # health show's rows
         lost += [f"health {i}: acknowledged {(up, self.revisions[i])}, stored {health.get(i)}"
-                 for i, up in self.health.items() if health.get(i) != (up, self.revisions[i])]
+                 for i, up in self.health.items() if i in shown and health.get(i) != (up, self.revisions[i])]
         algorithm = self.call("policy.get", service="web")["result"]["algorithm"]
         if algorithm != self.algorithm:
             lost.append(f"policy: acknowledged {self.algorithm}, stored {algorithm}")
