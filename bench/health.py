@@ -12,8 +12,8 @@
   steady rate: lborch's CPU per result received and per observation
   written (a change of verdict, each one a store write and a routing
   recompute, coalesced).
-- death: lborch, 3 nodes (127.0.0.2-.4), 2 backends (tcp, interval 200
-  ms, timeout 100 ms, fall 2): a backend's listener is closed, and the
+- death: lborch, 3 nodes (127.0.0.2-.4), TRIALS backends (tcp, interval
+  200 ms, timeout 100 ms, fall 2): a backend's listener is closed, and the
   time until the last node applied the version that takes it out (the
   version read from the control plane, each node's applied version from
   its shared segment) is measured, TRIALS times; p50 / p99 and the bound
@@ -244,7 +244,9 @@ def bench_death(trials: int) -> dict[str, float]:
     fleet = Fleet()
     try:
         control, publish, listen = fleet.ports(3)
-        ports = fleet.ports(2)
+        # a backend per trial: one killed and restarted over and over would be
+        # held down for flapping (more than 4 changes in 60 s)
+        ports = fleet.ports(trials)
         interval, timeout, fall, heartbeat = 200, 100, 2, 500
         health = (f'[service.health]\nkind = "tcp"\ninterval_ms = {interval}\ntimeout_ms = {timeout}\n'
                   f'rise = 2\nfall = {fall}\nprobers = 3\n')
@@ -282,8 +284,8 @@ def bench_death(trials: int) -> dict[str, float]:
         time.sleep(2.0)
         took = []
         for trial in range(trials):
-            port = ports[trial % 2]
-            backend = f"b{trial % 2}"
+            port = ports[trial]
+            backend = f"b{trial}"
             killed = time.monotonic()
             listeners.pop(port).close()
             version = None
