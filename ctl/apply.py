@@ -6,12 +6,14 @@ changes before it stay applied, and the output says which (run it again to
 finish: the diff is made afresh).
 
 Backends the file no longer lists are removed (drained); an address cannot
-change in place (remove the backend, add it under a new id).
+change in place (remove the backend, add it under a new id). A service's
+[service.health] and [service.outlier] are made the file's too (a table
+the file leaves out: its defaults).
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from orchestrator.settings import Service
@@ -24,6 +26,11 @@ class Change:
     args: dict[str, Any]
 
 
+def _changed(before: dict[str, Any], after: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {before[k]} -> {v}" if k in before else f"{k} {v}"
+                     for k, v in after.items() if before.get(k) != v)
+
+
 def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, Any]],
                  backends: list[dict[str, Any]]) -> list[Change]:
     """The changes that turn the current state into ``services``."""
@@ -31,13 +38,22 @@ def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, An
     current = {(b["service"], b["id"]): b for b in backends}
     for service in services:
         policy = policies.get(service.name)
-        if policy is None or (policy["algorithm"], policy["listen"]) != (service.algorithm, service.listen):
+        health, outlier = asdict(service.health), asdict(service.outlier)
+        if policy is None or (policy["algorithm"], policy["listen"], policy["health"], policy["outlier"]) \
+                != (service.algorithm, service.listen, health, outlier):
             version = policy["version"] if policy else 0
             sign = "+" if policy is None else "~"
+            settings = ""
+            for table, wanted in (("health", health), ("outlier", outlier)):
+                # a new service starts from the defaults: only what differs is shown
+                before = policy[table] if policy else asdict(type(getattr(service, table))())
+                if before != wanted:
+                    settings += f"; {table} {_changed(before, wanted)}"
             changes.append(Change(f"{sign} service {service.name} listen {service.listen} "
-                                  f"algorithm {service.algorithm}", "policy.set",
+                                  f"algorithm {service.algorithm}{settings}", "policy.set",
                                   {"service": service.name, "algorithm": service.algorithm,
-                                   "listen": service.listen, "expected_version": version}))
+                                   "listen": service.listen, "health": health, "outlier": outlier,
+                                   "expected_version": version}))
         for backend in service.backends:
             record = current.get((service.name, backend.id))
             where = f"{service.name}/{backend.id}"
@@ -55,9 +71,9 @@ def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, An
                                       "backend.set_weight",
                                       {"service": service.name, "id": backend.id, "weight": backend.weight,
                                        "expected_version": record["version"]}))
-    wanted = {(s.name, b.id) for s in services for b in s.backends}
+    listed = {(s.name, b.id) for s in services for b in s.backends}
     for key, record in sorted(current.items()):
-        if key not in wanted and record["state"] == "active":
+        if key not in listed and record["state"] == "active":
             changes.append(Change(f"- backend {key[0]}/{key[1]} (drained)", "backend.remove",
                                   {"service": key[0], "id": key[1], "expected_version": record["version"]}))
     return changes

@@ -303,6 +303,8 @@ class NodeAgent:
             return
         before = self.config.node
         self.planner.publish(plan)
+        if self.checks is not None:
+            self.checks.prober.source_ip = config.node.address  # probes leave from where connections do
         if (before.max_connections, before.drain_timeout_ms) != (
                 config.node.max_connections, config.node.drain_timeout_ms):
             self.log("node.max_connections and node.drain_timeout_ms apply to workers started "
@@ -412,8 +414,10 @@ class NodeAgent:
                 checks.node_health(planner.image, self.log)
             return
         routing = link.routing
+        # STALE: every checked backend, as in static mode: the node's own
+        # verdicts are then the ones that apply (I7), on all of them
         checks.assign(lambda: ((s.name, s.health, s.backends.values()) for s in routing.services.values()),
-                      planner.backend_slots, routing, link.nodes)
+                      planner.backend_slots, routing, None if link.stale else link.nodes)
         if link.resend_health:
             link.resend_health = False
             checks.prober.take_changes()

@@ -165,6 +165,8 @@ SERVICE_SETTINGS = [
 ]
 
 SERVICE_TABLES = ("backend", "health", "outlier")
+# A file's backends: ``up`` is the health verdict's, carried by snapshots;
+# an operator says it with lbctl health report (or lets the checks decide)
 
 BACKEND_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "backend id, unique in its service"),
@@ -173,6 +175,8 @@ BACKEND_SETTINGS = [
     Setting("up", bool, True, lambda v: None,
             "false: held out as down (in a snapshot: the health verdict; nodes keep probing it)"),
 ]
+
+FILE_BACKEND_SETTINGS = [s for s in BACKEND_SETTINGS if s.name != "up"]
 
 HEALTH_KINDS = ("none", "tcp", "http")
 MAX_PROBERS = 64
@@ -375,13 +379,14 @@ def read_table(file: str, where: str, table: Any, settings: list[Setting],
     return values
 
 
-def _read_backends(file: str, where: str, raw: Any) -> tuple[Backend, ...]:
+def _read_backends(file: str, where: str, raw: Any, snapshot: bool = False) -> tuple[Backend, ...]:
     if not isinstance(raw, list):
         raise ConfigError(file, where, "must be an array of tables ([[service.backend]])")
     backends: list[Backend] = []
     seen: set[str] = set()
     for j, table in enumerate(raw):
-        values = read_table(file, f"{where}[{j}]", table, BACKEND_SETTINGS)
+        settings = BACKEND_SETTINGS if snapshot else FILE_BACKEND_SETTINGS
+        values = read_table(file, f"{where}[{j}]", table, settings)
         if values["id"] in seen:
             raise ConfigError(file, f"{where}[{j}].id", f"duplicate backend id {values['id']!r}")
         seen.add(values["id"])
@@ -389,7 +394,7 @@ def _read_backends(file: str, where: str, raw: Any) -> tuple[Backend, ...]:
     return tuple(backends)
 
 
-def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
+def _read_services(file: str, raw: Any, snapshot: bool = False) -> tuple[Service, ...]:
     if not isinstance(raw, list):
         raise ConfigError(file, "service", "must be an array of tables ([[service]])")
     if len(raw) > MAX_SERVICES:
@@ -409,7 +414,7 @@ def _read_services(file: str, raw: Any) -> tuple[Service, ...]:
             raise ConfigError(file, f"{where}.listen",
                               f"{values['listen']} is already a listener of another service")
         listens.add(listen)
-        backends = _read_backends(file, f"{where}.backend", table.get("backend", []))
+        backends = _read_backends(file, f"{where}.backend", table.get("backend", []), snapshot)
         total_backends += len(backends)
         if total_backends > MAX_BACKENDS:
             raise ConfigError(file, f"{where}.backend", f"at most {MAX_BACKENDS} backends per node")
@@ -428,15 +433,16 @@ def parse_config(text: str, file: str = "<config>") -> Config:
     return parse_document(document, file)
 
 
-def parse_document(document: dict[str, Any], file: str) -> Config:
-    """Validate a decoded document (TOML, or a snapshot off the wire)."""
+def parse_document(document: dict[str, Any], file: str, snapshot: bool = False) -> Config:
+    """Validate a decoded document (TOML, or with ``snapshot`` one off the
+    wire, whose backends may say ``up``: the health verdict)."""
     _check_tables(document, file)
     node_values = read_table(file, "node", document.get("node", {}), NODE_SETTINGS)
     if node_values["control"].startswith("tcp://") and not node_values["subscribe"]:
         raise ConfigError(file, "node.subscribe", "required when node.control is tcp://HOST:PORT")
     if node_values["workers"] is None:
         node_values["workers"] = min(os.cpu_count() or 1, MAX_WORKERS)
-    services = _read_services(file, document.get("service", []))
+    services = _read_services(file, document.get("service", []), snapshot)
     return Config(path=file, node=NodeSettings(**node_values), services=services)
 
 

@@ -25,10 +25,11 @@ from typing import Any
 from lbcore.config import HealthCheck, Service, parse_address
 from lbcore.ejection import ejected, panics, set_local_down
 from lbcore.image import Image
-from lbcore.probing import Prober, Target, probers_for, results_digest
+from lbcore.probing import Prober, Target
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
-from lbcore.wire import NodeHealth
+from lbcore.verdict import probers_for, results_digest
+from lbcore.wire import MAX_REPORT_BACKENDS, NodeHealth
 
 PANIC_LOG_EVERY_S = 10.0
 REASSIGN_EVERY_S = 0.2
@@ -120,16 +121,24 @@ class NodeChecks:
     def node_health(self, image: Image | None, log: Any) -> NodeHealth:
         now_ms = time.monotonic_ns() // 1_000_000
         out = ejected(self.segment, image, now_ms) if image is not None else {}
+        room = MAX_REPORT_BACKENDS  # what a report may carry: the rest is left out, not the report refused
+        for service in list(out):
+            out[service] = dict(list(out[service].items())[:room])
+            room -= len(out[service])
+            if not out[service]:
+                del out[service]
         counts = panics(self.segment, image) if image is not None else {}
-        self._log_panics(counts, log)
-        return NodeHealth(results_digest(self.prober.results()), out, {s: n for s, n in counts.items() if n})
+        return NodeHealth(results_digest(self.prober.results()), out, self._panicking(counts, log))
 
-    def _log_panics(self, counts: Mapping[str, int], log: Any) -> None:
+    def _panicking(self, counts: Mapping[str, int], log: Any) -> dict[str, int]:
+        """The services that routed in panic since the last call, with how
+        many connections: what is reported (now, not ever), and logged."""
         now = time.monotonic()
-        for service, count in counts.items():
-            if count > self._panics.get(service, count) and \
-                    now - self._panic_logged.get(service, -PANIC_LOG_EVERY_S) >= PANIC_LOG_EVERY_S:
+        grew = {s: n - self._panics.get(s, 0) for s, n in counts.items() if n > self._panics.get(s, 0)}
+        for service, count in grew.items():
+            if now - self._panic_logged.get(service, -PANIC_LOG_EVERY_S) >= PANIC_LOG_EVERY_S:
                 self._panic_logged[service] = now
                 log(f"PANIC: service {service}: every backend left is ejected or down here; "
-                    f"routing to all of its eligible backends ({count} connections so far)")
+                    f"routing to all of its eligible backends ({count} connections since the last word)")
         self._panics = dict(counts)
+        return grew

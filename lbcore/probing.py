@@ -1,11 +1,7 @@
-"""Active health checks on a node (DESIGN, "Health"): which backends this
-node probes, the probes, and the node's own verdict where it applies.
+"""Active health checks on a node (DESIGN, "Health"): the probes, and the
+node's own verdict where it applies (which backends it probes:
+lbcore.verdict.probers_for, the rule it shares with the control plane).
 
-- ``probers_for``: the ``k`` nodes that probe a backend, by rendezvous
-  hashing over the nodes the control plane hears from (it announces them
-  with each heartbeat). The control plane counts with the same function, so
-  a node probes exactly the backends whose verdict counts its results:
-  k x M probes in all, not N x M, and adding a node moves only its share.
 - ``Prober``: a thread of the agent, never a worker: each target probed
   every interval shortened by up to ``jitter_percent`` (the first one at a
   random point of the first interval: no burst at start), at most
@@ -13,83 +9,40 @@ node probes, the probes, and the node's own verdict where it applies.
   the node's own address (the path traffic takes). A target's result is
   handed on only when it changes (``take_changes``): what the control plane
   hears grows with the rate of change, not with backends x interval.
-- ``RiseFall``: one counter per backend (HAProxy's src/check.c): the
-  control plane's verdict, and the node's own one, which holds a backend
-  down locally in static mode and while the node is STALE.
+- Each target's own ``RiseFall`` counter is the node's verdict, which holds
+  a backend down locally in static mode and while the node is STALE.
 """
 from __future__ import annotations
 
 import errno
-import hashlib
 import heapq
-import json
 import random
 import select
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from lbcore.config import HealthCheck, parse_expect
+from lbcore.verdict import RiseFall
 
 MAX_IN_FLIGHT = 256        # probes open at once on a node
 BATCH_S = 0.005            # the prober's shortest sleep: probes due within it start in one turn
 HTTP_RESPONSE_BYTES = 4096  # read at most this much of an HTTP check's answer
 IP_BIND_ADDRESS_NO_PORT = 24  # linux/in.h: a source address without taking a port at bind
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+# A connect that fails with these failed on this node's side (its address,
+# its ports): no result, not a backend's failure
+LOCAL_ERRORS = frozenset({errno.EINVAL, errno.EADDRNOTAVAIL, errno.EADDRINUSE, errno.EAFNOSUPPORT})
 
 
-def probers_for(backend: str, nodes: Iterable[str], k: int) -> list[str]:
-    """The ``k`` nodes (all of them, when fewer) that probe ``backend``: the
-    highest scores of hash(node, backend), in score order."""
-    def score(node: str) -> bytes:
-        return hashlib.blake2b(f"{node}\0{backend}".encode(), digest_size=8).digest()
-
-    return sorted(set(nodes), key=score, reverse=True)[:max(0, k)]
-
-
-def results_digest(results: Mapping[str, bool]) -> str:
-    """What a node's periodic report says of its current results, so that a
-    lost result message is noticed and repaired (the full set sent again)."""
-    text = json.dumps(sorted(results.items()), separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:32]
-
-
-class RiseFall:
-    """One counter in [0, rise + fall - 1], up while at least ``rise``:
-    ``fall`` bad verdicts in a row take an up backend down, ``rise`` good
-    ones bring it back, and alternating verdicts never change its state. A
-    new backend starts up (full health), as one with no observation is
-    routable."""
-
-    def __init__(self, rise: int, fall: int, up: bool = True) -> None:
-        if rise < 1 or fall < 1:
-            raise ValueError("rise and fall must be at least 1")
-        self.rise, self.fall = rise, fall
-        self.health = rise + fall - 1 if up else 0
-
-    @property
-    def up(self) -> bool:
-        return self.health >= self.rise
-
-    def set(self, up: bool) -> None:
-        """Full health, or none (an operator's report: check.c's ``set server health``)."""
-        self.health = self.rise + self.fall - 1 if up else 0
-
-    def observe(self, good: bool) -> bool | None:
-        """Count one verdict; the new state when it changed, else None."""
-        was = self.up
-        if good:
-            self.health = min(self.health + 1, self.rise + self.fall - 1)
-            if not was and self.health >= self.rise:
-                self.health = self.rise + self.fall - 1  # up again: full health, as check.c does
-        else:
-            self.health = max(self.health - 1, 0)
-            if was and self.health < self.rise:
-                self.health = 0  # down: rise good verdicts to come back
-        return None if self.up == was else self.up
+def source_applies(source_ip: str, destination_ip: str) -> bool:
+    """Probes (and backend connections: the workers' rule is the same) leave
+    from the node's address, except a loopback address towards a backend
+    that is not on loopback: no route leads there from 127/8."""
+    return bool(source_ip) and (not source_ip.startswith("127.") or destination_ip.startswith("127."))
 
 
 @dataclass(frozen=True)
@@ -132,7 +85,10 @@ class Prober(threading.Thread):
         self._in_flight: dict[int, _Probe] = {}
         self._epoll = select.epoll()
         self._stopping = threading.Event()
+        self._done: dict[str, float] = {}  # when each target's last probe completed
+        self._next_expiry = 0.0
         self.probes = 0  # probes started (the node's share of the checks' load)
+        self.error = ""  # the last error of the prober's loop (it goes on)
 
     # ------------------------------------------------------------ the agent's side
 
@@ -166,24 +122,49 @@ class Prober(threading.Thread):
     # ------------------------------------------------------------ the thread
 
     def run(self) -> None:
-        heap = self._heap
         while not self._stopping.is_set():
-            now = time.monotonic()
-            self._take_assignment(now)
-            self._start_due(now)
+            try:
+                self._turn()
+            except Exception as exc:  # never a dead thread whose old results go on being vouched for
+                self.error = f"{exc.__class__.__name__}: {exc}"
+                time.sleep(0.1)
+
+    def _turn(self) -> None:
+        heap = self._heap
+        now = time.monotonic()
+        self._take_assignment(now)
+        self._start_due(now)
+        if now >= self._next_expiry:
+            self._expire(now)
+        if len(self._in_flight) >= self.max_in_flight:
+            wait = min(p.deadline for p in self._in_flight.values())  # nothing starts before one ends
+        else:
             # at least BATCH_S between turns: the probes due meanwhile start
             # together, one wake for many (a wake costs about what a probe does)
             wait = max(min(heap[0][0] if heap else now + 0.05, now + 0.05), now + BATCH_S)
             if self._in_flight:
                 wait = min(wait, min(p.deadline for p in self._in_flight.values()))
-            for fd, events in self._epoll.poll(max(0.0, wait - time.monotonic())):
-                probe = self._in_flight.get(fd)
-                if probe is not None:
-                    self._advance(probe, events)
-            if self._in_flight:
-                now = time.monotonic()
-                for probe in [p for p in self._in_flight.values() if p.deadline <= now]:
-                    self._finish(probe, False)
+        for fd, events in self._epoll.poll(max(0.0, wait - time.monotonic())):
+            probe = self._in_flight.get(fd)
+            if probe is not None:
+                self._advance(probe, events)
+        if self._in_flight:
+            now = time.monotonic()
+            for probe in [p for p in self._in_flight.values() if p.deadline <= now]:
+                self._finish(probe, False)
+
+    def _expire(self, now: float) -> None:
+        """A result with no probe completed for longer than it may count
+        (3 intervals, at least 1.5 s) is no result: dropped, and said so,
+        rather than vouched for as if it were current."""
+        self._next_expiry = now + 1.0
+        with self._lock:
+            for backend, done in list(self._done.items()):
+                target = self._targets.get(backend)
+                if target is not None and now - done > max(3 * target.health.interval_ms / 1000, 1.5):
+                    del self._done[backend]
+                    if self._results.pop(backend, None) is not None:
+                        self._changes[backend] = None
 
     def _take_assignment(self, now: float) -> None:
         with self._lock:
@@ -192,6 +173,7 @@ class Prober(threading.Thread):
                 return
             for backend in set(self._targets) - set(assigned):
                 self._due.pop(backend, None)
+                self._done.pop(backend, None)
                 self._local.pop(backend, None)
                 self._down.discard(backend)
                 if self._results.pop(backend, None) is not None:
@@ -215,20 +197,24 @@ class Prober(threading.Thread):
             target = self._targets[backend]
             health = target.health
             jitter = 1 - health.jitter_percent / 100 * random.random()
-            due = due_of[backend] = now + health.interval_ms / 1000 * jitter
+            # never before this probe's timeout: two probes of a backend never overlap
+            due = due_of[backend] = now + max(health.interval_ms * jitter, health.timeout_ms) / 1000
             heapq.heappush(heap, (due, backend))
             self._start(target, now + health.timeout_ms / 1000)
 
     def _start(self, target: Target, deadline: float) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            if self.source_ip:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        except OSError:
+            return  # out of descriptors: no result this time, none changed
+        try:
+            if source_applies(self.source_ip, target.ip):
                 sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((self.source_ip, 0))
             code = sock.connect_ex((target.ip, target.port))
         except OSError:
             sock.close()
-            return  # out of descriptors or ports: no result this time, none changed
+            return  # no port or address of ours: no result this time, none changed
         self.probes += 1
         probe = _Probe(target, sock, deadline)
         if code == errno.EINPROGRESS:
@@ -242,12 +228,19 @@ class Prober(threading.Thread):
             sock.close()
             self._record(target, True)
             return
+        if code in LOCAL_ERRORS:
+            sock.close()
+            return  # the node's own trouble, not the backend's: no result this time
         if code not in (0, errno.EINPROGRESS, errno.EALREADY):
             sock.close()
             self._record(target, False)
             return
         self._in_flight[sock.fileno()] = probe
-        self._epoll.register(sock.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLRDHUP)
+        try:
+            self._epoll.register(sock.fileno(), select.EPOLLOUT | select.EPOLLIN | select.EPOLLRDHUP)
+        except OSError:
+            del self._in_flight[sock.fileno()]
+            sock.close()
 
     def _advance(self, probe: _Probe, events: int) -> None:
         sock = probe.sock
@@ -297,8 +290,11 @@ class Prober(threading.Thread):
         backend = target.backend
         woke = False
         with self._lock:
-            if self._targets.get(backend) is not target:
-                return  # dropped or changed meanwhile
+            current = self._targets.get(backend)
+            if current is None or (current.ip, current.port, current.health) != (target.ip, target.port,
+                                                                                 target.health):
+                return  # dropped, or its address or check changed meanwhile
+            self._done[backend] = time.monotonic()
             if self._results.get(backend) != good:
                 self._results[backend] = good
                 self._changes[backend] = good

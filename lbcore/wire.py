@@ -438,7 +438,7 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...], int]:
         {**{k: v for k, v in s.items() if k != "backends"}, "backend": s.get("backends", [])}
         if isinstance(s, dict) else s for s in body["services"]]}
     try:
-        config = parse_document(document, "snapshot")
+        config = parse_document(document, "snapshot", snapshot=True)
     except ConfigError as exc:
         raise WireError(f"snapshot: {exc.key}: {exc.reason}") from None
     return version, config.services, epoch

@@ -490,6 +490,16 @@ cdef void finish_abort(Worker *w, int index) noexcept nogil:
     close_conn(w, index)
 
 
+cdef inline bint source_applies(uint32_t source_ip, uint32_t destination_ip) noexcept nogil:
+    """Connects leave from the node's address, except a loopback one
+    towards a backend not on loopback (no route leads there from 127/8;
+    lbcore.probing.source_applies is the same rule for probes). Addresses
+    in network byte order: the first octet is the first byte in memory."""
+    if source_ip == 0:
+        return False
+    return (<uint8_t *>&source_ip)[0] != 127 or (<uint8_t *>&destination_ip)[0] == 127
+
+
 cdef bint bind_source(int fd, uint32_t ip) noexcept nogil:
     """Connects leave from the node's address (node.address): the path
     its probes test. IP_BIND_ADDRESS_NO_PORT leaves the port to connect(),
@@ -509,6 +519,7 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
     cdef Conn *c = &w.conns[index]
     cdef sockaddr_in sa
     cdef int fd
+    cdef bint local
     while c.n_tried <= <int>w.retries:
         if choose_backend(w, c, &sa) < 0:
             return False
@@ -518,7 +529,7 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             if out_of_resources():
                 pause_accepts(w)
             return False
-        if w.source_ip != 0 and not bind_source(fd, w.source_ip):
+        if source_applies(w.source_ip, sa.sin_addr.s_addr) and not bind_source(fd, w.source_ip):
             # the node's own address cannot be used: not the backend's failure
             close(fd)
             drop_claim(w, c, False)
@@ -534,8 +545,11 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                       token(TOKEN_BACKEND, c.backend.tag, index))
             return True
+        # refused at once: the backend's failure, unless the node's own side
+        # failed (its address, its ports): then not counted against it
+        local = errno == EINVAL or errno == EADDRNOTAVAIL or errno == EADDRINUSE or errno == EAFNOSUPPORT
         close(fd)
-        drop_claim(w, c, True)
+        drop_claim(w, c, not local)
     return False
 
 

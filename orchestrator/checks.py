@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lbcore.config import HealthCheck
-from lbcore.probing import results_digest
 from lbcore.routing import Routing, ServiceRoutes
+from lbcore.verdict import results_digest
 from orchestrator.errors import BadRequestError
 from orchestrator.health import FlapDamper, Result, RiseFall, fresh_for, probers_for, quorum
 
@@ -69,7 +69,10 @@ class HealthChecks:
         self.record_verdict = record_verdict
         self.log = log
         self.checked: dict[str, Checked] = {}
-        self.known: set[str] = set()  # every backend id of the published routing: what results may name
+        self._ids: dict[str, Any] = {}  # service -> its backend ids in the published routing
+        self._by_service: dict[str, set[str]] = {}  # service -> the backends it checks
+        self._probers: dict[tuple[str, int], list[str]] = {}
+        self._probers_of: tuple[str, ...] = ()
         self.results: dict[str, dict[str, Result]] = {}  # backend -> node -> its latest result
         self.by_node: dict[str, dict[str, bool]] = {}  # node -> backend -> result: what the node holds
         self._digests: dict[str, str] = {}
@@ -81,31 +84,51 @@ class HealthChecks:
 
     def follow(self, routing: Routing, now_s: float) -> None:
         """The checked backends of the published routing: only the services
-        whose routes changed are looked at again."""
+        whose routes changed since the last call are looked at again (a
+        backend in two checked services is checked by the first by name)."""
         services = routing.services
-        if services.keys() == self._services.keys() and all(
-                services[name] is held for name, held in self._services.items()):
+        held = self._services
+        changed = sorted(n for n in services.keys() | held.keys() if services.get(n) is not held.get(n))
+        if not changed:
             return
-        wanted: dict[str, tuple[str, HealthCheck, bool]] = {}
-        known: set[str] = set()
-        for name, routes in services.items():  # in name order: a backend's first service wins
-            known.update(routes.backends)
-            if routes.health.kind == "none":
-                continue
-            for row in routes.backends.values():
-                wanted.setdefault(row.id, (name, routes.health, row.up))
-        for gone in set(self.checked) - set(wanted):
-            del self.checked[gone]
-        for backend, (service, health, up) in wanted.items():
-            c = self.checked.get(backend)
-            if c is None or c.health != health:
-                counter = RiseFall(health.rise, health.fall, up)
-                c = self.checked[backend] = Checked(service, health, counter, up)
-                c.due_s = on_step(now_s + c.interval_s)
-                heapq.heappush(self._heap, (c.due_s, backend))
-            c.service, c.up = service, up
-        self.known = known
         self._services = dict(services)
+        for name in changed:
+            routes = services.get(name)
+            if routes is None:
+                self._ids.pop(name, None)
+            else:
+                self._ids[name] = routes.backends.keys()
+            before, now_checked = self._by_service.pop(name, set()), set()
+            if routes is not None and routes.health.kind != "none":
+                for row in routes.backends.values():
+                    c = self.checked.get(row.id)
+                    if c is not None and c.service != name and c.service < name and c.service in services:
+                        continue  # checked by a service before this one
+                    if c is None or c.health != routes.health:
+                        counter = RiseFall(routes.health.rise, routes.health.fall, row.up)
+                        c = self.checked[row.id] = Checked(name, routes.health, counter, row.up)
+                        c.due_s = on_step(now_s + c.interval_s)
+                        heapq.heappush(self._heap, (c.due_s, row.id))
+                    c.service, c.up = name, row.up
+                    now_checked.add(row.id)
+                self._by_service[name] = now_checked
+            for gone in before - now_checked:
+                if gone in self.checked and self.checked[gone].service == name:
+                    del self.checked[gone]
+
+    def is_known(self, backend: str) -> bool:
+        """A backend of the published routing (of any service)."""
+        return any(backend in ids for ids in self._ids.values())
+
+    def probers(self, backend: str, k: int, nodes: tuple[str, ...]) -> list[str]:
+        """probers_for, remembered until the nodes change."""
+        if nodes != self._probers_of or len(self._probers) > 4 * len(self.checked) + 1024:
+            self._probers.clear()
+            self._probers_of = nodes
+        found = self._probers.get((backend, k))
+        if found is None:
+            found = self._probers[(backend, k)] = probers_for(backend, nodes, k)
+        return found
 
     # ------------------------------------------------------------ the nodes' results
 
@@ -120,18 +143,18 @@ class HealthChecks:
         for backend, up in results.items():
             if up is not None and not isinstance(up, bool):
                 raise BadRequestError(f"health.results: {backend}: must be true, false or null")
-            if up is not None and backend not in self.known:
+            if up is not None and not self.is_known(backend):
                 raise BadRequestError(f"health.results: no backend {backend!r} in the routing (probed by "
                                       f"node {node}); nothing taken")
         held = self.by_node.setdefault(node, {})
         if replace:
             for backend in held:
-                self.results.get(backend, {}).pop(node, None)
+                self._drop(backend, node)
             held.clear()
         for backend, up in results.items():
             if up is None:
                 held.pop(backend, None)
-                self.results.get(backend, {}).pop(node, None)
+                self._drop(backend, node)
                 continue
             before = held.get(backend)
             held[backend] = up
@@ -159,22 +182,35 @@ class HealthChecks:
             self.results.setdefault(backend, {})[node] = Result(up, now_s)
         return True
 
+    def _drop(self, backend: str, node: str) -> None:
+        results = self.results.get(backend)
+        if results is not None:
+            results.pop(node, None)
+            if not results:
+                del self.results[backend]
+
     def forget(self, node: str) -> None:
         for backend in self.by_node.pop(node, {}):
-            self.results.get(backend, {}).pop(node, None)
+            self._drop(backend, node)
         self._digests.pop(node, None)
 
     def operator_set(self, backend: str, up: bool) -> None:
+        """An operator's report: the counter full or none, and a hold for
+        flapping lifted (the operator's word wins until the checks' next change)."""
         c = self.checked.get(backend)
         if c is not None:
             c.counter.set(up)
             c.up = up
+            c.damper.lift()
 
     # ------------------------------------------------------------ verdicts
 
+    def next_due(self) -> float:
+        return self._heap[0][0] if self._heap else math.inf
+
     def tick(self, now_s: float, live: Iterable[str]) -> float:
         """The verdicts due by ``now_s``; when the next one is due."""
-        nodes = sorted(live)
+        nodes = tuple(sorted(live))
         heap = self._heap
         while heap and heap[0][0] <= now_s:
             due, backend = heapq.heappop(heap)
@@ -186,9 +222,9 @@ class HealthChecks:
             heapq.heappush(heap, (c.due_s, backend))
         return heap[0][0] if heap else now_s + 1.0
 
-    def _verdict(self, backend: str, c: Checked, now_s: float, nodes: list[str]) -> None:
+    def _verdict(self, backend: str, c: Checked, now_s: float, nodes: tuple[str, ...]) -> None:
         c.last_s = now_s
-        probers = probers_for(backend, nodes, c.health.probers)
+        probers = self.probers(backend, c.health.probers, nodes)
         good = quorum(self.results.get(backend, {}), probers, now_s, c.interval_s)
         if good is not None:
             c.counter.observe(good)
@@ -201,9 +237,14 @@ class HealthChecks:
             wanted = False
             if wanted == c.up:
                 return
+        try:
+            self.record_verdict(backend, wanted)
+        except Exception as exc:  # the store failed: stays as stored, asked again next verdict
+            self.log(f"health: {c.service}/{backend}: verdict {'up' if wanted else 'down'} not written "
+                     f"({exc.__class__.__name__}: {exc}); tried again at the next verdict")
+            return
         c.up = wanted
         self.changes += 1
-        self.record_verdict(backend, wanted)
 
     # ------------------------------------------------------------ what is shown
 
@@ -214,7 +255,7 @@ class HealthChecks:
             return None
         results = self.results.get(backend, {})
         probers = []
-        for node in probers_for(backend, sorted(live), c.health.probers):
+        for node in self.probers(backend, c.health.probers, tuple(sorted(live))):
             r = results.get(node)
             fresh = r is not None and now_s - r.at_s <= fresh_for(c.interval_s)
             probers.append({"node": node, "result": None if r is None else ("up" if r.up else "down"),

@@ -9,7 +9,8 @@ changes the backend's state. Pure: times are given, nothing is read.
   which a node in static mode uses too).
 - ``quorum``: the probers' latest results, those older than 3 intervals
   (and 1.5 s: three of the reports that vouch for them) counting as none;
-  down when a majority of the current probers say down.
+  down when a majority of the current probers say down, up when a majority
+  say up, no verdict otherwise (a missing result is never a vote).
 - ``RiseFall``: one counter per backend in [0, rise + fall - 1], up while
   it is at least ``rise`` (HAProxy's src/check.c): ``fall`` bad verdicts in
   a row take an up backend down, ``rise`` good ones bring it back, and
@@ -23,7 +24,7 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from lbcore.probing import RiseFall, probers_for
+from lbcore.verdict import RiseFall, probers_for
 
 __all__ = ["STALE_INTERVALS", "FlapDamper", "Result", "RiseFall", "fresh_for", "probers_for", "quorum"]
 
@@ -46,15 +47,18 @@ class Result:
 
 def quorum(results: Mapping[str, Result], probers: Iterable[str], now_s: float,
            interval_s: float) -> bool | None:
-    """The verdict of the current probers' fresh results: True (up), False
-    (down: a majority of the current probers say so), or None (no prober
-    has a fresh result: nothing to conclude)."""
+    """The verdict of the current probers' fresh results: False (down: a
+    majority of the current probers say so), True (up: a majority say so),
+    or None (no majority either way: probers without a fresh result, or a
+    tie, are no evidence, so the verdict counter does not move)."""
     current = list(probers)
     fresh = [results[p] for p in current if p in results and now_s - results[p].at_s <= fresh_for(interval_s)]
-    if not fresh:
-        return None
     down = sum(1 for r in fresh if not r.up)
-    return not down * 2 > len(current)
+    if down * 2 > len(current):
+        return False
+    if (len(fresh) - down) * 2 > len(current):
+        return True
+    return None
 
 
 class FlapDamper:
@@ -64,6 +68,11 @@ class FlapDamper:
         self.max_changes, self.window_s, self.hold_s = max_changes, window_s, hold_s
         self.changes: deque[float] = deque()
         self.held_until_s = 0.0
+
+    def lift(self) -> None:
+        """No hold, and no changes counted towards one."""
+        self.held_until_s = 0.0
+        self.changes.clear()
 
     def held(self, now_s: float) -> bool:
         return now_s < self.held_until_s

@@ -102,7 +102,7 @@ def explain(state: State, checks: HealthChecks, ejections: Mapping[str, NodeEjec
     for node, report in sorted(ejections.items()):
         if report.panics.get(service):
             reasons.append(f"panic: node {node} routes {service} to all its eligible backends "
-                           f"({report.panics[service]} connections so far)")
+                           f"({report.panics[service]} connections in its last report's interval)")
     return {"eligible": eligible, "reasons": reasons}
 
 

@@ -89,7 +89,6 @@ class Orchestrator:
         self.plane.extra_verbs["health.show"] = self._health_show
         self.plane.extra_verbs["explain"] = self._explain
         self.ejections: dict[str, NodeEjections] = {}  # node -> its last word on ejections
-        self._next_verdict = 0.0
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
         self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
@@ -163,8 +162,10 @@ class Orchestrator:
             del self.ejections[name]
         for name in [n for n in self.checks.by_node if n not in self.nodes]:
             self.checks.forget(name)
+        # a node that hears nothing from us (STALE) probes on its own verdict, not for the quorum
         return sorted(n for n, v in self.nodes.items()
-                      if now - v["reported"] <= LIVE_S and v["epoch"] == self.published_epoch)
+                      if now - v["reported"] <= LIVE_S and v["epoch"] == self.published_epoch
+                      and (v["max_staleness_ms"] is None or v["staleness_ms"] <= v["max_staleness_ms"]))
 
     def _health_show(self, args: dict[str, Any]) -> Any:
         return health_rows(self.store.read(), self.checks, self.ejections, self.live_nodes(),
@@ -179,9 +180,9 @@ class Orchestrator:
         now = time.monotonic()
         if self.published_version >= 0:
             self.checks.follow(self.deriver.routing, now)
-        if now >= self._next_verdict:
-            self._next_verdict = self.checks.tick(now, self.live_nodes())
-        return self._next_verdict
+        if self.checks.next_due() <= now:  # a result may have brought a verdict forward: asked each turn
+            self.checks.tick(now, self.live_nodes())
+        return self.checks.next_due()
 
     def _record_report(self, name: str, epoch: int, version: int, staleness: int,
                        counters: dict[str, Any] | None = None, digest: str | None = None,

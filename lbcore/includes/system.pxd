@@ -17,6 +17,10 @@ cdef extern from "<errno.h>" nogil:
         ECONNABORTED
         EPROTO
         EPERM
+        EINVAL
+        EADDRNOTAVAIL
+        EADDRINUSE
+        EAFNOSUPPORT
 
 
 cdef extern from "<unistd.h>" nogil:

@@ -564,3 +564,31 @@ def test_a_node_on_the_published_version_with_other_bytes_starts_one_new_epoch(o
         assert orch.log.read_text().count("STORE BEHIND ITS NODES") == 1
     finally:
         dealer.close(0)
+
+
+def test_apply_makes_a_services_health_and_outlier_tables_the_files(orch, tmp_path):
+    desired = tmp_path / "desired.toml"
+    desired.write_text("""
+[[service]]
+name = "web"
+listen = "127.0.0.1:18080"
+[service.health]
+kind = "http"
+path = "/ready"
+[service.outlier]
+max_ejection_percent = 20
+
+[[service.backend]]
+id = "w1"
+address = "127.0.0.1:9001"
+""")
+    dry = lbctl(orch, "apply", "-f", str(desired), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.splitlines() == [
+        "~ service web listen 127.0.0.1:18080 algorithm wrr; health kind none -> http, path / -> /ready; "
+        "outlier max_ejection_percent 50 -> 20"]
+    assert lbctl(orch, "apply", "-f", str(desired)).returncode == 0
+    policy = json.loads(lbctl(orch, "policy", "get", "web", "--json").stdout)
+    assert (policy["health"]["kind"], policy["health"]["path"], policy["outlier"]["max_ejection_percent"]) \
+        == ("http", "/ready", 20)
+    assert lbctl(orch, "apply", "-f", str(desired), "--dry-run").stdout.strip() == "no changes"

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from lbcore.config import HealthCheck
-from lbcore.probing import Prober, Target, probers_for
+from lbcore.probing import Prober, Target, source_applies
+from lbcore.verdict import probers_for
 
 
 class Backend:
@@ -150,3 +151,60 @@ def test_rendezvous_moves_only_the_share_of_a_node_that_comes_or_goes():
     assert all(set(after[b]) - set(before[b]) <= {"n5"} for b in backends)
     load = [sum(1 for b in backends if n in before[b]) for n in nodes]
     assert min(load) > 400 * 2 / 5 * 0.6  # spread evenly
+
+
+def a_port_that_never_answers() -> tuple[socket.socket, list[socket.socket]]:
+    """A listener whose accept queue is full: loopback drops further SYNs,
+    so a connect to it hangs until its timeout (a dead host, without
+    leaving the machine)."""
+    server = socket.create_server(("127.0.0.1", 0), backlog=0)
+    fillers = []
+    for _ in range(4):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(server.getsockname())
+        fillers.append(s)
+    time.sleep(0.1)
+    return server, fillers
+
+
+def test_a_prober_at_its_in_flight_limit_waits_instead_of_spinning():
+    server, fillers = a_port_that_never_answers()
+    p = Prober("", lambda: None, max_in_flight=1)
+    p.start()
+    try:
+        port = server.getsockname()[1]
+        p.assign({f"b{i}": Target(f"b{i}", "127.0.0.1", port, check(interval_ms=1000, timeout_ms=900))
+                  for i in range(3)})
+        cpu0, t0 = time.process_time(), time.monotonic()
+        time.sleep(1.5)
+        assert (time.process_time() - cpu0) / (time.monotonic() - t0) < 0.3
+    finally:
+        p.stop()
+        for s in [server, *fillers]:
+            s.close()
+
+
+def test_a_slow_probe_keeps_its_result_when_the_same_targets_are_assigned_again():
+    server, fillers = a_port_that_never_answers()
+    p = Prober("", lambda: None)
+    p.start()
+    try:
+        port = server.getsockname()[1]
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and p.results() != {"slow": False}:
+            # a new routing version: equal targets, new objects, every 50 ms
+            p.assign({"slow": Target("slow", "127.0.0.1", port, check(interval_ms=400, timeout_ms=300))})
+            time.sleep(0.05)
+        assert p.results() == {"slow": False}
+    finally:
+        p.stop()
+        for s in [server, *fillers]:
+            s.close()
+
+
+def test_a_loopback_source_is_not_used_towards_a_backend_off_loopback():
+    assert source_applies("127.0.0.2", "127.0.0.1")
+    assert not source_applies("127.0.0.2", "10.1.2.3")
+    assert source_applies("10.0.0.5", "10.1.2.3")
+    assert not source_applies("", "127.0.0.1")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lbcore.config import Backend, HealthCheck, Service
-from lbcore.probing import probers_for, results_digest
 from lbcore.routing import Routing
+from lbcore.verdict import probers_for, results_digest
 from orchestrator.checks import HealthChecks
 from orchestrator.errors import BadRequestError
 
@@ -159,3 +159,40 @@ def test_many_backends_changing_at_once_are_decided_in_few_turns():
         t = round(t + 0.001, 3)
     assert len(turns) == 200
     assert len(set(turns)) <= 30, len(set(turns))
+
+
+def test_a_verdict_the_store_cannot_write_is_tried_again_and_nothing_stops():
+    attempts: list[tuple[str, bool]] = []
+
+    def failing(backend: str, up: bool) -> None:
+        attempts.append((backend, up))
+        if len(attempts) == 1:
+            raise OSError("disk full")
+
+    lines: list[str] = []
+    c = HealthChecks(failing, lines.append)
+    c.follow(routing(rise=1, fall=1), 0.0)
+    say(c, 0.1, set(NODES))
+    c.tick(0.6, NODES)
+    assert attempts == [("b1", False)] and c.checked["b1"].up  # not written: still up as stored
+    assert "not written" in lines[-1]
+    for node in NODES:
+        c.vouch(node, results_digest(c.by_node[node]), 1.5)
+    c.tick(1.6, NODES)
+    assert attempts == [("b1", False), ("b1", False)] and not c.checked["b1"].up
+
+
+def test_an_operators_report_lifts_a_hold_for_flapping():
+    writes = []
+    c = HealthChecks(lambda b, up: writes.append((b, up)), lambda line: None)
+    c.follow(routing(rise=1, fall=1), 0.0)
+    for i in range(12):
+        t = 1.0 + i
+        say(c, t, set(NODES) if i % 2 == 0 else set())
+        c.tick(t + 0.5, NODES)
+    assert c.evidence("b1", 13.0, NODES)["held_for_s"]
+    c.operator_set("b1", True)
+    say(c, 14.0, set())
+    c.tick(14.5, NODES)
+    assert c.evidence("b1", 14.5, NODES)["held_for_s"] is None
+    assert writes[-1] == ("b1", False)  # nothing new written: up as the operator said, and the checks agree

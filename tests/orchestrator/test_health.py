@@ -45,11 +45,13 @@ def test_quorum_is_a_majority_of_the_current_probers_fresh_results():
     probers = ["a", "b", "c"]
     at = 10.0
     assert quorum({}, probers, at, 1.0) is None
-    assert quorum({"a": Result(False, at)}, probers, at, 1.0) is True  # one of three: up
-    assert quorum({"a": Result(False, at), "b": Result(False, at)}, probers, at, 1.0) is False
-    assert quorum({"a": Result(False, at), "b": Result(False, at - 3.5)}, probers, at, 1.0) is True  # b stale
-    not_a_prober = {"a": Result(False, at), "x": Result(False, at)}
-    assert quorum(not_a_prober, probers, at, 1.0) is True
+    up, down = Result(True, at), Result(False, at)
+    assert quorum({"a": down, "b": up, "c": up}, probers, at, 1.0) is True  # one of three says down: up
+    assert quorum({"a": down, "b": down}, probers, at, 1.0) is False
+    assert quorum({"a": down}, probers, at, 1.0) is None  # one of three: no majority, and no vote for up
+    assert quorum({"a": down, "b": up}, probers, at, 1.0) is None  # a tie of the fresh: no verdict
+    assert quorum({"a": down, "b": Result(False, at - 3.5), "c": up}, probers, at, 1.0) is None  # b stale
+    assert quorum({"a": down, "x": down, "b": up, "c": up}, probers, at, 1.0) is True  # x is no prober
     assert quorum({"a": Result(True, at - 5)}, probers, at, 1.0) is None  # nothing fresh
 
 
