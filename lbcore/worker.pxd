@@ -20,6 +20,7 @@ cdef enum:
     CLAIM_ATTEMPTS = 8        # least_conn compare-and-swap tries before a plain claim
     MAX_BACKOFF = 64          # ejections in a row counted at most (the back-off is capped long before)
     ABORT_FLUSH_MS = 2000     # an aborted pair's last bytes: sent before the reset, for at most this
+    PANIC_RECHECK_MS = 10     # a service found in panic is picked in panic this long before a new look
 
 cdef enum PumpResult:
     PUMP_IDLE = 0
@@ -126,3 +127,4 @@ cdef struct Worker:
     uint64_t accepts_resume_ms
     uint64_t rng
     uint64_t tiebreak
+    uint64_t panic_until_ms[FLC_MAX_SERVICES]  # per service: in panic until then (no scan per connection)

@@ -408,8 +408,11 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         memcpy(ctx.excluded, c.tried, sizeof(c.tried))
         ctx.observed_active = -1
         ctx.now_ms = w.now_ms
+        ctx.panic = w.panic_until_ms[c.service_slot] > w.now_ms
         algorithm = service.algorithm
         row = pick_with_panic(&ctx)
+        if ctx.panic and w.panic_until_ms[c.service_slot] <= w.now_ms:
+            w.panic_until_ms[c.service_slot] = w.now_ms + PANIC_RECHECK_MS
         w.rng = ctx.rng
         w.tiebreak = ctx.tiebreak
         if not service.active or not backend_is_eligible(snap, c.service_slot, row):

@@ -36,8 +36,12 @@ cdef inline int pick_with_panic(PickContext *ctx) noexcept nogil:
     # tried: panic, said by ctx.panic (the caller counts it once the pick
     # is claimed). Eligibility itself is never relaxed: a panic picks from
     # the image's eligible rows only, and the worker's I1 check still follows.
+    # A caller that found the service in panic a moment ago sets ctx.panic
+    # first: the pick then costs what a normal one does, not two scans of
+    # the pool per connection for as long as the panic lasts.
     cdef int row
-    ctx.panic = False
+    if ctx.panic:
+        return pick_backend(ctx)
     row = pick_backend(ctx)
     if row < 0 and ctx.service.eligible_count > 0 and all_held_out(ctx):
         ctx.panic = True
