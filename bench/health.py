@@ -6,7 +6,10 @@
 - probe: a static node probing BACKENDS backends (kind tcp, interval 1 s)
   against a node with the same backends and no checks; the agent's CPU
   (its own process, not the workers) over SECONDS, as a share of one
-  core, and the probes per second the backends counted.
+  core, and the probes per second the backends counted; then HAProxy
+  checking the same backends (check inter 1000) in the same run: the CPU
+  per check of a C prober on this host, so that the ratio, not the share
+  of this shared machine's core, is the figure that travels.
 - cp: lborch with BACKENDS checked backends (probers 1, rise 1, fall 1)
   and one node of this script's that reports results turned over at a
   steady rate: lborch's CPU per result received and per observation
@@ -27,6 +30,7 @@ import argparse
 import json
 import os
 import selectors
+import shutil
 import socket
 import statistics
 import sys
@@ -40,8 +44,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from fixtures import Fleet  # noqa: E402
 
-from lbcore.probing import results_digest  # noqa: E402
 from lbcore.segment import Segment  # noqa: E402
+from lbcore.verdict import results_digest  # noqa: E402
 from lbcore.wire import decode_reply, encode_request  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -154,6 +158,8 @@ def bench_probe(backends: int, seconds: float) -> dict[str, float]:
             fleet.stop(fleet.processes.pop())
         share = results["tcp"] - results["none"]
         per_probe_us = share * 1e6 / max(1.0, results["tcp_probes_per_s"])
+        haproxy = haproxy_checks(fleet, ports, counted, seconds)
+        results.update(haproxy)
         rate = max(1.0, results["tcp_probes_per_s"])
         user_us = (results["tcp_user"] - results["none_user"]) * 1e6 / rate
         sys_us = (results["tcp_sys"] - results["none_sys"]) * 1e6 / rate
@@ -162,11 +168,45 @@ def bench_probe(backends: int, seconds: float) -> dict[str, float]:
               f"{results['tcp_probes_per_s']:.0f} probes/s ({per_probe_us:.1f} us CPU per probe: "
               f"{user_us:.1f} us user, {sys_us:.1f} us kernel, which on loopback includes the backend's side "
               f"of each handshake); per 1,000 backends: {share * 100 * 1000 / backends:.2f} % of a core")
+        if haproxy:
+            h_rate = max(1.0, haproxy["haproxy_probes_per_s"])
+            h_us = haproxy["haproxy"] * 1e6 / h_rate
+            print(f"probe: HAProxy checking the same {backends} backends (check inter 1000), same run: "
+                  f"{haproxy['haproxy'] * 100:.2f} % of a core for "
+                  f"{haproxy['haproxy_probes_per_s']:.0f} checks/s "
+                  f"({h_us:.1f} us per check: {haproxy['haproxy_user'] * 1e6 / h_rate:.1f} user, "
+                  f"{haproxy['haproxy_sys'] * 1e6 / h_rate:.1f} kernel); lbproxy / HAProxy per probe: "
+                  f"{per_probe_us / h_us:.2f}")
         return {"backends": backends, "agent_cpu_checks": results["tcp"], "agent_cpu_none": results["none"],
                 "probes_per_s": results["tcp_probes_per_s"], "share_per_1000": share * 1000 / backends,
-                "user_us_per_probe": user_us, "kernel_us_per_probe": sys_us}
+                "user_us_per_probe": user_us, "kernel_us_per_probe": sys_us, **haproxy}
     finally:
         fleet.close()
+
+
+def haproxy_checks(fleet: Fleet, ports: list[int], counted: Path, seconds: float) -> dict[str, float]:
+    """HAProxy health-checking the same backends (its own idle cost is
+    negligible: no traffic), for a CPU per check measured on this host in
+    the same run; {} when HAProxy is not installed."""
+    binary = shutil.which("haproxy")
+    if binary is None:
+        return {}
+    servers = "".join(f"    server b{i} 127.0.0.1:{p} check inter 1000 fall 3 rise 2\n"
+                      for i, p in enumerate(ports))
+    config = fleet.work / "haproxy.cfg"
+    config.write_text("global\n    maxconn 4096\ndefaults\n    mode tcp\n    timeout connect 500ms\n"
+                      "    timeout client 5s\n    timeout server 5s\n"
+                      f"listen pool\n    bind 127.0.0.1:{fleet.port()}\n{servers}")
+    process = fleet.spawn([binary, "-db", "-f", str(config)], fleet.work / "haproxy.log")
+    time.sleep(3.0)  # its checks spread over the first interval
+    (user0, sys0), probes0, t0 = cpu_split(process.pid), accepted(counted), time.monotonic()
+    time.sleep(seconds)
+    took = time.monotonic() - t0
+    user1, sys1 = cpu_split(process.pid)
+    rate = (accepted(counted) - probes0) / took
+    fleet.stop(fleet.processes.pop())
+    return {"haproxy": (user1 - user0 + sys1 - sys0) / took, "haproxy_user": (user1 - user0) / took,
+            "haproxy_sys": (sys1 - sys0) / took, "haproxy_probes_per_s": rate}
 
 
 # ---------------------------------------------------------------- control-plane CPU per observation
