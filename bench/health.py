@@ -43,10 +43,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from fixtures import Fleet  # noqa: E402
+from propagation import request  # noqa: E402
 
 from lbcore.segment import Segment  # noqa: E402
 from lbcore.verdict import results_digest  # noqa: E402
-from lbcore.wire import decode_reply, encode_request  # noqa: E402
+from lbcore.wire import encode_request  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -59,16 +60,6 @@ def cpu_split(pid: int) -> tuple[float, float]:
 
 def cpu_s(pid: int) -> float:
     return sum(cpu_split(pid))
-
-
-def request(sock: zmq.Socket[bytes], verb: str, **args: object) -> object:
-    sock.send(encode_request(verb, dict(args)))
-    if not sock.poll(10_000):
-        raise RuntimeError(f"no answer to {verb}")
-    reply = decode_reply(sock.recv())
-    if not reply["ok"]:
-        raise RuntimeError(reply["error"]["message"])
-    return reply["result"]
 
 
 def wait_for(predicate, seconds: float, what: str) -> None:  # type: ignore[no-untyped-def]
