@@ -461,15 +461,17 @@ cdef void abort_conn(Worker *w, int index) noexcept nogil:
     finish_abort(w, index)
 
 
-cdef bint sending(Direction *d, Side *dst) noexcept nogil:
+cdef bint sending(Worker *w, Direction *d, Side *dst) noexcept nogil:
     """Bytes of ``d`` still on their way to ``dst``: held by us, or in the
-    kernel's send queue. A destination that fails takes no more."""
+    kernel's send queue. A destination that fails takes no more: what it
+    would have got is dropped with it, and a pipe that still holds some is
+    closed at once (give_pipe), never handed to another connection."""
     cdef int queued = 0
     if dst.fd < 0:
         return False
     if (d.buf_len > 0 or d.pipe_len > 0) and not flush_pending(d, dst):
-        d.buf_len = 0  # dst is gone: what it would have got is lost with it
-        d.pipe_len = 0
+        d.buf_len = 0
+        give_pipe(w, d)
         return False
     if d.buf_len > 0 or d.pipe_len > 0:
         return True
@@ -480,8 +482,8 @@ cdef void finish_abort(Worker *w, int index) noexcept nogil:
     """Reset both sides once what was read has gone out, or at the deadline."""
     cdef Conn *c = &w.conns[index]
     cdef linger abortive
-    cdef bint up = sending(&c.up, &c.backend)
-    cdef bint down = sending(&c.down, &c.client)
+    cdef bint up = sending(w, &c.up, &c.backend)
+    cdef bint down = sending(w, &c.down, &c.client)
     if (up or down) and w.now_ms < c.abort_deadline_ms:
         return  # again on the next event of this pair, or tick
     abortive.l_onoff = 1

@@ -289,3 +289,37 @@ def test_what_a_backend_sent_before_its_reset_reaches_the_client_first(lbproxy, 
                 raise AssertionError(f"a clean end of stream after {len(received)} bytes")
         assert received == answer, f"{len(received)} of {len(answer)} bytes before the reset"
     wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
+
+
+def test_bytes_left_in_a_pipe_by_a_reset_never_reach_the_next_connection(lbproxy, scripted):
+    """A client that resets while the node still holds spliced bytes for it:
+    those bytes go with it. The pipe that held them is closed, not handed
+    to the next connection, whose stream must be exactly its backend's
+    (each backend connection sends one byte value, its number, over and over)."""
+    served = []
+
+    def pattern(sock: socket.socket) -> None:
+        served.append(sock)
+        value = bytes([len(served)])
+        try:
+            sock.sendall(value * (4 << 20))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # the first connection is reset by the node
+
+    backend = scripted(pattern)
+    _node, host, port = behind_a_node(lbproxy, backend, relay="splice")
+    first = socket.socket()
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    first.connect((host, port))
+    assert first.recv(1) == b"\x01"
+    time.sleep(0.5)  # the node fills its pipe for this client, which reads no more
+    first.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, ABORTIVE)
+    first.close()
+    time.sleep(0.3)
+    with socket.create_connection((host, port), timeout=10) as second:
+        got = bytearray()
+        while chunk := second.recv(1 << 20):
+            got += chunk
+    assert len(got) == 4 << 20
+    assert set(got) == {2}, f"bytes of another connection: {sorted(set(got))}"
