@@ -73,6 +73,7 @@ class HealthChecks:
         self._by_service: dict[str, set[str]] = {}  # service -> the backends it checks
         self._probers: dict[tuple[str, int], list[str]] = {}
         self._probers_of: tuple[str, ...] = ()
+        self._vouched: dict[str, float] = {}  # node -> when its digest last matched
         self.results: dict[str, dict[str, Result]] = {}  # backend -> node -> its latest result
         self.by_node: dict[str, dict[str, bool]] = {}  # node -> backend -> result: what the node holds
         self._digests: dict[str, str] = {}
@@ -178,9 +179,14 @@ class HealthChecks:
             mine = self._digests[node] = results_digest(held)
         if mine != digest:
             return False
-        for backend, up in held.items():
-            self.results.setdefault(backend, {})[node] = Result(up, now_s)
+        self._vouched[node] = now_s  # every result it holds is current as of now: O(1), not O(results)
         return True
+
+    def _current(self, backend: str) -> dict[str, Result]:
+        """The results of ``backend``, each as recent as its node last vouched for it."""
+        vouched = self._vouched
+        return {n: Result(r.up, max(r.at_s, vouched.get(n, r.at_s)))
+                for n, r in self.results.get(backend, {}).items()}
 
     def _drop(self, backend: str, node: str) -> None:
         results = self.results.get(backend)
@@ -193,6 +199,7 @@ class HealthChecks:
         for backend in self.by_node.pop(node, {}):
             self._drop(backend, node)
         self._digests.pop(node, None)
+        self._vouched.pop(node, None)
 
     def operator_set(self, backend: str, up: bool) -> None:
         """An operator's report: the counter full or none, and a hold for
@@ -225,7 +232,7 @@ class HealthChecks:
     def _verdict(self, backend: str, c: Checked, now_s: float, nodes: tuple[str, ...]) -> None:
         c.last_s = now_s
         probers = self.probers(backend, c.health.probers, nodes)
-        good = quorum(self.results.get(backend, {}), probers, now_s, c.interval_s)
+        good = quorum(self._current(backend), probers, now_s, c.interval_s)
         if good is not None:
             c.counter.observe(good)
         wanted = c.counter.up and not c.damper.held(now_s)
@@ -253,7 +260,7 @@ class HealthChecks:
         c = self.checked.get(backend)
         if c is None:
             return None
-        results = self.results.get(backend, {})
+        results = self._current(backend)
         probers = []
         for node in self.probers(backend, c.health.probers, tuple(sorted(live))):
             r = results.get(node)
