@@ -73,12 +73,35 @@ def check_name(v: str) -> str | None:
     return None
 
 
-def _address(v: str) -> str | None:
+@functools.lru_cache(maxsize=1 << 16)
+def parse_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``, or ValueError.
+    Cached: every snapshot from the control plane repeats the addresses of
+    the one before, and re-validating them dominated applying it."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
     try:
-        parse_address(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+        ip = ipaddress.IPv4Address(host)
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IPv4 address") from None
+    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 1..65535")
+    return str(ip), int(port)
+
+
+def refusal(parse: Callable[[str], object]) -> Callable[[str], str | None]:
+    """The check of a setting that a parser reads: why it refuses, or None."""
+    def check(v: str) -> str | None:
+        try:
+            parse(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return check
+
+
+_address = refusal(parse_address)
 
 
 def _one_of(choices: dict[str, int]) -> Callable[[Any], str | None]:
@@ -200,12 +223,7 @@ def parse_expect(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(ranges)
 
 
-def _expect(v: str) -> str | None:
-    try:
-        parse_expect(v)
-    except ValueError as exc:
-        return str(exc)
-    return None
+_expect = refusal(parse_expect)
 
 
 def _http_path(v: str) -> str | None:
@@ -241,23 +259,6 @@ OUTLIER_SETTINGS = [
     Setting("max_ejection_percent", int, 50, between(0, 100),
             "a node never ejects more than this share of a service's backends"),
 ]
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def parse_address(text: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"`` -> ``("127.0.0.1", 8080)``, or ValueError.
-    Cached: every snapshot from the control plane repeats the addresses of
-    the one before, and re-validating them dominated applying it."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{text!r} is not HOST:PORT")
-    try:
-        ip = ipaddress.IPv4Address(host)
-    except ValueError:
-        raise ValueError(f"{host!r} is not an IPv4 address") from None
-    if not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
-        raise ValueError(f"port {port!r} is not 1..65535")
-    return str(ip), int(port)
 
 
 @dataclass(frozen=True)

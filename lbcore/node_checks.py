@@ -49,6 +49,7 @@ class NodeChecks:
         self._down_slots: set[int] = set()
         self._panics: dict[str, int] = {}
         self._panic_logged: dict[str, float] = {}
+        self._error_logged = ""
 
     def _wake(self) -> None:
         try:
@@ -128,6 +129,9 @@ class NodeChecks:
             if not out[service]:
                 del out[service]
         counts = panics(self.segment, image) if image is not None else {}
+        if self.prober.error != self._error_logged:
+            self._error_logged = self.prober.error
+            log(f"health checks: the prober's last error (it goes on): {self.prober.error}")
         return NodeHealth(results_digest(self.prober.results()), out, self._panicking(counts, log))
 
     def _panicking(self, counts: Mapping[str, int], log: Any) -> dict[str, int]:

@@ -87,7 +87,6 @@ class Prober(threading.Thread):
         self._stopping = threading.Event()
         self._done: dict[str, float] = {}  # when each target's last probe completed
         self._next_expiry = 0.0
-        self.probes = 0  # probes started (the node's share of the checks' load)
         self.error = ""  # the last error of the prober's loop (it goes on)
 
     # ------------------------------------------------------------ the agent's side
@@ -215,7 +214,6 @@ class Prober(threading.Thread):
         except OSError:
             sock.close()
             return  # no port or address of ours: no result this time, none changed
-        self.probes += 1
         probe = _Probe(target, sock, deadline)
         if code == errno.EINPROGRESS:
             # Asked again, a connect says how it went without waiting: a

@@ -79,7 +79,6 @@ class HealthChecks:
         self._digests: dict[str, str] = {}
         self._heap: list[tuple[float, str]] = []
         self._services: dict[str, ServiceRoutes] = {}
-        self.changes = 0  # verdict changes written (a benchmark's count)
 
     # ------------------------------------------------------------ what is checked
 
@@ -251,7 +250,6 @@ class HealthChecks:
                      f"({exc.__class__.__name__}: {exc}); tried again at the next verdict")
             return
         c.up = wanted
-        self.changes += 1
 
     # ------------------------------------------------------------ what is shown
 
