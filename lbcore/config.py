@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +105,7 @@ def refusal(parse: Callable[[str], object]) -> Callable[[str], str | None]:
 _address = refusal(parse_address)
 
 
-def _one_of(choices: dict[str, int]) -> Callable[[Any], str | None]:
+def _one_of(choices: Collection[str]) -> Callable[[Any], str | None]:
     return lambda v: None if v in choices else f"{v!r} is not one of: {', '.join(choices)}"
 
 
@@ -188,18 +189,54 @@ SERVICE_SETTINGS = [
 ]
 
 SERVICE_TABLES = ("backend", "health", "outlier")
-# A file's backends: ``up`` is the health verdict's, carried by snapshots;
-# an operator says it with lbctl health report (or lets the checks decide)
+
+ON_DRAIN_TIMEOUT = ("close", "keep")
+MAX_QUEUE = 1_000_000       # waiting connections per service and node (a node holds 100,000 per worker)
+MAX_BACKEND_CONNS = 1_000_000
+
+
+def _aggression(v: float) -> str | None:
+    if not math.isfinite(v) or not 0 < v <= 100:
+        return f"must be more than 0 and at most 100 (got {v})"
+    return None
+
+
+# A backend's life on the nodes, per service ([[service]] keys): its drain,
+# its slow start when it becomes eligible, the queue at its max_conns
+LIFECYCLE_SETTINGS = [
+    Setting("drain_timeout_ms", int, 300_000, between(0, MAX_MS),
+            "a drain still open after this ends as on_drain_timeout says (lbctl backend drain --timeout-ms)"),
+    Setting("on_drain_timeout", str, "close", _one_of(ON_DRAIN_TIMEOUT),
+            "at the drain timeout: close (reset the connections left) or keep them; drained either way"),
+    Setting("slow_start_ms", int, 0, between(0, MAX_MS),
+            "a backend that becomes eligible ramps up over this long (0: at once; not with maglev)"),
+    Setting("slow_start_aggression", float, 1.0, _aggression,
+            "the ramp's curve: weight x (t / slow_start_ms) ^ (1 / aggression)"),
+    Setting("slow_start_min_weight_percent", int, 10, between(0, 100),
+            "the ramp starts at this share of the weight"),
+    Setting("max_queue", int, 0, between(0, MAX_QUEUE),
+            "connections that wait, per node, when every backend is at its max_conns (0: closed at once)"),
+    Setting("queue_timeout_ms", int, 1_000, between(1, MAX_MS), "a connection waits this long at most"),
+]
+
+# A file's backends: ``up`` is the health verdict's and ``state`` the
+# membership's (draining), carried by snapshots; an operator says them with
+# lbctl (health report, backend drain) or lets the checks decide
+BACKEND_STATES = ("active", "draining", "closing")
 
 BACKEND_SETTINGS = [
     Setting("id", str, REQUIRED, check_name, "backend id, unique in its service"),
     Setting("address", str, REQUIRED, _address, "IPv4 address:port of the backend"),
     Setting("weight", int, 1, between(0, MAX_WEIGHT), "share of new connections; 0 takes none"),
+    Setting("max_conns", int, 0, between(0, MAX_BACKEND_CONNS),
+            "open connections at most, per node (0: no limit); past it new ones wait (max_queue)"),
     Setting("up", bool, True, lambda v: None,
             "false: held out as down (in a snapshot: the health verdict; nodes keep probing it)"),
+    Setting("state", str, "active", _one_of(BACKEND_STATES),
+            "in a snapshot: draining (no new connections) or closing (its drain timed out: close them)"),
 ]
 
-FILE_BACKEND_SETTINGS = [s for s in BACKEND_SETTINGS if s.name != "up"]
+FILE_BACKEND_SETTINGS = [s for s in BACKEND_SETTINGS if s.name not in ("up", "state")]
 
 HEALTH_KINDS = ("none", "tcp", "http")
 MAX_PROBERS = 64
@@ -267,6 +304,8 @@ class Backend:
     address: str
     weight: int
     up: bool = True  # False: down by the health verdict (kept in the snapshot so nodes still probe it)
+    max_conns: int = 0  # open connections at most per node (0: no limit)
+    state: str = "active"  # draining, closing: in the snapshot while nodes still hold its connections
 
 
 @dataclass(frozen=True)
@@ -291,14 +330,41 @@ class Outlier:
     max_ejection_percent: int = 50
 
 
-DEFAULT_HEALTH, DEFAULT_OUTLIER = HealthCheck(), Outlier()
+@dataclass(frozen=True)
+class Lifecycle:
+    drain_timeout_ms: int = 300_000
+    on_drain_timeout: str = "close"
+    slow_start_ms: int = 0
+    slow_start_aggression: float = 1.0
+    slow_start_min_weight_percent: int = 10
+    max_queue: int = 0
+    queue_timeout_ms: int = 1_000
 
 
-def changed_settings(value: HealthCheck | Outlier) -> dict[str, Any]:
+DEFAULT_HEALTH, DEFAULT_OUTLIER, DEFAULT_LIFECYCLE = HealthCheck(), Outlier(), Lifecycle()
+_DEFAULTS = {HealthCheck: DEFAULT_HEALTH, Outlier: DEFAULT_OUTLIER, Lifecycle: DEFAULT_LIFECYCLE}
+LIFECYCLE_NAMES = tuple(s.name for s in LIFECYCLE_SETTINGS)
+LIFECYCLE_KEYS = frozenset(LIFECYCLE_NAMES)
+
+
+def changed_settings(value: HealthCheck | Outlier | Lifecycle) -> dict[str, Any]:
     """The settings that differ from their defaults: how a snapshot, a
     delta and the store write a table (the same value, the same bytes)."""
-    default = DEFAULT_HEALTH if isinstance(value, HealthCheck) else DEFAULT_OUTLIER
+    default = _DEFAULTS[type(value)]
     return {k: v for k, v in vars(value).items() if getattr(default, k) != v}
+
+
+def read_lifecycle(file: str, where: str, table: Any, algorithm: str) -> Lifecycle:
+    """A service's lifecycle keys (``table`` may hold others: not read
+    here), with the check across keys: slow start moves a hashed flow's
+    backend, so maglev refuses it."""
+    values = read_table(file, where, {k: v for k, v in table.items() if k in LIFECYCLE_KEYS},
+                        LIFECYCLE_SETTINGS)
+    lifecycle = Lifecycle(**values)
+    if lifecycle.slow_start_ms and algorithm == "maglev":
+        raise ConfigError(file, f"{where}.slow_start_ms", "maglev keeps each client on its backend: "
+                          "slow start would move them (use 0, or another algorithm)")
+    return lifecycle
 
 
 def read_health(file: str, where: str, table: Any) -> HealthCheck:
@@ -327,6 +393,7 @@ class Service:
     backends: tuple[Backend, ...]
     health: HealthCheck = DEFAULT_HEALTH
     outlier: Outlier = DEFAULT_OUTLIER
+    lifecycle: Lifecycle = DEFAULT_LIFECYCLE
 
 
 @dataclass(frozen=True)
@@ -370,9 +437,12 @@ def read_table(file: str, where: str, table: Any, settings: list[Setting],
             values[s.name] = s.default
             continue
         value = table[s.name]
+        if s.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # 2 is 2.0: one value, one spelling in snapshots
         # bool is an int in Python; a TOML boolean is never a valid number here
         if not isinstance(value, s.kind) or (isinstance(value, bool) and s.kind is not bool):
-            raise ConfigError(file, key, f"must be {s.kind.__name__}, got {type(value).__name__}")
+            kind = "a number" if s.kind is float else s.kind.__name__
+            raise ConfigError(file, key, f"must be {kind}, got {type(value).__name__}")
         problem = s.check(value)
         if problem:
             raise ConfigError(file, key, problem)
@@ -406,7 +476,8 @@ def _read_services(file: str, raw: Any, snapshot: bool = False) -> tuple[Service
     total_backends = 0
     for i, table in enumerate(raw):
         where = f"service[{i}]"
-        values = read_table(file, where, table, SERVICE_SETTINGS, nested=SERVICE_TABLES)
+        values = read_table(file, where, table, SERVICE_SETTINGS, nested=SERVICE_TABLES + LIFECYCLE_NAMES)
+        lifecycle = read_lifecycle(file, where, table, values["algorithm"])
         if values["name"] in names:
             raise ConfigError(file, f"{where}.name", f"duplicate service name {values['name']!r}")
         names.add(values["name"])
@@ -421,7 +492,8 @@ def _read_services(file: str, raw: Any, snapshot: bool = False) -> tuple[Service
             raise ConfigError(file, f"{where}.backend", f"at most {MAX_BACKENDS} backends per node")
         health = read_health(file, f"{where}.health", table.get("health", {}))
         outlier = read_outlier(file, f"{where}.outlier", table.get("outlier", {}))
-        services.append(Service(backends=backends, health=health, outlier=outlier, **values))
+        services.append(Service(backends=backends, health=health, outlier=outlier, lifecycle=lifecycle,
+                                **values))
     return tuple(services)
 
 

@@ -156,6 +156,6 @@ def localize(config: Config, services: tuple[Service, ...]) -> Config:
     address = config.node.address
     if address:  # constructors, not dataclasses.replace: this runs once per version
         services = tuple(Service(s.name, f"{address}:{parse_address(s.listen)[1]}", s.algorithm, s.backends,
-                                 s.health, s.outlier)
+                                 s.health, s.outlier, s.lifecycle)
                          for s in services)
     return Config(config.path, config.node, services)

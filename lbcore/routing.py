@@ -24,18 +24,22 @@ from typing import Any
 from lbcore.config import (
     BACKEND_SETTINGS,
     DEFAULT_HEALTH,
+    DEFAULT_LIFECYCLE,
     DEFAULT_OUTLIER,
+    LIFECYCLE_KEYS,
     MAX_BACKENDS,
     MAX_SERVICES,
     SERVICE_SETTINGS,
     Backend,
     ConfigError,
     HealthCheck,
+    Lifecycle,
     Outlier,
     Service,
     changed_settings,
     parse_address,
     read_health,
+    read_lifecycle,
     read_outlier,
     read_table,
 )
@@ -56,10 +60,17 @@ def _quote(text: str) -> bytes:
 
 def backend_json(b: Backend) -> bytes:
     """One backend as canonical_json writes it (sorted keys, no spaces);
-    ``up`` only when false (a backend held out by its health verdict)."""
+    ``max_conns`` only when set, ``state`` only when not active (a
+    draining backend), ``up`` only when false (held out by its health
+    verdict)."""
+    head = b'{"address":%s,"id":%s' % (_quote(b.address), _quote(b.id))
+    if b.max_conns:
+        head += b',"max_conns":%d' % b.max_conns
+    if b.state != "active":
+        head += b',"state":%s' % _quote(b.state)
     if not b.up:
-        return b'{"address":%s,"id":%s,"up":false,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
-    return b'{"address":%s,"id":%s,"weight":%d}' % (_quote(b.address), _quote(b.id), b.weight)
+        head += b',"up":false'
+    return head + b',"weight":%d}' % b.weight
 
 
 def settings_json(key: bytes, value: HealthCheck | Outlier) -> bytes:
@@ -67,6 +78,13 @@ def settings_json(key: bytes, value: HealthCheck | Outlier) -> bytes:
     settings that differ from their defaults, none at all when none do."""
     changed = changed_settings(value)
     return b',"%s":%s' % (key, canonical_json(changed)) if changed else b""
+
+
+def lifecycle_items(value: Lifecycle) -> dict[bytes, bytes]:
+    """A service's lifecycle keys as the snapshot writes them (in the
+    service itself, as in a config file): those that differ from the
+    defaults, each key with its canonical value."""
+    return {b'"%s"' % k.encode(): canonical_json(v) for k, v in changed_settings(value).items()}
 
 
 class ServiceRoutes:
@@ -81,19 +99,20 @@ class ServiceRoutes:
     comparing the whole pool."""
 
     __slots__ = ("name", "listen", "algorithm", "backends", "pieces", "pieces_size", "service", "keys",
-                 "changed", "health", "outlier", "_json")
+                 "changed", "health", "outlier", "lifecycle", "_json")
 
     def __init__(self, name: str, listen: str, algorithm: str, backends: dict[str, Backend],
                  pieces: dict[str, bytes], keys: tuple[str, ...] | None = None,
                  changed: frozenset[str] = frozenset(), pieces_size: int | None = None,
-                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER) -> None:
+                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER,
+                 lifecycle: Lifecycle = DEFAULT_LIFECYCLE) -> None:
         self.name, self.listen, self.algorithm = name, listen, algorithm
-        self.health, self.outlier = health, outlier
+        self.health, self.outlier, self.lifecycle = health, outlier, lifecycle
         self.backends, self.pieces = backends, pieces
         # the bytes of all pieces: kept up to date by each delta, so that the
         # size of the snapshot is known without encoding it
         self.pieces_size = sum(map(len, pieces.values())) if pieces_size is None else pieces_size
-        self.service = Service(name, listen, algorithm, tuple(backends.values()), health, outlier)
+        self.service = Service(name, listen, algorithm, tuple(backends.values()), health, outlier, lifecycle)
         self.keys = keys if keys is not None else tuple(backends)
         self.changed = changed
         self._json: bytes | None = None
@@ -102,13 +121,19 @@ class ServiceRoutes:
     def of(cls, service: Service) -> ServiceRoutes:
         ordered = sorted(service.backends, key=lambda b: b.id)
         return cls(service.name, service.listen, service.algorithm, {b.id: b for b in ordered},
-                   {b.id: backend_json(b) for b in ordered}, health=service.health, outlier=service.outlier)
+                   {b.id: backend_json(b) for b in ordered}, health=service.health, outlier=service.outlier,
+                   lifecycle=service.lifecycle)
 
     def _frame(self) -> tuple[bytes, bytes]:
-        """What encode() puts before and after the pieces."""
-        return (b'{"algorithm":' + _quote(self.algorithm) + b',"backends":[',
-                b"]" + settings_json(b"health", self.health) + b',"listen":' + _quote(self.listen)
-                + b',"name":' + _quote(self.name) + settings_json(b"outlier", self.outlier) + b"}")
+        """What encode() puts before and after the pieces: every key but
+        "algorithm" sorts after "backends"."""
+        items = {b'"listen"': _quote(self.listen), b'"name"': _quote(self.name),
+                 **lifecycle_items(self.lifecycle)}
+        for key, value in ((b"health", self.health), (b"outlier", self.outlier)):
+            if changed_settings(value):
+                items[b'"%s"' % key] = canonical_json(changed_settings(value))
+        tail = b"".join(b",%s:%s" % (k, items[k]) for k in sorted(items))
+        return (b'{"algorithm":' + _quote(self.algorithm) + b',"backends":[', b"]" + tail + b"}")
 
     def encode(self) -> bytes:
         if self._json is None:
@@ -262,11 +287,11 @@ class Routing:
                 raise WireError(f"delta: removed_services[{i}]: no service {name!r}")
             del services[name]
         for i, row in enumerate(delta.services):
-            values, health, outlier = _service_row(f"services[{i}]", row)
+            values, health, outlier, lifecycle = _service_row(f"services[{i}]", row)
             name = values["name"]
             current = edits.get(name) or (_Edit.of(services[name]) if name in services else _Edit.empty())
             current.listen, current.algorithm = values["listen"], values["algorithm"]
-            current.health, current.outlier = health, outlier
+            current.health, current.outlier, current.lifecycle = health, outlier, lifecycle
             edits[name] = current
         for i, row in enumerate(delta.removed_backends):
             if not isinstance(row, dict) or set(row) != {"service", "id"} or not isinstance(row["id"], str):
@@ -316,9 +341,10 @@ class _Edit:
 
     def __init__(self, listen: str, algorithm: str, backends: dict[str, Backend],
                  pieces: dict[str, bytes], keys: tuple[str, ...] | None, pieces_size: int,
-                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER) -> None:
+                 health: HealthCheck = DEFAULT_HEALTH, outlier: Outlier = DEFAULT_OUTLIER,
+                 lifecycle: Lifecycle = DEFAULT_LIFECYCLE) -> None:
         self.listen, self.algorithm, self.backends, self.pieces = listen, algorithm, backends, pieces
-        self.health, self.outlier = health, outlier
+        self.health, self.outlier, self.lifecycle = health, outlier, lifecycle
         self.pieces_size = pieces_size
         self.keys = keys  # None once an id comes or goes
         self.changed: set[str] = set()
@@ -327,7 +353,7 @@ class _Edit:
     @classmethod
     def of(cls, service: ServiceRoutes) -> _Edit:
         return cls(service.listen, service.algorithm, dict(service.backends), dict(service.pieces),
-                   service.keys, service.pieces_size, service.health, service.outlier)
+                   service.keys, service.pieces_size, service.health, service.outlier, service.lifecycle)
 
     @classmethod
     def empty(cls) -> _Edit:
@@ -339,12 +365,16 @@ class _Edit:
             self.pieces = {i: self.pieces[i] for i in self.backends}
         keys = None if self.reorder else self.keys
         return ServiceRoutes(name, self.listen, self.algorithm, self.backends, self.pieces, keys,
-                             frozenset(self.changed), self.pieces_size, self.health, self.outlier)
+                             frozenset(self.changed), self.pieces_size, self.health, self.outlier,
+                             self.lifecycle)
 
 
-_ID, _ADDRESS, _WEIGHT, _UP = BACKEND_SETTINGS
-_DELTA_BACKEND_KEYS = frozenset({"service"} | {s.name for s in BACKEND_SETTINGS})
-_DELTA_BACKEND_KEYS_UP = _DELTA_BACKEND_KEYS - {"up"}  # "up" may be left out: true
+_SETTING = {s.name: s for s in BACKEND_SETTINGS}
+_ID, _ADDRESS, _WEIGHT = _SETTING["id"], _SETTING["address"], _SETTING["weight"]
+# the usual rows of a delta: the required keys, with "up" (false) or not
+_USUAL_KEYS = (frozenset({"service", "id", "address", "weight"}),
+               frozenset({"service", "id", "address", "weight", "up"}))
+_OPTIONAL = {"up": True, "max_conns": 0, "state": "active"}  # may be left out: their defaults
 
 
 def _backend_row(where: str, row: dict[str, Any]) -> Backend:
@@ -354,23 +384,25 @@ def _backend_row(where: str, row: dict[str, Any]) -> Backend:
     backend_id, address, weight = row.get("id"), row.get("address"), row.get("weight")
     up = row.get("up", True)
     keys = row.keys()
-    if (keys == _DELTA_BACKEND_KEYS or keys == _DELTA_BACKEND_KEYS_UP) and type(backend_id) is str \
+    if (keys == _USUAL_KEYS[0] or keys == _USUAL_KEYS[1]) and type(backend_id) is str \
             and type(address) is str and type(weight) is int and type(up) is bool and not (
                 _ID.check(backend_id) or _ADDRESS.check(address) or _WEIGHT.check(weight)):
         return Backend(backend_id, address, weight, up)
-    return Backend(**_read_row(where, {"up": True, **{k: v for k, v in row.items() if k != "service"}},
-                               BACKEND_SETTINGS, optional="up"))
+    return Backend(**_read_row(where, {**_OPTIONAL, **{k: v for k, v in row.items() if k != "service"}},
+                               BACKEND_SETTINGS, optional=", ".join(_OPTIONAL)))
 
 
-def _service_row(where: str, row: Any) -> tuple[dict[str, Any], HealthCheck, Outlier]:
-    """A delta's service row: its settings, health and outlier tables (the
-    changed settings only; {} when absent), checked by the config file's rules."""
-    plain = {k: v for k, v in row.items() if k not in ("health", "outlier")} if isinstance(row, dict) else row
-    values = _read_row(where, plain,
-                       SERVICE_SETTINGS, optional="health, outlier")
+def _service_row(where: str, row: Any) -> tuple[dict[str, Any], HealthCheck, Outlier, Lifecycle]:
+    """A delta's service row: its settings, health and outlier tables and
+    lifecycle keys (the changed settings only; absent: the defaults),
+    checked by the config file's rules."""
+    extra = LIFECYCLE_KEYS | {"health", "outlier"}
+    plain = {k: v for k, v in row.items() if k not in extra} if isinstance(row, dict) else row
+    values = _read_row(where, plain, SERVICE_SETTINGS, optional="health, outlier, the lifecycle keys")
     try:
         return (values, read_health("delta", f"{where}.health", row.get("health", {})),
-                read_outlier("delta", f"{where}.outlier", row.get("outlier", {})))
+                read_outlier("delta", f"{where}.outlier", row.get("outlier", {})),
+                read_lifecycle("delta", where, row, values["algorithm"]))
     except ConfigError as exc:
         raise WireError(f"delta: {exc.key}: {exc.reason}") from None
 

@@ -40,13 +40,19 @@ On the control plane's PUB socket, two frames each:
 A snapshot (canonical JSON):
 
     {"epoch": E, "services": [{"algorithm", "backends": [{"address", "id",
-     ["up": false,] "weight"}, ...], ["health": {...},] "listen", "name",
+     ["max_conns": N,] ["state": "draining" | "closing",] ["up": false,] "weight"}, ...],
+     [LIFECYCLE KEY: VALUE, ...] ["health": {...},] "listen", "name",
      ["outlier": {...}]}, ...], "version": N}
 
 "up": false marks a backend held out by its health verdict: nodes route
-nothing to it and keep probing it. "health" and "outlier" are the
-service's [service.health] and [service.outlier] settings that differ from
-their defaults (absent when none do), so the same policy is the same bytes.
+nothing to it and keep probing it. "state" marks a backend being drained:
+nodes route nothing new to it and report its open connections until it is
+drained; "closing": its drain timed out, nodes close what is left.
+"max_conns" only when set. "health" and "outlier" are the service's
+[service.health] and [service.outlier] settings that differ from their
+defaults (absent when none do), and the lifecycle keys (drain_timeout_ms,
+slow_start_ms, max_queue, ...: lbcore.config.LIFECYCLE_SETTINGS) likewise,
+so the same policy is the same bytes.
 
 E is the epoch of the store it was derived from: a store's identity, made
 with it (and made anew when the store is found behind its nodes, say a
@@ -447,9 +453,11 @@ def decode_snapshot(data: bytes) -> tuple[int, tuple[Service, ...], int]:
 # A delta carries only what changed since its base version:
 #
 #     {"epoch": E, "version": N, "base": B,
-#      "services": [{"name", "listen", "algorithm"[, "health", "outlier"]}, ...],   # added or changed
+#      "services": [{"name", "listen", "algorithm"[, "health", "outlier", LIFECYCLE KEYS]}, ...],
+#                                                               # added or changed
 #      "removed_services": [NAME, ...],
-#      "backends": [{"service", "id", "address", "weight"[, "up": false]}, ...],  # added or changed
+#      "backends": [{"service", "id", "address", "weight"[, "up", "max_conns", "state"]}, ...],
+#                                                               # added or changed
 #      "removed_backends": [{"service", "id"}, ...]}
 #
 # A node applies it only when it holds version B of epoch E; otherwise it
@@ -478,8 +486,10 @@ DELTA_KEYS = frozenset(f.name for f in dataclasses.fields(Delta))
 
 def service_row(service: Service) -> dict[str, Any]:
     """A delta's row of an added or changed service: "health" and "outlier"
-    only when they differ from the defaults (as in a snapshot)."""
-    row: dict[str, Any] = {"name": service.name, "listen": service.listen, "algorithm": service.algorithm}
+    only when they differ from the defaults, and the lifecycle keys that
+    do (as in a snapshot)."""
+    row: dict[str, Any] = {"name": service.name, "listen": service.listen, "algorithm": service.algorithm,
+                           **changed_settings(service.lifecycle)}
     for key, value in (("health", service.health), ("outlier", service.outlier)):
         changed = changed_settings(value)
         if changed:
@@ -488,10 +498,15 @@ def service_row(service: Service) -> dict[str, Any]:
 
 
 def backend_row(service: str, b: Backend) -> dict[str, Any]:
-    """A delta's row of an added or changed backend: "up" only when false."""
-    row = {"service": service, "id": b.id, "address": b.address, "weight": b.weight}
+    """A delta's row of an added or changed backend: "up" only when false,
+    "max_conns" only when set, "state" only when not active."""
+    row: dict[str, Any] = {"service": service, "id": b.id, "address": b.address, "weight": b.weight}
     if not b.up:
         row["up"] = False
+    if b.max_conns:
+        row["max_conns"] = b.max_conns
+    if b.state != "active":
+        row["state"] = b.state
     return row
 
 
@@ -503,8 +518,9 @@ def diff_delta(base: int, old: Sequence[Service], version: int, new: Sequence[Se
     services, backends, removed_backends = [], [], []
     for name, service in sorted(after.items()):
         previous = before.get(name)
-        if previous is None or (previous.listen, previous.algorithm, previous.health, previous.outlier) \
-                != (service.listen, service.algorithm, service.health, service.outlier):
+        if previous is None or (previous.listen, previous.algorithm, previous.health, previous.outlier,
+                                previous.lifecycle) \
+                != (service.listen, service.algorithm, service.health, service.outlier, service.lifecycle):
             services.append(service_row(service))
         old_rows = {b.id: b for b in previous.backends} if previous else {}
         new_rows = {b.id: b for b in service.backends}
