@@ -5,10 +5,12 @@ made by someone else meanwhile is refused (exit 3), not overwritten; the
 changes before it stay applied, and the output says which (run it again to
 finish: the diff is made afresh).
 
-Backends the file no longer lists are removed (drained); an address cannot
-change in place (remove the backend, add it under a new id). A service's
-[service.health] and [service.outlier] are made the file's too (a table
-the file leaves out: its defaults).
+Backends the file no longer lists are removed (drained first, then
+removed); an address cannot change in place (remove the backend, add it
+under a new id). A service's [service.health] and [service.outlier] and
+its lifecycle keys (drain, slow start, queue) are made the file's too (a
+table or key the file leaves out: its defaults), and so is each backend's
+weight and max_conns.
 """
 from __future__ import annotations
 
@@ -39,12 +41,14 @@ def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, An
     for service in services:
         policy = policies.get(service.name)
         health, outlier = asdict(service.health), asdict(service.outlier)
-        if policy is None or (policy["algorithm"], policy["listen"], policy["health"], policy["outlier"]) \
-                != (service.algorithm, service.listen, health, outlier):
+        lifecycle = asdict(service.lifecycle)
+        if policy is None or (policy["algorithm"], policy["listen"], policy["health"], policy["outlier"],
+                              policy["lifecycle"]) \
+                != (service.algorithm, service.listen, health, outlier, lifecycle):
             version = policy["version"] if policy else 0
             sign = "+" if policy is None else "~"
             settings = ""
-            for table, wanted in (("health", health), ("outlier", outlier)):
+            for table, wanted in (("health", health), ("outlier", outlier), ("lifecycle", lifecycle)):
                 # a new service starts from the defaults: only what differs is shown
                 before = policy[table] if policy else asdict(type(getattr(service, table))())
                 if before != wanted:
@@ -53,23 +57,24 @@ def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, An
                                   f"algorithm {service.algorithm}{settings}", "policy.set",
                                   {"service": service.name, "algorithm": service.algorithm,
                                    "listen": service.listen, "health": health, "outlier": outlier,
-                                   "expected_version": version}))
+                                   "lifecycle": lifecycle, "expected_version": version}))
         for backend in service.backends:
             record = current.get((service.name, backend.id))
             where = f"{service.name}/{backend.id}"
-            if record is None or record["state"] == "removed":
-                changes.append(Change(f"+ backend {where} {backend.address} weight {backend.weight}",
+            if record is None or record["state"] in ("removed", "drained"):
+                limit = f" max_conns {backend.max_conns}" if backend.max_conns else ""
+                changes.append(Change(f"+ backend {where} {backend.address} weight {backend.weight}{limit}",
                                       "backend.add",
                                       {"service": service.name, "id": backend.id, "address": backend.address,
-                                       "weight": backend.weight,
+                                       "weight": backend.weight, "max_conns": backend.max_conns,
                                        "expected_version": record["version"] if record else 0}))
             elif record["address"] != backend.address:
                 raise ValueError(f"backend {where}: address {record['address']} -> {backend.address} "
                                  "cannot change in place; remove it and add it under a new id")
-            elif record["weight"] != backend.weight:
-                changes.append(Change(f"~ backend {where} weight {record['weight']} -> {backend.weight}",
-                                      "backend.set_weight",
-                                      {"service": service.name, "id": backend.id, "weight": backend.weight,
+            elif (record["weight"], record["max_conns"]) != (backend.weight, backend.max_conns):
+                wanted = {"weight": backend.weight, "max_conns": backend.max_conns}
+                changes.append(Change(f"~ backend {where} {_changed(record, wanted)}", "backend.set",
+                                      {"service": service.name, "id": backend.id, **wanted,
                                        "expected_version": record["version"]}))
     listed = {(s.name, b.id) for s in services for b in s.backends}
     for key, record in sorted(current.items()):

@@ -27,6 +27,7 @@ from orchestrator.settings import (
     ALGORITHM_NAMES,
     DEFAULT_CONTROL,
     HEALTH_SETTINGS,
+    LIFECYCLE_SETTINGS,
     OUTLIER_SETTINGS,
     ConfigError,
     control_endpoint,
@@ -89,11 +90,32 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("id")
     add.add_argument("address")
     add.add_argument("--weight", type=int, default=1)
+    add.add_argument("--max-conns", type=int, default=0,
+                     help="open connections at most, per node (0: no limit)")
     remove = command(backend, "remove", write=True)
     remove.add_argument("service")
     remove.add_argument("id")
     remove.add_argument("--final", action="store_true",
-                        help="removed for good, not draining (its record may be added again later)")
+                        help="removed at once, not drained first (its record may be added again later)")
+    remove.add_argument("--timeout-ms", type=int, help="the drain's timeout (default: drain_timeout_ms)")
+    drain = command(backend, "drain", write=True)
+    drain.add_argument("service")
+    drain.add_argument("id")
+    drain.add_argument("--timeout-ms", type=int,
+                       help="then the service's on_drain_timeout applies (default: its drain_timeout_ms)")
+    drain.add_argument("--then", choices=("keep", "remove"), default="keep",
+                       help="once drained: keep the record (drained; add it again to reactivate), "
+                            "or remove it")
+    wait = command(backend, "wait-drained")
+    wait.add_argument("service")
+    wait.add_argument("id")
+    wait.add_argument("--timeout-ms", type=int, default=330_000,
+                      help="exit 1 if not drained by then (default 330000)")
+    bset = command(backend, "set", write=True)
+    bset.add_argument("service")
+    bset.add_argument("id")
+    bset.add_argument("--weight", type=int)
+    bset.add_argument("--max-conns", type=int, help="open connections at most, per node (0: no limit)")
     weight = command(backend, "set-weight", write=True)
     weight.add_argument("service")
     weight.add_argument("id")
@@ -110,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
         for s in settings:  # one flag per key of [service.health] and [service.outlier]
             pset.add_argument(f"--{table}-{s.name.replace('_', '-')}", dest=f"{table}__{s.name}", type=s.kind,
                               help=f"[service.{table}] {s.name}: {s.help}")
+    for s in LIFECYCLE_SETTINGS:  # one flag per lifecycle key of [[service]]
+        pset.add_argument(f"--{s.name.replace('_', '-')}", dest=f"lifecycle__{s.name}", type=s.kind,
+                          help=f"{s.name}: {s.help}")
 
     health = groups.add_parser("health").add_subparsers(dest="verb", required=True)
     report = command(health, "report")
@@ -147,10 +172,18 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return args.group, {}
     if key == ("backend", "add"):
         return "backend.add", {"service": args.service, "id": args.id, "address": args.address,
-                               "weight": args.weight, **expected}
+                               "weight": args.weight, "max_conns": args.max_conns, **expected}
     if key == ("backend", "remove"):
         final = {"final": True} if args.final else {}
-        return "backend.remove", {"service": args.service, "id": args.id, **final, **expected}
+        timeout = {"timeout_ms": args.timeout_ms} if args.timeout_ms is not None else {}
+        return "backend.remove", {"service": args.service, "id": args.id, **final, **timeout, **expected}
+    if key == ("backend", "drain"):
+        timeout = {"timeout_ms": args.timeout_ms} if args.timeout_ms is not None else {}
+        return "backend.drain", {"service": args.service, "id": args.id, "then": args.then, **timeout,
+                                 **expected}
+    if key == ("backend", "set"):
+        given = {k: v for k, v in (("weight", args.weight), ("max_conns", args.max_conns)) if v is not None}
+        return "backend.set", {"service": args.service, "id": args.id, **given, **expected}
     if key == ("backend", "set-weight"):
         return "backend.set_weight", {"service": args.service, "id": args.id, "weight": args.weight,
                                       **expected}
@@ -160,7 +193,7 @@ def _call(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "policy.get", {"service": args.service}
     if key == ("policy", "set"):
         given = {k: v for k, v in (("listen", args.listen), ("algorithm", args.algorithm)) if v}
-        for table in ("health", "outlier"):
+        for table in ("health", "outlier", "lifecycle"):
             values = {k.split("__", 1)[1]: v for k, v in vars(args).items()
                       if k.startswith(f"{table}__") and v is not None}
             if values:
@@ -208,6 +241,10 @@ def _show(result: Any, as_json: bool) -> str:
                 for backend, c in sorted(backends.items()):
                     lines.append(f"    {service}/{backend}: active {c['active']} total {c['total']} "
                                  f"failed {c['failed']}")
+            for service, q in sorted(n.get("services", {}).items()):
+                if any(q.values()):
+                    lines.append(f"    {service} queue: waiting {q['waiting']} queued {q['queued']} "
+                                 f"timeouts {q['queue_timeouts']} rejected {q['rejected']}")
         return "\n".join(lines)
     if isinstance(result, dict) and "applied_version" in result:
         verdict = ("not yet audited against (its digest comes with its next report)"
@@ -220,6 +257,8 @@ def _show(result: Any, as_json: bool) -> str:
                           *(f"  {reason}" for reason in result["reasons"])])
     if isinstance(result, list) and result and "probers" in result[0]:
         return "\n".join(_health_line(row) for row in result)
+    if isinstance(result, list) and result and "drain" in result[0]:
+        return "\n".join(_backend_line(row) for row in result)
     if isinstance(result, dict) and "snapshot" in result:
         return json.dumps(json.loads(result["snapshot"]), indent=2, sort_keys=True)
     if isinstance(result, list):
@@ -234,6 +273,42 @@ def _show(result: Any, as_json: bool) -> str:
         applied = "" if result.get("applied", True) else " (not applied: revision not newer)"
         return f"ok: version {result['version']}{applied}"
     return "\n".join(f"{k}: {v}" for k, v in result.items())
+
+
+def _backend_line(row: dict[str, Any]) -> str:
+    """One backend of ``backend list``, on one line: its drain's progress when draining."""
+    limit = f" max_conns {row['max_conns']}" if row["max_conns"] else ""
+    line = (f"{row['service']}/{row['id']} {row['address']} weight {row['weight']}{limit} {row['state']} "
+            f"(version {row['version']})")
+    drain = row["drain"]
+    if drain and not drain["ended"]:
+        waiting = ", ".join(f"{w['node']} ({w['why']})" for w in drain["unconfirmed"]) or "-"
+        closing = ", timed out: closing" if drain["closing"] else ""
+        line += f": {drain['open']} open, then {drain['then']}{closing}; waiting for {waiting}"
+    elif drain:
+        line += f": drain {drain['ended']}, {drain['open']} open then"
+    return line
+
+
+def _wait_drained(args: argparse.Namespace) -> int:
+    """Until the backend is drained (or removed after its drain): 0; 1 at the timeout."""
+    endpoint = _endpoint(args)
+    deadline = time.monotonic() + max(0, args.timeout_ms) / 1000
+    while True:
+        rows = [r for r in request(endpoint, "backend.list", {"service": args.service}, args.timeout)
+                if r["id"] == args.id]
+        if not rows:
+            raise CtlError(f"no backend {args.service}/{args.id}")
+        row = rows[0]
+        if row["state"] in ("drained", "removed"):
+            print(_show(row, True) if args.json else _backend_line(row))
+            return EXIT_OK
+        if row["state"] != "draining":
+            raise CtlError(f"backend {args.service}/{args.id} is {row['state']}, not draining")
+        if time.monotonic() >= deadline:
+            print(f"lbctl: not drained within {args.timeout_ms} ms: {_backend_line(row)}", file=sys.stderr)
+            return EXIT_ERROR
+        time.sleep(0.1)
 
 
 def _health_line(row: dict[str, Any]) -> str:
@@ -305,12 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.group == "apply":
         return _apply(args)
-    if args.group == "verify":
-        try:
-            return _verify(args)
-        except CtlError as exc:
-            print(f"lbctl: {exc}", file=sys.stderr)
-            return exc.status
+    for group, verb, run in (("verify", "verify", _verify), ("backend", "wait-drained", _wait_drained)):
+        if (args.group, args.verb) == (group, verb):
+            try:
+                return run(args)
+            except CtlError as exc:
+                print(f"lbctl: {exc}", file=sys.stderr)
+                return exc.status
     verb, call_args = _call(args)
     try:
         result = request(_endpoint(args), verb, call_args, args.timeout)

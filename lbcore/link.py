@@ -215,7 +215,8 @@ class ControlLink:
                 return
 
     def tick(self, counters: Callable[[], dict[str, Any]],
-             health: Callable[[], NodeHealth | None] = lambda: None) -> None:
+             health: Callable[[], NodeHealth | None] = lambda: None,
+             queues: Callable[[], dict[str, dict[str, int]] | None] = lambda: None) -> None:
         """Report what is applied, and say loudly when the control plane has
         been silent past max_staleness_ms (the node keeps serving: fail-static)."""
         staleness, limit = self.staleness_ms(), self.max_staleness_ms
@@ -228,9 +229,10 @@ class ControlLink:
             self.log(f"control plane heard again; serving version {self.version}")
         if time.monotonic() >= self._next_report:
             self._next_report = time.monotonic() + REPORT_INTERVAL_S
-            self.report(counters(), health())
+            self.report(counters(), health(), queues())
 
-    def report(self, counters: dict[str, Any] | None, health: NodeHealth | None = None) -> None:
+    def report(self, counters: dict[str, Any] | None, health: NodeHealth | None = None,
+               queues: dict[str, dict[str, int]] | None = None) -> None:
         """Tell the control plane what is applied (fire and forget). The
         ACK (no counters) carries no digest: hashing the whole snapshot
         would delay it; the periodic report (with counters) does."""
@@ -239,7 +241,7 @@ class ControlLink:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(self.node_id, self.routing.epoch, self.routing.version, self.staleness_ms(),
                                  counters, digest, self.max_staleness_ms if counters is not None else None,
-                                 health)
+                                 health, queues)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:

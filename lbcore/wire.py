@@ -20,7 +20,8 @@ two of them are a node's:
     snapshot.get  {}  -> {"snapshot": SNAPSHOT (text)}           FETCH_REQUEST
     node.report   {"node": ID, "epoch": E, "version": APPLIED, "staleness_ms": MS,
                    "digest": SHA256 of the applied SNAPSHOT, "max_staleness_ms": ITS BOUND, "counters":
-                   {SERVICE: {BACKEND: {"active", "total", "failed"}}}}  -> {}
+                   {SERVICE: {BACKEND: {"active", "total", "failed"}}},
+                   "services": {SERVICE: {"waiting", "queued", "queue_timeouts", "rejected"}}}  -> {}
       counters and digest optional: the ACK sent right after an apply has
       neither (its exact bytes: ``report_request``, read back by
       ``read_ack`` without a JSON parse); the periodic report has both.
@@ -94,6 +95,7 @@ MAX_REPORT_BACKENDS = 500        # past this many backends a node sums its count
 MAX_RESULTS_PER_MESSAGE = 1000   # probe results in one health.results message
 MAX_HEARTBEAT_NODES = 1024       # nodes a heartbeat names (the control plane keeps at most this many)
 REPORT_FIELDS = ("active", "total", "failed")  # the counters a report carries per backend
+QUEUE_FIELDS = ("waiting", "queued", "queue_timeouts", "rejected")  # and per service: its queue
 SUMMED = "(all)"                 # the backend of a service's counters summed
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 MAX_COUNTER = (1 << 63) - 1
@@ -229,6 +231,7 @@ class Report:
     digest: str | None               # None: none for this version yet (an ACK)
     max_staleness_ms: int | None = None  # the node's bound (I7), with the periodic report
     health: NodeHealth | None = None     # with the periodic report of a node that probes or ejects
+    services: dict[str, dict[str, int]] | None = None  # per service: its queue (QUEUE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,22 @@ def decode_report(args: dict[str, Any]) -> Report:
     if bound is not None:
         bound = _version("node.report: max_staleness_ms", bound, low=1)
     health = decode_node_health(args["health"]) if args.get("health") is not None else None
-    return Report(node, epoch, version, staleness, counters, digest, bound, health)
+    services = args.get("services")
+    if services is not None:
+        _check_queues(services)
+    return Report(node, epoch, version, staleness, counters, digest, bound, health, services)
+
+
+def _check_queues(services: Any) -> None:
+    """{SERVICE: {"waiting", "queued", "queue_timeouts", "rejected"}}."""
+    if not isinstance(services, dict) or len(services) > MAX_SERVICES:
+        raise WireError(f"node.report: services must be an object of at most {MAX_SERVICES} services")
+    for service, row in services.items():
+        if check_name(service) or not isinstance(row, dict) or set(row) != set(QUEUE_FIELDS) or any(
+                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNTER
+                for v in row.values()):
+            raise WireError(f"node.report: services.{str(service)[:64]}: must be "
+                            f"{{{', '.join(QUEUE_FIELDS)}}}, integers >= 0")
 
 
 def _check_counters(counters: Any) -> None:
@@ -329,7 +347,8 @@ def _check_counters(counters: Any) -> None:
 
 def report_request(node: str, epoch: int, version: int, staleness_ms: int, counters: dict[str, Any] | None,
                    digest: str | None = None, max_staleness_ms: int | None = None,
-                   health: NodeHealth | None = None) -> bytes:
+                   health: NodeHealth | None = None,
+                   services: dict[str, dict[str, int]] | None = None) -> bytes:
     """A report; without counters (the ACK sent right after an apply) the
     control plane keeps the ones last reported, without a digest it knows
     none for a version it had no digest of."""
@@ -344,6 +363,8 @@ def report_request(node: str, epoch: int, version: int, staleness_ms: int, count
         args["max_staleness_ms"] = max_staleness_ms
     if health is not None:
         args["health"] = health.as_args()
+    if services:
+        args["services"] = services
     message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
         args["counters"] = {service: {SUMMED: summed_counters(columns_of(rows.values()))}

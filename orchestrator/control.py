@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from lbcore.config import DEFAULT_HEALTH, DEFAULT_OUTLIER
+from lbcore.config import DEFAULT_HEALTH, DEFAULT_LIFECYCLE, DEFAULT_OUTLIER
 from lbcore.wire import (
     WireError,
     decode_reply,
@@ -28,11 +28,18 @@ from lbcore.wire import (
     ok_reply,
 )
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError, VersionConflictError
-from orchestrator.model import Change, Membership, State
-from orchestrator.policy import health_of, merged_health, merged_outlier, outlier_of
+from orchestrator.model import Backend, Change, Drain, Membership, State
+from orchestrator.policy import (
+    health_of,
+    lifecycle_of,
+    merged_health,
+    merged_lifecycle,
+    merged_outlier,
+    outlier_of,
+)
 
 if TYPE_CHECKING:  # lbctl imports this module: not the store (and what it imports)
-    from lbcore.config import HealthCheck, Outlier
+    from lbcore.config import HealthCheck, Lifecycle, Outlier
     from orchestrator.store import Store
 
 # what a client of the admin API (lbctl) needs to speak it
@@ -40,13 +47,16 @@ __all__ = ["VERBS", "ControlPlane", "WireError", "decode_reply", "encode_request
 
 # verb -> (required args, optional args)
 VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "backend.add": (frozenset({"service", "id", "address"}), frozenset({"weight", "expected_version"})),
-    "backend.remove": (frozenset({"service", "id"}), frozenset({"final", "expected_version"})),
+    "backend.add": (frozenset({"service", "id", "address"}),
+                    frozenset({"weight", "max_conns", "expected_version"})),
+    "backend.remove": (frozenset({"service", "id"}), frozenset({"final", "timeout_ms", "expected_version"})),
+    "backend.drain": (frozenset({"service", "id"}), frozenset({"timeout_ms", "then", "expected_version"})),
     "backend.set_weight": (frozenset({"service", "id", "weight"}), frozenset({"expected_version"})),
+    "backend.set": (frozenset({"service", "id"}), frozenset({"weight", "max_conns", "expected_version"})),
     "backend.list": (frozenset(), frozenset({"service"})),
     "policy.get": (frozenset({"service"}), frozenset()),
     "policy.set": (frozenset({"service"}),
-                   frozenset({"algorithm", "listen", "expected_version", "health", "outlier"})),
+                   frozenset({"algorithm", "listen", "expected_version", "health", "outlier", "lifecycle"})),
     "health.report": (frozenset({"backend", "up", "revision"}), frozenset()),
     "health.show": (frozenset(), frozenset({"service"})),
     "explain": (frozenset({"service", "backend"}), frozenset()),
@@ -55,7 +65,7 @@ VERBS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     # answered by the server (extra_verbs): node traffic and the fleet view
     "snapshot.get": (frozenset(), frozenset()),
     "node.report": (frozenset({"node", "epoch", "version", "staleness_ms"}),
-                    frozenset({"counters", "digest", "max_staleness_ms", "health"})),
+                    frozenset({"counters", "digest", "max_staleness_ms", "health", "services"})),
     "verify": (frozenset(), frozenset()),
     "snapshot.node": (frozenset({"node"}), frozenset()),
     "status": (frozenset(), frozenset()),
@@ -103,6 +113,8 @@ class ControlPlane:
         self.on_health_report: Callable[[str, bool], None] = lambda backend, up: None
         # verbs answered by whoever runs this plane (the server's snapshot fetch)
         self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        # a drain's progress as the nodes report it (the server's drain watch): added to backend.list
+        self.drain_progress: Callable[[Backend], dict[str, Any]] = lambda record: {}
 
     def answer(self, raw: bytes) -> tuple[str | None, dict[str, Any]]:
         """(the verb, if the request named a known one; the reply, not yet
@@ -129,41 +141,71 @@ class ControlPlane:
             return self.extra_verbs[verb](args)
         store, expected = self.store, args.get("expected_version")
         service, backend_id = args.get("service", ""), args.get("id", "")
+        touched = Change(backend=(service, backend_id))
         if verb == "backend.add":
             return self._write(lambda: store.add_backend(service, backend_id, args["address"],
-                                                         args.get("weight", 1), expected),
-                               Change(backend=(service, backend_id)))
+                                                         args.get("weight", 1), expected,
+                                                         args.get("max_conns", 0)), touched)
         if verb == "backend.remove":
-            # draining first (no new connections; open ones finish), removed
-            # when said so: the record's life is active -> draining -> removed
-            if not isinstance(args.get("final", False), bool):
-                raise BadRequestError("backend.remove: final must be a boolean")
-            target = Membership.REMOVED if args.get("final") else Membership.DRAINING
-            return self._write(lambda: store.set_membership(service, backend_id, target, expected),
-                               Change(backend=(service, backend_id)))
+            return self._remove(service, backend_id, args)
+        if verb == "backend.drain":
+            then = args.get("then", "keep")
+            timeout = self._drain_timeout(service, args)
+            return self._write(lambda: store.drain_backend(service, backend_id, timeout, then, expected),
+                               touched)
         if verb == "backend.set_weight":
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
-                               Change(backend=(service, backend_id)))
+                               touched)
+        if verb == "backend.set":
+            return self._write(lambda: store.set_backend(service, backend_id, args.get("weight"),
+                                                         args.get("max_conns"), expected), touched)
         if verb == "policy.set":
-            listen, algorithm, health, outlier = self._policy_settings(args)
+            listen, algorithm, health, outlier, lifecycle = self._policy_settings(args)
             return self._write(
-                lambda: store.put_policy(service, listen, algorithm, expected, health, outlier),
+                lambda: store.put_policy(service, listen, algorithm, expected, health, outlier, lifecycle),
                 Change(service=service))
         if verb == "health.report":
             return self._health_report(args["backend"], args["up"], args["revision"])
         state = store.read()
         if verb == "backend.list":
-            return [_backend(b) for b in state.backends if args.get("service") in (None, b.service)]
+            return [{**_backend(b), **self.drain_progress(b)} for b in state.backends
+                    if args.get("service") in (None, b.service)]
         if verb == "policy.get":
             return self._policy(state, args["service"])
         if verb == "health.show":
             return [asdict(h) for h in state.health]
         return {"version": state.version}
 
-    def _policy_settings(self, args: dict[str, Any]) -> tuple[str, str, HealthCheck | None, Outlier | None]:
+    def _remove(self, service: str, backend_id: str, args: dict[str, Any]) -> dict[str, Any]:
+        """Drained first (no new connections; open ones finish), then
+        removed; at once with ``final``. A drained backend is removed at once."""
+        final, expected = args.get("final", False), args.get("expected_version")
+        if not isinstance(final, bool):
+            raise BadRequestError("backend.remove: final must be a boolean")
+        record = next((b for b in self.store.read_rows(set(), {(service, backend_id)}, set()).backends), None)
+        touched = Change(backend=(service, backend_id))
+        if final or (record is not None and record.state is Membership.DRAINED):
+            return self._write(lambda: self.store.set_membership(service, backend_id, Membership.REMOVED,
+                                                                 expected), touched)
+        timeout = self._drain_timeout(service, args)
+        return self._write(lambda: self.store.drain_backend(service, backend_id, timeout, "remove", expected),
+                           touched)
+
+    def _drain_timeout(self, service: str, args: dict[str, Any]) -> int:
+        """The drain's timeout: given, else the service's drain_timeout_ms."""
+        if "timeout_ms" in args:
+            return args["timeout_ms"]  # checked by the store
+        policy = next(iter(self.store.read_rows({service}, set(), set()).policies), None)
+        return lifecycle_of(policy.lifecycle, policy.algorithm).drain_timeout_ms if policy \
+            else DEFAULT_LIFECYCLE.drain_timeout_ms
+
+    def _policy_settings(self, args: dict[str, Any]) -> tuple[str, str, HealthCheck | None, Outlier | None,
+                                                              Lifecycle | None]:
         """The listen address and algorithm (the service's own when not
-        given) and the health and outlier settings with the given ones over
-        the service's (None: unchanged), checked as a file's are."""
+        given) and the health, outlier and lifecycle settings with the
+        given ones over the service's (None: unchanged), checked as a
+        file's are (slow start against the algorithm, even when only the
+        algorithm changes)."""
         current = next((p for p in self.store.read().policies if p.service == args["service"]), None)
         if current is None and not {"listen", "algorithm"} <= set(args):
             raise BadRequestError(f"policy.set: new service {args['service']!r} needs a listen address "
@@ -176,7 +218,11 @@ class ControlPlane:
         if "outlier" in args:
             base = outlier_of(current.outlier) if current else DEFAULT_OUTLIER
             outlier = merged_outlier(base, args["outlier"])
-        return listen, algorithm, health, outlier
+        lifecycle = None
+        if "lifecycle" in args or "algorithm" in args:
+            held = lifecycle_of(current.lifecycle, current.algorithm) if current else DEFAULT_LIFECYCLE
+            lifecycle = merged_lifecycle(held, args.get("lifecycle", {}), algorithm)
+        return listen, algorithm, health, outlier, lifecycle
 
     def _health_report(self, backend: str, up: bool, revision: int) -> dict[str, Any]:
         """An operator's observation (I4: only a newer revision applies; an
@@ -198,16 +244,25 @@ class ControlPlane:
             self.on_change(Change(health=backend), version)
         return version
 
+    def record_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
+                     expected_version: int) -> int:
+        """A drain's progress (closing, its end), written by the drain watch
+        through the store's compare-and-swap like an operator's change."""
+        version = self.store.set_drain(service, backend_id, drain, state, expected_version)
+        self.on_change(Change(backend=(service, backend_id)), version)
+        return version
+
     @staticmethod
     def _policy(state: State, service: str) -> dict[str, Any]:
         for policy in state.policies:
             if policy.service == service:
                 return {**asdict(policy), "health": asdict(health_of(policy.health)),
-                        "outlier": asdict(outlier_of(policy.outlier))}
+                        "outlier": asdict(outlier_of(policy.outlier)),
+                        "lifecycle": asdict(lifecycle_of(policy.lifecycle, policy.algorithm))}
         raise NotFoundError(f"no service {service!r}")
 
 
-def _backend(b: Any) -> dict[str, Any]:
+def _backend(b: Backend) -> dict[str, Any]:
     record = asdict(b)
     record["state"] = b.state.value
     return record

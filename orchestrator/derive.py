@@ -7,7 +7,10 @@ observation says up (no observation yet counts as up: a new backend takes
 traffic at once, and health checks take it out), and its weight is above 0.
 An active backend with weight above 0 that its health verdict holds down is
 in the snapshot too, marked ``up: false``: nodes route nothing to it and
-keep probing it, which is how it comes back.
+keep probing it, which is how it comes back. A draining backend is in it,
+marked ``state: draining`` (``closing`` once its drain timed out with
+on_drain_timeout = close): nodes route nothing new to it and report the
+connections still open to it, which is how its drain is confirmed.
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from lbcore.routing import Routing
 from lbcore.wire import Delta, WireError, backend_row, decode_snapshot, diff_delta, service_row
 from orchestrator import model
 from orchestrator.model import Change, Membership, State
-from orchestrator.policy import health_of, outlier_of
+from orchestrator.policy import health_of, lifecycle_of, outlier_of
 from orchestrator.store import Store
 
 # Touched rows beyond which one whole read beats reading them one by one (a
@@ -30,10 +33,17 @@ class InconsistentSnapshotError(Exception):
 
 def row_of(record: model.Backend | None, up: bool) -> Backend | None:
     """The snapshot's row of a membership record: active with weight above
-    0, marked down when its health says so; None when not in the snapshot."""
-    if record is None or record.state is not Membership.ACTIVE or record.weight <= 0:
+    0, marked down when its health says so, or draining; None when not in
+    the snapshot."""
+    if record is None:
         return None
-    return Backend(record.id, record.address, record.weight, up)
+    if record.state is Membership.DRAINING:
+        closing = record.drain is not None and record.drain.closing
+        return Backend(record.id, record.address, record.weight, up, record.max_conns,
+                       "closing" if closing else "draining")
+    if record.state is not Membership.ACTIVE or record.weight <= 0:
+        return None
+    return Backend(record.id, record.address, record.weight, up, record.max_conns)
 
 
 def eligible(state: State) -> tuple[Service, ...]:
@@ -44,7 +54,8 @@ def eligible(state: State) -> tuple[Service, ...]:
         if row is not None:
             routed[b.service].append(row)
     return tuple(Service(p.service, p.listen, p.algorithm, tuple(routed[p.service]),
-                         health_of(p.health), outlier_of(p.outlier)) for p in state.policies)
+                         health_of(p.health), outlier_of(p.outlier), lifecycle_of(p.lifecycle, p.algorithm))
+                 for p in state.policies)
 
 
 def derive_in_full(state: State) -> Routing:
@@ -165,10 +176,11 @@ class Deriver:
                 delta.removed_services.append(name)
             elif policy is not None:
                 health, outlier = health_of(policy.health), outlier_of(policy.outlier)
-                if held is None or (held.listen, held.algorithm, held.health, held.outlier) \
-                        != (policy.listen, policy.algorithm, health, outlier):
+                lifecycle = lifecycle_of(policy.lifecycle, policy.algorithm)
+                if held is None or (held.listen, held.algorithm, held.health, held.outlier, held.lifecycle) \
+                        != (policy.listen, policy.algorithm, health, outlier, lifecycle):
                     delta.services.append(service_row(Service(name, policy.listen, policy.algorithm, (),
-                                                              health, outlier)))
+                                                              health, outlier, lifecycle)))
         for service, backend_id in sorted(backends):
             if service in delta.removed_services:
                 continue
@@ -189,7 +201,8 @@ class Deriver:
                 raise InconsistentSnapshotError(f"service {row['name']} not as derived")
         for row in delta.backends:
             held_row = routing.services[row["service"]].backends.get(row["id"])
-            if held_row != Backend(row["id"], row["address"], row["weight"], row.get("up", True)):
+            if held_row != Backend(row["id"], row["address"], row["weight"], row.get("up", True),
+                                   row.get("max_conns", 0), row.get("state", "active")):
                 raise InconsistentSnapshotError(f"backend {row['service']}/{row['id']} not as derived")
         for row in delta.removed_backends:
             if row["id"] in routing.services[row["service"]].backends:

@@ -1,7 +1,8 @@
 """The primary state of the control plane, as plain immutable records.
 
-BackendMembership moves active -> draining -> removed (one record per
-service + backend, I3); HealthState is overwritten only by a newer
+BackendMembership moves active -> draining -> drained -> removed (one
+record per service + backend, I3; a drain is confirmed by the nodes, see
+orchestrator/drains.py); HealthState is overwritten only by a newer
 observation revision (I4); LoadBalancingPolicy versions strictly increase
 (I5). RoutingState is derived, never stored (see derive.py).
 """
@@ -13,16 +14,33 @@ from enum import Enum
 
 class Membership(str, Enum):
     ACTIVE = "active"
-    DRAINING = "draining"
+    DRAINING = "draining"   # no new connections; nodes still hold open ones
+    DRAINED = "drained"     # every node confirmed none left (or its drain timed out)
     REMOVED = "removed"
 
 
-# Allowed membership transitions; a removed backend may be added again.
+# Allowed membership transitions; a drained or removed backend may be added again.
 TRANSITIONS: dict[Membership, frozenset[Membership]] = {
     Membership.ACTIVE: frozenset({Membership.DRAINING, Membership.REMOVED}),
-    Membership.DRAINING: frozenset({Membership.ACTIVE, Membership.REMOVED}),
+    Membership.DRAINING: frozenset({Membership.ACTIVE, Membership.DRAINED, Membership.REMOVED}),
+    Membership.DRAINED: frozenset({Membership.ACTIVE, Membership.REMOVED}),
     Membership.REMOVED: frozenset({Membership.ACTIVE}),
 }
+DRAIN_THEN = ("keep", "remove")  # what a drain ends in: drained, or removed
+
+
+@dataclass(frozen=True)
+class Drain:
+    """A backend's drain, kept with its record from its start: while it
+    runs and, after, how it ended."""
+
+    since: float        # wall clock, seconds
+    version: int        # the config version that started it: nodes confirm from there
+    timeout_ms: int
+    then: str           # DRAIN_THEN
+    closing: bool = False   # timed out with on_drain_timeout = close: nodes close what is left
+    ended: str = ""     # "": running; "confirmed" (every node said 0 open) or "timeout"
+    open_at_end: int = 0    # open connections the nodes last reported when it ended
 
 
 @dataclass(frozen=True)
@@ -33,6 +51,8 @@ class Backend:
     weight: int
     state: Membership
     version: int        # per record, for compare-and-swap
+    max_conns: int = 0  # per node (0: no limit)
+    drain: Drain | None = None  # the last drain, if any (cleared when added again)
 
 
 @dataclass(frozen=True)
@@ -52,6 +72,7 @@ class Policy:
     version: int        # strictly increasing per service
     health: str = "{}"  # [service.health] settings that differ from the defaults (orchestrator.policy)
     outlier: str = "{}"  # [service.outlier] likewise
+    lifecycle: str = "{}"  # the [[service]] lifecycle keys likewise (drain, slow start, queue)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from lbcore.wire import (
 from orchestrator.checks import HealthChecks
 from orchestrator.control import ControlPlane
 from orchestrator.derive import Deriver, InconsistentSnapshotError, derive_in_full
+from orchestrator.drains import DrainWatch
 from orchestrator.errors import BadRequestError, ControlError, NotFoundError
 from orchestrator.health_view import NodeEjections, explain, health_rows
 from orchestrator.model import Change
@@ -90,6 +91,9 @@ class Orchestrator:
         self.plane.extra_verbs["explain"] = self._explain
         self.ejections: dict[str, NodeEjections] = {}  # node -> its last word on ejections
         self.nodes: dict[str, dict[str, Any]] = {}  # StatusView: derived, never stored
+        self.drains = DrainWatch(store, self.plane.record_drain, lambda: self.nodes,
+                                 lambda: self.published_epoch, self.log)
+        self.plane.drain_progress = self.drains.progress
         self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
         self._committed: dict[int, int] = {}  # version -> when its write committed (monotonic ns)
@@ -118,6 +122,7 @@ class Orchestrator:
 
     def _changed(self, change: Change, version: int) -> None:
         self.deriver.touch(change)
+        self.drains.touch(change)
         self._dirty = True
         if self._store_failed:
             self._retry_at = 0.0  # a write committed: the store works again, no need to wait for the retry
@@ -137,7 +142,7 @@ class Orchestrator:
         except WireError as exc:
             raise BadRequestError(str(exc)) from None
         self._record_report(report.node, report.epoch, report.version, report.staleness_ms, report.counters,
-                            report.digest, report.max_staleness_ms)
+                            report.digest, report.max_staleness_ms, report.services)
         if report.health is not None:
             now = time.monotonic()
             self.ejections[report.node] = NodeEjections(report.health.ejected, report.health.panics, now)
@@ -186,12 +191,18 @@ class Orchestrator:
 
     def _record_report(self, name: str, epoch: int, version: int, staleness: int,
                        counters: dict[str, Any] | None = None, digest: str | None = None,
-                       max_staleness_ms: int | None = None) -> None:
+                       max_staleness_ms: int | None = None,
+                       services: dict[str, dict[str, int]] | None = None) -> None:
         now_ns = time.monotonic_ns()
         self._check_not_behind(name, epoch, version, digest)
         previous = self._forget(name) or {}  # re-inserted below: the dict keeps report order
+        # the version the counters were read at: a drain is confirmed by counters of its version or later
+        counters_version = version if counters is not None else \
+            previous.get("counters_version", -1) if epoch == previous.get("epoch") else -1
         if counters is None:  # an ACK carries none
             counters = previous.get("counters", {})
+        if services is None:
+            services = previous.get("services", {})
         if self.published_epoch >= 0 and epoch != self.published_epoch:
             counters = {}  # not of this store's routing: kept for no one to read
             others = [n for n, v in self.nodes.items() if v["epoch"] != self.published_epoch]
@@ -221,7 +232,8 @@ class Orchestrator:
             max_staleness_ms = previous.get("max_staleness_ms")
         self.nodes[name] = {"epoch": epoch, "version": version, "staleness_ms": staleness,
                             "max_staleness_ms": max_staleness_ms,
-                            "counters": counters, "rows": rows, "digest": digest, "reported": now_ns / 1e9,
+                            "counters": counters, "counters_version": counters_version, "services": services,
+                            "rows": rows, "digest": digest, "reported": now_ns / 1e9,
                             "propagation_ms": propagation}
 
     def _forget(self, name: str) -> dict[str, Any] | None:
@@ -334,6 +346,8 @@ class Orchestrator:
                        "propagation_ms": n["propagation_ms"],
                        "last_report_ms": int((now - n["reported"]) * 1000),
                        "counters": n["counters"],
+                       # per service: its queue (waiting now, queued, queue_timeouts, rejected)
+                       "services": n["services"],
                        # what its last periodic report said: backends it ejects (ms left then), panics
                        "ejected": self.ejections[name].ejected if name in self.ejections else {},
                        "panics": self.ejections[name].panics if name in self.ejections else {}}
@@ -426,6 +440,8 @@ class Orchestrator:
         try:
             while not self._stop:
                 next_verdict = self._check_health()
+                if self.published_version >= 0:
+                    next_verdict = min(next_verdict, self.drains.step())
                 timeout_ms = max(0, int((min(next_heartbeat, next_verdict) - time.monotonic()) * 1000))
                 if self._dirty:
                     wait_s = self._retry_at - time.monotonic()

@@ -12,6 +12,7 @@ from typing import Any
 from lbcore.balance import ALGORITHMS
 from lbcore.config import (
     HEALTH_SETTINGS,
+    LIFECYCLE_SETTINGS,
     MAX_MS,
     OUTLIER_SETTINGS,
     ConfigError,
@@ -25,7 +26,8 @@ from lbcore.config import (
     services_of_document,
 )
 
-__all__ = ["ALGORITHM_NAMES", "DEFAULT_CONTROL", "HEALTH_SETTINGS", "OUTLIER_SETTINGS", "ConfigError",
+__all__ = ["ALGORITHM_NAMES", "DEFAULT_CONTROL", "HEALTH_SETTINGS", "LIFECYCLE_SETTINGS", "OUTLIER_SETTINGS",
+           "ConfigError",
            "Endpoints", "OrchestratorConfig", "Service", "control_endpoint", "load_orchestrator_config",
            "load_services"]
 

@@ -14,6 +14,8 @@ compare-and-swap rules live here and only here:
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -21,10 +23,20 @@ from pathlib import Path
 from typing import Protocol
 
 from lbcore.balance import ALGORITHMS
-from lbcore.config import MAX_WEIGHT, HealthCheck, Outlier, Service, check_name, parse_address
+from lbcore.config import (
+    MAX_BACKEND_CONNS,
+    MAX_MS,
+    MAX_WEIGHT,
+    HealthCheck,
+    Lifecycle,
+    Outlier,
+    Service,
+    check_name,
+    parse_address,
+)
 from lbcore.layout import MAX_BACKENDS, MAX_SERVICES
 from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
-from orchestrator.model import TRANSITIONS, Backend, Health, Membership, Policy, State
+from orchestrator.model import DRAIN_THEN, TRANSITIONS, Backend, Drain, Health, Membership, Policy, State
 from orchestrator.policy import settings_text
 
 SCHEMA = """
@@ -35,10 +47,12 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('config_version', 0);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', abs(random() % 4611686018427387903) + 1);
 CREATE TABLE IF NOT EXISTS policy (
     service TEXT PRIMARY KEY, listen TEXT NOT NULL, algorithm TEXT NOT NULL,
-    version INTEGER NOT NULL, health TEXT NOT NULL DEFAULT '{}', outlier TEXT NOT NULL DEFAULT '{}');
+    version INTEGER NOT NULL, health TEXT NOT NULL DEFAULT '{}', outlier TEXT NOT NULL DEFAULT '{}',
+    lifecycle TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS backend (
     service TEXT NOT NULL, id TEXT NOT NULL, address TEXT NOT NULL,
     weight INTEGER NOT NULL, state TEXT NOT NULL, version INTEGER NOT NULL,
+    max_conns INTEGER NOT NULL DEFAULT 0, drain TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (service, id));
 CREATE INDEX IF NOT EXISTS backend_by_id ON backend (id);
 CREATE TABLE IF NOT EXISTS health (
@@ -48,9 +62,13 @@ CREATE TABLE IF NOT EXISTS health (
 # Columns added since the first stores were made: added to an older store
 # when it is opened (a default each, so its rows read as before).
 ADDED_COLUMNS = {
-    "policy": ("health TEXT NOT NULL DEFAULT '{}'", "outlier TEXT NOT NULL DEFAULT '{}'"),
+    "policy": ("health TEXT NOT NULL DEFAULT '{}'", "outlier TEXT NOT NULL DEFAULT '{}'",
+               "lifecycle TEXT NOT NULL DEFAULT '{}'"),
     "health": ("source TEXT NOT NULL DEFAULT 'report'", "since REAL NOT NULL DEFAULT 0"),
+    "backend": ("max_conns INTEGER NOT NULL DEFAULT 0", "drain TEXT NOT NULL DEFAULT ''"),
 }
+POLICY_COLUMNS = "service, listen, algorithm, version, health, outlier, lifecycle"
+BACKEND_COLUMNS = "service, id, address, weight, state, version, max_conns, drain"
 HEALTH_SOURCES = ("report", "checks")
 
 
@@ -62,12 +80,19 @@ class Store(Protocol):
     def read_rows(self, services: set[str], backends: set[tuple[str, str]],
                   backend_ids: set[str]) -> State: ...
     def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None,
-                   health: HealthCheck | None = None, outlier: Outlier | None = None) -> int: ...
+                   health: HealthCheck | None = None, outlier: Outlier | None = None,
+                   lifecycle: Lifecycle | None = None) -> int: ...
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
-                    expected_version: int | None) -> int: ...
+                    expected_version: int | None, max_conns: int = 0) -> int: ...
     def set_membership(self, service: str, backend_id: str, state: Membership,
                        expected_version: int | None) -> int: ...
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
+    def set_backend(self, service: str, backend_id: str, weight: int | None, max_conns: int | None,
+                    expected_version: int | None) -> int: ...
+    def drain_backend(self, service: str, backend_id: str, timeout_ms: int, then: str,
+                      expected_version: int | None) -> int: ...
+    def set_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
+                  expected_version: int) -> int: ...
     def record_health(self, backend_id: str, up: bool, revision: int | None,
                       source: str = "report") -> tuple[bool, int]: ...
     def seed(self, services: Sequence[Service]) -> bool: ...
@@ -90,9 +115,25 @@ MEMBERSHIP = {m.value: m for m in Membership}  # a dict lookup, not an Enum call
 MAX_INTEGER = (1 << 62)  # versions and revisions: SQLite stores signed 64-bit
 
 
+def _check_integer(what: str, value: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise BadRequestError(f"{what} must be an integer 0..{high} (got {value!r})")
+
+
 def _check_weight(weight: int) -> None:
-    if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_WEIGHT:
-        raise BadRequestError(f"weight must be an integer 0..{MAX_WEIGHT} (got {weight!r})")
+    _check_integer("weight", weight, MAX_WEIGHT)
+
+
+def drain_text(drain: Drain | None) -> str:
+    return "" if drain is None else json.dumps(dataclasses.asdict(drain), sort_keys=True)
+
+
+def drain_of(text: str) -> Drain | None:
+    return Drain(**json.loads(text)) if text else None
+
+
+def _backend_record(s: str, i: str, a: str, w: int, st: str, v: int, m: int, d: str) -> Backend:
+    return Backend(s, i, a, w, MEMBERSHIP[st], v, m, drain_of(d))
 
 
 def _check_name(what: str, value: str) -> None:
@@ -159,10 +200,9 @@ class SqliteStore:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
             epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for row in db.execute(
-                "SELECT service, listen, algorithm, version, health, outlier FROM policy ORDER BY service"))
-            backends = tuple(
-                Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in db.execute(
-                    "SELECT service, id, address, weight, state, version FROM backend ORDER BY service, id"))
+                f"SELECT {POLICY_COLUMNS} FROM policy ORDER BY service"))
+            backends = tuple(_backend_record(*row) for row in db.execute(
+                f"SELECT {BACKEND_COLUMNS} FROM backend ORDER BY service, id"))
             health = tuple(Health(b, bool(up), r, source, since) for b, up, r, source, since in db.execute(
                 "SELECT backend_id, up, revision, source, since FROM health ORDER BY backend_id"))
         finally:
@@ -179,14 +219,12 @@ class SqliteStore:
             version = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0]
             epoch = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()[0]
             policies = tuple(Policy(*row) for name in sorted(services) for row in db.execute(
-                "SELECT service, listen, algorithm, version, health, outlier FROM policy WHERE service = ?",
-                (name,)))
-            query = "SELECT service, id, address, weight, state, version FROM backend WHERE "
+                f"SELECT {POLICY_COLUMNS} FROM policy WHERE service = ?", (name,)))
+            query = f"SELECT {BACKEND_COLUMNS} FROM backend WHERE "
             rows = {(r[0], r[1]): r for key in backends
                     for r in db.execute(query + "service = ? AND id = ?", key)}
             rows.update({(r[0], r[1]): r for i in backend_ids for r in db.execute(query + "id = ?", (i,))})
-            records = tuple(Backend(s, i, a, w, MEMBERSHIP[st], v) for s, i, a, w, st, v in
-                            (rows[key] for key in sorted(rows)))
+            records = tuple(_backend_record(*rows[key]) for key in sorted(rows))
             health_query = "SELECT backend_id, up, revision, source, since FROM health WHERE backend_id = ?"
             health = tuple(Health(b, bool(up), r, source, since) for i in sorted({b.id for b in records})
                            for b, up, r, source, since in db.execute(health_query, (i,)))
@@ -215,8 +253,11 @@ class SqliteStore:
         return changed, int(version)
 
     def put_policy(self, service: str, listen: str, algorithm: str, expected_version: int | None,
-                   health: HealthCheck | None = None, outlier: Outlier | None = None) -> int:
-        """``health``, ``outlier``: None keeps the service's (the defaults for a new one)."""
+                   health: HealthCheck | None = None, outlier: Outlier | None = None,
+                   lifecycle: Lifecycle | None = None) -> int:
+        """``health``, ``outlier``, ``lifecycle``: None keeps the service's
+        (the defaults for a new one); the caller checked ``lifecycle``
+        against ``algorithm`` (policy.merged_lifecycle)."""
         _check_name("service", service)
         listen = _canonical_address(listen)
         _check_expected(expected_version)
@@ -238,7 +279,7 @@ class SqliteStore:
                        "ON CONFLICT (service) DO UPDATE SET listen = excluded.listen, "
                        "algorithm = excluded.algorithm, version = excluded.version",
                        (service, listen, algorithm, current + 1))
-            for column, value in (("health", health), ("outlier", outlier)):
+            for column, value in (("health", health), ("outlier", outlier), ("lifecycle", lifecycle)):
                 if value is not None:
                     db.execute(f"UPDATE policy SET {column} = ? WHERE service = ?",
                                (settings_text(value), service))
@@ -251,10 +292,11 @@ class SqliteStore:
         return (row[0], row[1]) if row else None
 
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
-                    expected_version: int | None) -> int:
+                    expected_version: int | None, max_conns: int = 0) -> int:
         _check_name("backend", backend_id)
         address = _canonical_address(address)
         _check_weight(weight)
+        _check_integer("max_conns", max_conns, MAX_BACKEND_CONNS)
         _check_expected(expected_version)
 
         def change(db: sqlite3.Connection) -> None:
@@ -269,11 +311,11 @@ class SqliteStore:
             if record and record[0] == Membership.ACTIVE.value:
                 raise BadRequestError(f"backend {service}/{backend_id} is active; use set-weight, "
                                       "or remove it first")
-            db.execute("INSERT INTO backend (service, id, address, weight, state, version) "
-                       "VALUES (?, ?, ?, ?, 'active', ?) ON CONFLICT (service, id) DO UPDATE SET "
+            db.execute("INSERT INTO backend (service, id, address, weight, state, version, max_conns, drain) "
+                       "VALUES (?, ?, ?, ?, 'active', ?, ?, '') ON CONFLICT (service, id) DO UPDATE SET "
                        "address = excluded.address, weight = excluded.weight, state = 'active', "
-                       "version = excluded.version",
-                       (service, backend_id, address, weight, current + 1))
+                       "version = excluded.version, max_conns = excluded.max_conns, drain = ''",
+                       (service, backend_id, address, weight, current + 1, max_conns))
 
         return self._mutate(change)[1]
 
@@ -297,7 +339,17 @@ class SqliteStore:
         return self._mutate(change)[1]
 
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int:
-        _check_weight(weight)
+        return self.set_backend(service, backend_id, weight, None, expected_version)
+
+    def set_backend(self, service: str, backend_id: str, weight: int | None, max_conns: int | None,
+                    expected_version: int | None) -> int:
+        """A backend's settings (None: unchanged), in any state but removed."""
+        if weight is None and max_conns is None:
+            raise BadRequestError("nothing to set: give a weight, a max_conns or both")
+        if weight is not None:
+            _check_weight(weight)
+        if max_conns is not None:
+            _check_integer("max_conns", max_conns, MAX_BACKEND_CONNS)
         _check_expected(expected_version)
 
         def change(db: sqlite3.Connection) -> None:
@@ -306,8 +358,64 @@ class SqliteStore:
                 raise NotFoundError(f"no backend {service}/{backend_id}")
             if expected_version is not None and expected_version != record[1]:
                 raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
-            db.execute("UPDATE backend SET weight = ?, version = version + 1 WHERE service = ? AND id = ?",
-                       (weight, service, backend_id))
+            db.execute("UPDATE backend SET weight = coalesce(?, weight), max_conns = coalesce(?, max_conns), "
+                       "version = version + 1 WHERE service = ? AND id = ?",
+                       (weight, max_conns, service, backend_id))
+
+        return self._mutate(change)[1]
+
+    def drain_backend(self, service: str, backend_id: str, timeout_ms: int, then: str,
+                      expected_version: int | None) -> int:
+        """Start a drain of an active backend; of one draining already,
+        only ``then`` may change (a drain followed by a removal)."""
+        _check_integer("timeout_ms", timeout_ms, MAX_MS)
+        if then not in DRAIN_THEN:
+            raise BadRequestError(f"then must be one of {', '.join(DRAIN_THEN)} (got {then!r})")
+        _check_expected(expected_version)
+
+        def change(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT state, version, drain FROM backend WHERE service = ? AND id = ?",
+                             (service, backend_id)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no backend {service}/{backend_id}")
+            state, version, text = row
+            if expected_version is not None and expected_version != version:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, version)
+            if state == Membership.DRAINING.value:
+                drain = drain_of(text)
+                if drain is None or drain.then == then:
+                    return False
+                new = dataclasses.replace(drain, then=then)
+            elif state != Membership.ACTIVE.value:
+                raise BadRequestError(f"backend {service}/{backend_id} is {state}: only an active backend "
+                                      "can be drained")
+            else:
+                # the version this write makes (_mutate adds one): nodes confirm from there
+                made = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0] + 1
+                new = Drain(time.time(), made, timeout_ms, then)
+            db.execute("UPDATE backend SET state = 'draining', drain = ?, version = version + 1 "
+                       "WHERE service = ? AND id = ?", (drain_text(new), service, backend_id))
+            return True
+
+        return self._mutate(change)[1]
+
+    def set_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
+                  expected_version: int) -> int:
+        """The drain's progress (closing, its end) and the state it leads
+        to, on the record at ``expected_version`` (the drain's watcher read
+        it: an operator's change meanwhile wins, and is read again)."""
+
+        def change(db: sqlite3.Connection) -> None:
+            record = self._backend(db, service, backend_id)
+            if record is None:
+                raise NotFoundError(f"no backend {service}/{backend_id}")
+            if expected_version != record[1]:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
+            if state.value != record[0] and state not in TRANSITIONS[Membership(record[0])]:
+                raise BadRequestError(f"backend {service}/{backend_id} is {record[0]}; "
+                                      f"cannot become {state.value}")
+            db.execute("UPDATE backend SET state = ?, drain = ?, version = version + 1 "
+                       "WHERE service = ? AND id = ?", (state.value, drain_text(drain), service, backend_id))
 
         return self._mutate(change)[1]
 
@@ -353,13 +461,12 @@ class SqliteStore:
         def change(db: sqlite3.Connection) -> bool:
             if db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0] != 0:
                 return False
-            db.executemany("INSERT INTO policy (service, listen, algorithm, version, health, outlier) "
-                           "VALUES (?, ?, ?, 1, ?, ?)",
+            db.executemany(f"INSERT INTO policy ({POLICY_COLUMNS}) VALUES (?, ?, ?, 1, ?, ?, ?)",
                            [(s.name, _canonical_address(s.listen), s.algorithm, settings_text(s.health),
-                             settings_text(s.outlier)) for s in services])
-            db.executemany("INSERT INTO backend (service, id, address, weight, state, version) "
-                           "VALUES (?, ?, ?, ?, 'active', 1)",
-                           [(s.name, b.id, _canonical_address(b.address), b.weight)
+                             settings_text(s.outlier), settings_text(s.lifecycle)) for s in services])
+            db.executemany("INSERT INTO backend (service, id, address, weight, state, version, max_conns) "
+                           "VALUES (?, ?, ?, ?, 'active', 1, ?)",
+                           [(s.name, b.id, _canonical_address(b.address), b.weight, b.max_conns)
                             for s in services for b in s.backends])
             return True
 

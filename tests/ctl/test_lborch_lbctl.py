@@ -309,17 +309,24 @@ def test_the_endpoint_comes_from_the_environment_or_the_config_file(orch):
     assert nowhere.returncode == 2 and "names no control plane" in nowhere.stderr
 
 
-def test_a_draining_backend_is_removed_for_good_with_final(orch):
+def test_remove_drains_first_and_final_removes_at_once(orch):
+    # with no node, nothing can hold a connection: the drain is confirmed at once
     assert lbctl(orch, "backend", "remove", "web", "w1").returncode == 0
-    states = {b["id"]: b["state"] for b in json.loads(lbctl(orch, "backend", "list", "--json").stdout)}
-    assert states == {"w1": "draining"}
-    # a write naming a stale record version is refused and changes nothing
-    stale = lbctl(orch, "backend", "remove", "web", "w1", "--final", "--expected-version", "1")
-    assert stale.returncode == 3, stale
-    final = lbctl(orch, "backend", "remove", "web", "w1", "--final", "--expected-version", "2")
-    assert final.returncode == 0, final.stderr
+    assert lbctl(orch, "backend", "wait-drained", "web", "w1", "--timeout-ms", "5000").returncode == 0
     (record,) = json.loads(lbctl(orch, "backend", "list", "--json").stdout)
-    assert (record["state"], record["version"]) == ("removed", 3)
+    assert (record["state"], record["drain"]["then"], record["drain"]["ended"]) == ("removed", "remove",
+                                                                                     "confirmed")
+    assert lbctl(orch, "backend", "add", "web", "w1", "127.0.0.1:9001").returncode == 0
+    (record,) = json.loads(lbctl(orch, "backend", "list", "--json").stdout)
+    assert record["drain"] is None and record["state"] == "active"
+    # a write naming a stale record version is refused and changes nothing
+    final_at = ("backend", "remove", "web", "w1", "--final", "--expected-version")
+    stale = lbctl(orch, *final_at, str(record["version"] - 1))
+    assert stale.returncode == 3, stale
+    final = lbctl(orch, *final_at, str(record["version"]))
+    assert final.returncode == 0, final.stderr
+    (after,) = json.loads(lbctl(orch, "backend", "list", "--json").stdout)
+    assert (after["state"], after["version"], after["drain"]) == ("removed", record["version"] + 1, None)
     again = lbctl(orch, "backend", "remove", "web", "w1", "--final")
     assert again.returncode == 1 and "is removed; cannot become removed" in again.stderr
     # a removed id may be registered again

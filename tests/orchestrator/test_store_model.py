@@ -23,11 +23,12 @@ from orchestrator.store import SqliteStore
 from tests.wire_reference import encode_snapshot
 
 # The model's own membership rules (not imported from the code under test):
-# active -> draining -> removed; a drained or removed backend may become
-# active again.
+# active -> draining -> drained -> removed; a drained or removed backend may
+# become active again.
 MODEL_TRANSITIONS = {
     Membership.ACTIVE: {Membership.DRAINING, Membership.REMOVED},
-    Membership.DRAINING: {Membership.ACTIVE, Membership.REMOVED},
+    Membership.DRAINING: {Membership.ACTIVE, Membership.DRAINED, Membership.REMOVED},
+    Membership.DRAINED: {Membership.ACTIVE, Membership.REMOVED},
     Membership.REMOVED: {Membership.ACTIVE},
 }
 SERVICES = ["web", "api"]
@@ -174,10 +175,19 @@ class StoreMachine(RuleBasedStateMachine):
         expected = expected_of(expected, record[3] if record else 0)
         allowed = (record is not None and (expected is None or expected == record[3])
                    and state in MODEL_TRANSITIONS[record[2]])
-        if state is Membership.ACTIVE:
+        if state is Membership.DRAINING:
+            # a drain starts only from active (draining again changes nothing)
+            if record is not None and record[2] is Membership.DRAINING:
+                return
+            if self.attempt("backend.drain", allowed and record[2] is Membership.ACTIVE, service=service,
+                            id=backend, expected_version=expected):
+                record[2], record[3] = state, record[3] + 1
+            return
+        if state in (Membership.ACTIVE, Membership.DRAINED):
             # no verb re-activates a record as it is (backend add re-adds it
-            # with an address and weight): the store's own call, and the
-            # change reported as the admin API reports it
+            # with an address and weight), and drained is the drain watch's
+            # word: the store's own call, and the change reported as the
+            # admin API reports it
             try:
                 self.store.set_membership(service, backend, state, expected)
             except ControlError:
@@ -246,12 +256,14 @@ class StoreMachine(RuleBasedStateMachine):
     def routing_state_is_derived(self):
         """I2: the published snapshot is eligible(membership, health, policy):
         active backends with weight above 0, those whose health is down
-        marked so (nodes route nothing to them and keep probing them)."""
+        marked so (nodes route nothing to them and keep probing them), and
+        draining ones marked draining (nodes still report their connections)."""
         expected = [
             Service(service, LISTEN[service], algorithm, tuple(
-                Backend(backend, address, weight, self.health.get(backend, (True, 0))[0])
+                Backend(backend, address, weight, self.health.get(backend, (True, 0))[0], 0,
+                        "draining" if state is Membership.DRAINING else "active")
                 for (s, backend), (address, weight, state, _) in sorted(self.backends.items())
-                if s == service and state is Membership.ACTIVE and weight > 0))
+                if s == service and (state is Membership.ACTIVE and weight > 0 or state is Membership.DRAINING)))
             for service, (algorithm, _) in sorted(self.policies.items())]
         state = self.store.read()
         assert derive_in_full(state).encode() == encode_snapshot(self.version, expected, state.epoch)
