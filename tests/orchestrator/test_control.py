@@ -83,6 +83,27 @@ def test_stale_health_changes_nothing(plane):
     (b'{"verb": "health.report", "args": {"backend": "ghost", "up": true, "revision": 1}}', "no backend"),
     (b'{"verb": "policy.set", "args": {"service": "api", "algorithm": "wrr", "listen": "127.0.0.1:08080"}}',
      "already used"),                               # the same address spelled otherwise
+    (b'{"verb": "policy.set", "args": {"service": "web", "lifecycle": {"max_queue": -1}}}',
+     "lifecycle.max_queue: must be 0..1000000 (got -1)"),
+    (b'{"verb": "policy.set", "args": {"service": "web", "lifecycle": {"slow_start_aggression": 0}}}',
+     "lifecycle.slow_start_aggression: must be more than 0"),
+    (b'{"verb": "policy.set", "args": {"service": "web", '
+     b'"lifecycle": {"slow_start_min_weight_percent": 101}}}',
+     "must be 0..100"),
+    (b'{"verb": "policy.set", "args": {"service": "web", "lifecycle": {"on_drain_timeout": "explode"}}}',
+     "'explode' is not one of: close, keep"),
+    (b'{"verb": "policy.set", "args": {"service": "web", "lifecycle": {"drain_timeout_ms": 1000000000000}}}',
+     "drain_timeout_ms: must be 0..2147483647"),
+    (b'{"verb": "policy.set", "args": {"service": "web", "lifecycle": {"colour": 1}}}',
+     "lifecycle.colour: unknown key"),
+    (b'{"verb": "policy.set", "args": {"service": "web", "algorithm": "maglev", '
+     b'"lifecycle": {"slow_start_ms": 1000}}}', "maglev keeps each client on its backend"),
+    (b'{"verb": "backend.set", "args": {"service": "web", "id": "w1", "max_conns": -1}}',
+     "max_conns must be an integer 0..1000000 (got -1)"),
+    (b'{"verb": "backend.set", "args": {"service": "web", "id": "w1"}}', "nothing to set"),
+    (b'{"verb": "backend.set", "args": {"service": "web", "id": "w9", "weight": 2}}', "no backend web/w9"),
+    (b'{"verb": "backend.add", "args": {"service": "web", "id": "x", "address": "127.0.0.1:1", '
+     b'"max_conns": 10000000}}', "max_conns must be an integer"),
 ])
 def test_bad_requests_get_a_clear_error_and_change_nothing(plane, raw, fragment):
     call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")
@@ -92,3 +113,25 @@ def test_bad_requests_get_a_clear_error_and_change_nothing(plane, raw, fragment)
     assert reply["ok"] is False and reply["error"]["code"] in ("bad_request", "not_found")
     assert fragment in reply["error"]["message"]
     assert plane.store.read() == before
+
+
+def test_slow_start_is_refused_when_only_the_algorithm_turns_maglev(plane):
+    call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080",
+         lifecycle={"slow_start_ms": 5000})
+    before = plane.store.read()
+    reply = call(plane, "policy.set", service="web", algorithm="maglev")
+    assert "lifecycle.slow_start_ms: maglev keeps each client on its backend" in reply["error"]["message"]
+    assert plane.store.read() == before
+
+
+def test_backend_set_changes_what_it_is_given(plane):
+    call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")
+    call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001", weight=3, max_conns=7)
+    assert call(plane, "backend.set", service="web", id="w1", max_conns=5)["ok"]
+    (record,) = call(plane, "backend.list")["result"]
+    assert (record["weight"], record["max_conns"]) == (3, 5)
+    assert call(plane, "backend.set", service="web", id="w1", weight=2, expected_version=2)["ok"]
+    (record,) = call(plane, "backend.list")["result"]
+    assert (record["weight"], record["max_conns"], record["version"]) == (2, 5, 3)
+    policy = call(plane, "policy.get", service="web")["result"]
+    assert policy["lifecycle"]["drain_timeout_ms"] == 300000 and policy["lifecycle"]["max_queue"] == 0

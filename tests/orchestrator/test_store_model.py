@@ -263,7 +263,8 @@ class StoreMachine(RuleBasedStateMachine):
                 Backend(backend, address, weight, self.health.get(backend, (True, 0))[0], 0,
                         "draining" if state is Membership.DRAINING else "active")
                 for (s, backend), (address, weight, state, _) in sorted(self.backends.items())
-                if s == service and (state is Membership.ACTIVE and weight > 0 or state is Membership.DRAINING)))
+                if s == service and (state is Membership.ACTIVE and weight > 0
+                                     or state is Membership.DRAINING)))
             for service, (algorithm, _) in sorted(self.policies.items())]
         state = self.store.read()
         assert derive_in_full(state).encode() == encode_snapshot(self.version, expected, state.epoch)
