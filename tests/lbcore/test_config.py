@@ -65,6 +65,28 @@ def refusal(text: str) -> ConfigError:
     (('control = "static"', 'address = "localhost"'), "node.address", "not an IPv4 address"),
     (('id = "node-1"', 'id = "bad id"'), "node.id", "is not a name"),
     (('name = "web"', 'name = ""'), "service[0].name", "is not a name"),
+    (("weight = 1", "weight = 1\nmax_conns = -1"), "service[0].backend[0].max_conns",
+     "must be 0..1000000 (got -1)"),
+    # a drain's state is the control plane's word, carried by snapshots only
+    (("weight = 1", 'weight = 1\nstate = "draining"'), "service[0].backend[0].state", "unknown key"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nmax_queue = -1'), "service[0].max_queue",
+     "must be 0..1000000"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nqueue_timeout_ms = 0'), "service[0].queue_timeout_ms",
+     "must be 1..2147483647 (got 0)"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\ndrain_timeout_ms = 99999999999'),
+     "service[0].drain_timeout_ms", "must be 0..2147483647"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\non_drain_timeout = "wait"'), "service[0].on_drain_timeout",
+     "'wait' is not one of: close, keep"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nslow_start_aggression = 0'),
+     "service[0].slow_start_aggression", "must be more than 0 and at most 100 (got 0.0)"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nslow_start_aggression = nan'),
+     "service[0].slow_start_aggression", "must be more than 0"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nslow_start_aggression = "fast"'),
+     "service[0].slow_start_aggression", "must be a number, got str"),
+    (('algorithm = "wrr"', 'algorithm = "wrr"\nslow_start_min_weight_percent = 101'),
+     "service[0].slow_start_min_weight_percent", "must be 0..100"),
+    (('algorithm = "wrr"', 'algorithm = "maglev"\nslow_start_ms = 1000'), "service[0].slow_start_ms",
+     "maglev keeps each client on its backend"),
 ])
 def test_bad_values_are_refused_with_key_and_reason(change, key, reason):
     error = refusal(GOOD.replace(*change))
@@ -99,3 +121,13 @@ def test_missing_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.toml")
     assert info.value.key == "(file)"
+
+
+def test_lifecycle_keys_sit_in_the_service_and_default_when_left_out():
+    (service,) = parse_config(GOOD.replace('algorithm = "wrr"', 'algorithm = "least_conn"\n'
+                                           "slow_start_ms = 10000\nslow_start_aggression = 2\nmax_queue = 8")
+                              .replace("weight = 1", "weight = 1\nmax_conns = 5")).services
+    assert (service.lifecycle.slow_start_ms, service.lifecycle.slow_start_aggression,
+            service.lifecycle.max_queue, service.lifecycle.queue_timeout_ms) == (10000, 2.0, 8, 1000)
+    assert service.lifecycle.drain_timeout_ms == 300_000 and service.lifecycle.on_drain_timeout == "close"
+    assert service.backends[0].max_conns == 5 and service.backends[0].state == "active"
