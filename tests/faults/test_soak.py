@@ -90,6 +90,10 @@ class Admin:
         """What the store does not hold of the acknowledged writes."""
         listed = {b["id"]: (b["address"], b["weight"], b["state"])
                   for b in self.call("backend.list", service="web")["result"]}
+        for i, (address, weight, state) in list(self.backends.items()):
+            # a drain that was a removal ends removed once the nodes confirm it
+            if state == "draining" and listed.get(i) == (address, weight, "removed"):
+                self.backends[i] = (address, weight, "removed")
         lost = [f"backend {i}: acknowledged {want}, stored {listed.get(i)}"
                 for i, want in self.backends.items() if listed.get(i) != want]
         health = {h["id"]: (h["state"] == "up", h["revision"])
