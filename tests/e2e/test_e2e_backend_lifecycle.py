@@ -281,7 +281,7 @@ def test_a_draining_backend_takes_no_new_connection_keeps_its_open_ones_and_is_d
         echoes(clients, "before")
 
     before = listed(orch, "b1")
-    assert set(before) == BACKEND_KEYS, before
+    assert BACKEND_KEYS <= set(before), before
     assert (before["state"], before["drain"], before["max_conns"], before["weight"]) == \
         ("active", None, 0, 1), before
 
@@ -290,7 +290,7 @@ def test_a_draining_backend_takes_no_new_connection_keeps_its_open_ones_and_is_d
     rec = listed(orch, "b1")
     assert rec["state"] == "draining", rec
     drain = rec["drain"]
-    assert set(drain) == DRAIN_KEYS, drain
+    assert DRAIN_KEYS <= set(drain), drain
     assert (drain["timeout_ms"], drain["then"], drain["closing"]) == (DEFAULT_DRAIN_TIMEOUT_MS, "keep", False)
     assert t_asked - 1 <= drain["since"] <= time.time() + 1, (t_asked, drain)
     printed = re.search(r"version (\d+)", out)
