@@ -17,6 +17,7 @@ uint64_t flc_load_acquire_u64(const uint64_t *p);
 int64_t flc_load_i64(const int64_t *p);
 uint64_t flc_load_u64(const uint64_t *p);
 void flc_add_i64(int64_t *p, int64_t v);
+int64_t flc_add_fetch_i64(int64_t *p, int64_t v);
 uint32_t flc_load_u32(const uint32_t *p);
 void flc_store_u32(uint32_t *p, uint32_t v);
 int flc_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired);
@@ -29,6 +30,7 @@ uint64_t flc_segment_size(void);
 uint64_t flc_off_buffers(void);
 uint64_t flc_buffer_size(void);
 uint64_t flc_off_worker_active(void);
+uint64_t flc_off_worker_waiting(void);
 uint32_t flc_crc32c(uint32_t crc, const void *data, size_t n);
 uint32_t flc_crc32c_portable(uint32_t crc, const uint8_t *p, size_t n);
 uint32_t flc_image_checksum(const flc_service *services, uint32_t n_services,

@@ -26,8 +26,11 @@ from lbcore.balance import ALGORITHMS
 from lbcore.balance.maglev import build_table as build_maglev_table
 from lbcore.balance.wrr import schedule_of_rows
 from lbcore.config import RELAY_MODES, Backend, Config, ConfigError, Service, parse_address
+from lbcore.layout import DRAIN_OF_STATE
 from lbcore.segment import Segment
 from lbcore.slots import SlotMap
+
+DRAIN_ACTIVE, DRAIN_CLOSING = DRAIN_OF_STATE["active"], DRAIN_OF_STATE["closing"]
 
 
 class ImageError(Exception):
@@ -107,6 +110,7 @@ class ServiceTables:
     maglev: np.ndarray     # uint32 row positions within the service
     index: Mapping[str, int]  # backend id -> its row within the service
     eligible_count: int
+    closing_count: int = 0  # rows whose drain timed out: the workers reset their connections
 
 
 def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slots: SlotMap) -> np.ndarray:
@@ -123,7 +127,11 @@ def _service_rows(name: str, backends: Sequence[Backend], slot: int, backend_slo
     slot_of = backend_slots.slot_of
     rows["slot"] = [slot_of((name, b.id)) for b in backends]
     rows["service_slot"] = slot
-    rows["eligible"] = (rows["weight"] > 0) & np.array([b.up for b in backends], dtype=bool)
+    drain = DRAIN_OF_STATE
+    rows["drain"] = [drain[b.state] for b in backends]
+    rows["max_conns"] = [b.max_conns for b in backends]
+    rows["eligible"] = (rows["weight"] > 0) & np.array([b.up for b in backends], dtype=bool) \
+        & (rows["drain"] == DRAIN_ACTIVE)
     return rows
 
 
@@ -133,7 +141,9 @@ def _patch_row(rows: np.ndarray, i: int, backend: Backend) -> None:
     rows["ip"][i] = int.from_bytes(socket.inet_aton(host), "little")
     rows["port"][i] = port
     rows["weight"][i] = backend.weight
-    rows["eligible"][i] = backend.weight > 0 and backend.up
+    rows["drain"][i] = DRAIN_OF_STATE[backend.state]
+    rows["max_conns"][i] = backend.max_conns
+    rows["eligible"][i] = backend.weight > 0 and backend.up and backend.state == "active"
 
 
 def _with_tables(service: Service, slot: int, rows: np.ndarray,
@@ -154,7 +164,8 @@ def _tables(backends: tuple[Backend, ...], algorithm: str, slot: int, rows: np.n
                                     np.flatnonzero(eligible).astype(np.uint32), layout.MAGLEV_SIZE)
     for shared in (rows, schedule, maglev):  # reused by later images: never written again
         shared.flags.writeable = False
-    return ServiceTables(backends, algorithm, slot, rows, schedule, maglev, index, eligible_count)
+    closing = int(np.count_nonzero(rows["drain"] == DRAIN_CLOSING))
+    return ServiceTables(backends, algorithm, slot, rows, schedule, maglev, index, eligible_count, closing)
 
 
 def patched_tables(tables: ServiceTables, rows: Mapping[str, Backend]) -> ServiceTables:
@@ -241,12 +252,14 @@ def build_image(services: Iterable[Service], limits: Limits, version: int,
                                 "of its weights): lower the weights or use fewer maglev services", index)
         ip, port = _ip_port(service.listen)
         n_rows = len(tables.rows)
-        outlier = service.outlier
+        outlier, lifecycle = service.outlier, service.lifecycle
         service_rows[slot] = (
             service.name.encode(), ip, port, ALGORITHMS[service.algorithm], 1,
             next_row, n_rows, schedule_offset, len(tables.schedule), maglev_offset, len(tables.maglev),
             tables.eligible_count, outlier.consecutive_failures, outlier.base_ejection_ms,
-            outlier.max_ejection_ms, outlier.max_ejection_percent, 0,
+            outlier.max_ejection_ms, outlier.max_ejection_percent,
+            lifecycle.slow_start_ms, lifecycle.slow_start_min_weight_percent * 10, lifecycle.max_queue,
+            1.0 / lifecycle.slow_start_aggression, lifecycle.queue_timeout_ms, tables.closing_count,
         )
         backend_parts.append(tables.rows)
         table_parts.extend((_shifted(tables.schedule, next_row), _shifted(tables.maglev, next_row)))

@@ -24,6 +24,7 @@ SEGMENT_SIZE = lib.flc_segment_size()
 OFF_BUFFERS = lib.flc_off_buffers()
 BUFFER_SIZE = lib.flc_buffer_size()
 OFF_WORKER_ACTIVE = lib.flc_off_worker_active()
+OFF_WORKER_WAITING = lib.flc_off_worker_waiting()
 
 CONTROL = np.dtype([
     ("magic", "<u4"), ("layout_version", "<u4"), ("generation", "<u8"),
@@ -35,12 +36,13 @@ COUNTER = np.dtype([
     ("active", "<i8"), ("total", "<u8"), ("failed", "<u8"),
     ("bytes_to_backend", "<u8"), ("bytes_to_client", "<u8"),
     ("consecutive_failures", "<u4"), ("ejections", "<u4"), ("ejected_until_ms", "<u8"),
-    ("local_down", "<u4"), ("pad", "<u4"),
+    ("local_down", "<u4"), ("ramp_start_ms", "<u4"),
 ])
 
 SERVICE_STATE = np.dtype([
     ("rr_cursor", "<u8"), ("accepted", "<u8"), ("panics", "<u8"),
-    ("eject_lock", "<u4"), ("pad", "<u4", (9,)),
+    ("eject_lock", "<u4"), ("pad", "<u4"),
+    ("waiting", "<i8"), ("queued", "<u8"), ("queue_timeouts", "<u8"), ("rejected", "<u8"),
 ])
 
 WORKER_STATE = np.dtype([
@@ -66,14 +68,21 @@ SERVICE = np.dtype([
     ("maglev_offset", "<u4"), ("maglev_len", "<u4"),
     ("eligible_count", "<u4"),
     ("consecutive_failures", "<u4"), ("base_ejection_ms", "<u4"), ("max_ejection_ms", "<u4"),
-    ("max_ejection_percent", "<u4"), ("pad", "<u4"),
+    ("max_ejection_percent", "<u4"),
+    ("slow_start_ms", "<u4"), ("slow_start_min_permille", "<u4"), ("max_queue", "<u4"),
+    ("slow_start_exponent", "<f8"), ("queue_timeout_ms", "<u4"), ("closing_count", "<u4"),
 ])
 
 BACKEND = np.dtype([
     ("id", "S48"), ("ip", "<u4"), ("port", "<u2"), ("weight", "<u2"),
     ("slot", "<u4"), ("service_slot", "<u4"),
-    ("eligible", "u1"), ("pad", "u1", (7,)),
+    ("eligible", "u1"), ("drain", "u1"), ("pad", "u1", (2,)), ("max_conns", "<u4"),
 ])
+
+# flc_backend.drain, from a backend's state in a snapshot
+DRAIN_OF_STATE = {"active": lib.FLC_DRAIN_ACTIVE, "draining": lib.FLC_DRAIN_DRAINING,
+                  "closing": lib.FLC_DRAIN_CLOSING}
+STATE_OF_DRAIN = {v: k for k, v in DRAIN_OF_STATE.items()}
 
 # numpy dtype name -> C struct name, for the layout test and for cffi casts
 STRUCTS = {

@@ -28,6 +28,13 @@ static inline void flc_add_i64(int64_t *p, int64_t v)
     __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 
+/* Returns the value after the addition: a bound (max_conns, max_queue)
+ * is checked on what this very addition made, then undone when over. */
+static inline int64_t flc_add_fetch_i64(int64_t *p, int64_t v)
+{
+    return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
+}
+
 static inline void flc_add_u64(uint64_t *p, uint64_t v)
 {
     __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
@@ -138,6 +145,12 @@ static inline int32_t *flc_worker_active_of(void *base, uint32_t worker)
            + (uint64_t)worker * FLC_MAX_BACKENDS;
 }
 
+static inline int32_t *flc_worker_waiting_of(void *base, uint32_t worker)
+{
+    return (int32_t *)((char *)base + FLC_OFF_WORKER_WAITING)
+           + (uint64_t)worker * FLC_MAX_SERVICES;
+}
+
 static inline flc_image_header *flc_buffer_of(void *base, uint64_t generation)
 {
     return (flc_image_header *)((char *)base + FLC_OFF_BUFFERS
@@ -163,4 +176,5 @@ static inline uint64_t flc_segment_size(void) { return FLC_SEGMENT_SIZE; }
 static inline uint64_t flc_off_buffers(void) { return FLC_OFF_BUFFERS; }
 static inline uint64_t flc_buffer_size(void) { return FLC_BUFFER_SIZE; }
 static inline uint64_t flc_off_worker_active(void) { return FLC_OFF_WORKER_ACTIVE; }
+static inline uint64_t flc_off_worker_waiting(void) { return FLC_OFF_WORKER_WAITING; }
 #endif

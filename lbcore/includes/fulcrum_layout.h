@@ -10,9 +10,10 @@
  *
  *   flc_control                         generation, owner, drain flag
  *   flc_counter[FLC_MAX_BACKENDS]       per backend slot, shared by workers
- *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor, ejection lock)
+ *   flc_service_state[FLC_MAX_SERVICES] per service slot (WRR cursor, ejection lock, queue)
  *   flc_worker_state[FLC_MAX_WORKERS]   per worker
  *   int32 worker_active[FLC_MAX_WORKERS][FLC_MAX_BACKENDS]
+ *   int32 worker_waiting[FLC_MAX_WORKERS][FLC_MAX_SERVICES]
  *   flc_image buffer 0, buffer 1        double buffer, seqlock each
  *
  * An image buffer is a header, the service table, the backend table and a
@@ -29,6 +30,20 @@
  * worker that finds it taken skips; the next failure tries again). The agent
  * frees the lock of a worker that died holding it, and writes local_down.
  *
+ * A backend's lifecycle on the node: a row with max_conns > 0 takes no
+ * pick while its node-wide active count is at the limit, and a claim that
+ * overshoots is undone, so the limit is exact across workers. A new
+ * connection that finds every backend of its service full waits in its
+ * worker's queue; the service state counts the waiting node-wide (bounded
+ * by the service's max_queue: a fetch-add undone when over). A worker's
+ * share of each service's waiting (worker_waiting) lets the agent take the
+ * share of a worker that died out of the count, as worker_active does for
+ * active. Slow start: the agent stamps a counter's ramp_start_ms when the
+ * backend becomes eligible, and picks decline the row with probability
+ * 1 - f (f the ramp's share of its weight) until its window is over. A
+ * row in drain (draining) is in the image but not eligible; closing: every
+ * worker resets its connections to it.
+ *
  * Addresses are IPv4, network byte order; ports are host byte order.
  * Counters are keyed by a backend slot that the agent keeps stable for a
  * backend across snapshot versions.
@@ -39,7 +54,7 @@
 
 /* LAYOUT BEGIN */
 #define FLC_MAGIC 1129076038
-#define FLC_LAYOUT_VERSION 4
+#define FLC_LAYOUT_VERSION 5
 #define FLC_MAX_SERVICES 64
 #define FLC_MAX_BACKENDS 16384
 #define FLC_MAX_WORKERS 64
@@ -55,6 +70,10 @@
 #define FLC_RELAY_AUTO 0        /* read/write, splice once a read fills the buffer */
 #define FLC_RELAY_SPLICE 1      /* always splice */
 #define FLC_RELAY_COPY 2        /* always read/write */
+
+#define FLC_DRAIN_ACTIVE 0      /* flc_backend.drain */
+#define FLC_DRAIN_DRAINING 1    /* no new connections; open ones continue */
+#define FLC_DRAIN_CLOSING 2     /* its drain timed out: its connections are reset */
 
 typedef struct {
     uint32_t magic;
@@ -78,7 +97,10 @@ typedef struct {
     uint32_t ejections;         /* ejections in a row: the back-off exponent */
     uint64_t ejected_until_ms;  /* CLOCK_MONOTONIC ms; no pick before then */
     uint32_t local_down;        /* 1: the node's own probe verdict holds it down (the agent writes it) */
-    uint32_t pad;
+    /* Slow start: low 32 bits of CLOCK_MONOTONIC ms when this node first saw
+     * the backend eligible (a computed 0 is stored as 1); 0: not ramping.
+     * The agent writes it, and clears it once the ramp is over. */
+    uint32_t ramp_start_ms;
 } flc_counter;
 
 typedef struct {
@@ -86,7 +108,11 @@ typedef struct {
     uint64_t accepted;
     uint64_t panics;            /* connections routed in panic: all left were ejected or down */
     uint32_t eject_lock;        /* 0 free, else the holding worker's index + 1 */
-    uint32_t pad[9];
+    uint32_t pad;
+    int64_t waiting;            /* connections queued now, all workers (bounded by max_queue) */
+    uint64_t queued;            /* connections that entered the queue */
+    uint64_t queue_timeouts;    /* closed after waiting queue_timeout_ms */
+    uint64_t rejected;          /* closed at once: every backend full and the queue full (or none) */
 } flc_service_state;
 
 typedef struct {
@@ -134,7 +160,12 @@ typedef struct {
     uint32_t base_ejection_ms;  /* the first ejection's length, doubled on each repeat */
     uint32_t max_ejection_ms;   /* the longest ejection */
     uint32_t max_ejection_percent;  /* of the service's rows, counted after the new ejection */
-    uint32_t pad;
+    uint32_t slow_start_ms;     /* a backend's ramp after it becomes eligible (0: none) */
+    uint32_t slow_start_min_permille;  /* the ramp's least share of the weight, x 1000 */
+    uint32_t max_queue;         /* connections waiting at most, node-wide (0: none wait) */
+    double slow_start_exponent; /* 1 / aggression */
+    uint32_t queue_timeout_ms;  /* a connection waits this long at most */
+    uint32_t closing_count;     /* rows with drain FLC_DRAIN_CLOSING */
 } flc_service;
 
 typedef struct {
@@ -144,8 +175,10 @@ typedef struct {
     uint16_t weight;
     uint32_t slot;              /* counter slot, stable across versions */
     uint32_t service_slot;
-    uint8_t eligible;           /* up, active and weight > 0 */
-    uint8_t pad[7];
+    uint8_t eligible;           /* up, active (drain FLC_DRAIN_ACTIVE) and weight > 0 */
+    uint8_t drain;              /* FLC_DRAIN_*: a draining or closing row is never eligible */
+    uint8_t pad[2];
+    uint32_t max_conns;         /* open connections at most, node-wide (0: no limit) */
 } flc_backend;
 /* LAYOUT END */
 
@@ -156,8 +189,10 @@ typedef struct {
     (FLC_OFF_SERVICE_STATE + (uint64_t)FLC_MAX_SERVICES * sizeof(flc_service_state))
 #define FLC_OFF_WORKER_ACTIVE \
     (FLC_OFF_WORKERS + (uint64_t)FLC_MAX_WORKERS * sizeof(flc_worker_state))
-#define FLC_OFF_BUFFERS \
+#define FLC_OFF_WORKER_WAITING \
     (FLC_OFF_WORKER_ACTIVE + (uint64_t)FLC_MAX_WORKERS * FLC_MAX_BACKENDS * 4u)
+#define FLC_OFF_BUFFERS \
+    (FLC_OFF_WORKER_WAITING + (uint64_t)FLC_MAX_WORKERS * FLC_MAX_SERVICES * 4u)
 
 #define FLC_BUF_OFF_SERVICES ((uint64_t)sizeof(flc_image_header))
 #define FLC_BUF_OFF_BACKENDS \

@@ -19,6 +19,9 @@ cdef extern from "fulcrum_atomic.h" nogil:
         FLC_RELAY_AUTO
         FLC_RELAY_SPLICE
         FLC_RELAY_COPY
+        FLC_DRAIN_ACTIVE
+        FLC_DRAIN_DRAINING
+        FLC_DRAIN_CLOSING
 
     ctypedef struct flc_control:
         uint32_t magic
@@ -37,12 +40,17 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t ejections
         uint64_t ejected_until_ms
         uint32_t local_down
+        uint32_t ramp_start_ms
 
     ctypedef struct flc_service_state:
         uint64_t rr_cursor
         uint64_t accepted
         uint64_t panics
         uint32_t eject_lock
+        int64_t waiting
+        uint64_t queued
+        uint64_t queue_timeouts
+        uint64_t rejected
 
     ctypedef struct flc_worker_state:
         int32_t pid
@@ -85,6 +93,12 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t base_ejection_ms
         uint32_t max_ejection_ms
         uint32_t max_ejection_percent
+        uint32_t slow_start_ms
+        uint32_t slow_start_min_permille
+        uint32_t max_queue
+        double slow_start_exponent
+        uint32_t queue_timeout_ms
+        uint32_t closing_count
 
     ctypedef struct flc_backend:
         uint8_t id[48]
@@ -94,6 +108,8 @@ cdef extern from "fulcrum_atomic.h" nogil:
         uint32_t slot
         uint32_t service_slot
         uint8_t eligible
+        uint8_t drain
+        uint32_t max_conns
 
     uint64_t flc_load_acquire_u64(const uint64_t *p)
     int64_t flc_load_i64(const int64_t *p)
@@ -105,6 +121,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
     bint flc_cas_u32(uint32_t *p, uint32_t expected, uint32_t desired)
     void flc_store_release_u32(uint32_t *p, uint32_t v)
     void flc_add_i64(int64_t *p, int64_t v)
+    int64_t flc_add_fetch_i64(int64_t *p, int64_t v)
     void flc_add_u64(uint64_t *p, uint64_t v)
     uint64_t flc_fetch_inc_u64(uint64_t *p)
     bint flc_cas_i64(int64_t *p, int64_t expected, int64_t desired)
@@ -116,6 +133,7 @@ cdef extern from "fulcrum_atomic.h" nogil:
     flc_service_state *flc_service_states_of(void *base)
     flc_worker_state *flc_workers_of(void *base)
     int32_t *flc_worker_active_of(void *base, uint32_t worker)
+    int32_t *flc_worker_waiting_of(void *base, uint32_t worker)
     flc_image_header *flc_buffer_of(void *base, uint64_t generation)
     flc_service *flc_services_of(flc_image_header *h)
     flc_backend *flc_backends_of(flc_image_header *h)
