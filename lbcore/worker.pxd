@@ -21,6 +21,8 @@ cdef enum:
     MAX_BACKOFF = 64          # ejections in a row counted at most (the back-off is capped long before)
     ABORT_FLUSH_MS = 2000     # an aborted pair's last bytes: sent before the reset, for at most this
     PANIC_RECHECK_MS = 10     # a service found in panic is picked in panic this long before a new look
+    QUEUE_POLL_MS = 5         # while connections wait: a look for slots other workers freed, at least this often
+    CLOSING_WORDS = 256       # FLC_MAX_BACKENDS / 64: a bit per backend slot
 
 cdef enum PumpResult:
     PUMP_IDLE = 0
@@ -31,6 +33,12 @@ cdef enum ConnState:
     CONN_FREE = 0
     CONN_CONNECTING = 1
     CONN_RELAYING = 2
+    CONN_WAITING = 3          # accepted, every backend of its service full: in its queue, no backend yet
+
+cdef enum Connect:
+    CONNECT_NONE = 0          # no backend left to try: the client is closed
+    CONNECT_STARTED = 1
+    CONNECT_FULL = 2          # every backend it may take is at its max_conns: it may wait
 
 cdef enum TokenKind:
     TOKEN_LISTENER = 1
@@ -81,6 +89,10 @@ cdef struct Conn:
     bint queued               # in the backlog: more to move, no edge will come
     bint aborting             # reset on its way: what was read goes out first (abort_conn)
     uint64_t abort_deadline_ms
+    bint waiting              # in its service's queue (counted in the service's waiting)
+    int queue_prev            # the queue's neighbours (connection indices, -1 at the ends)
+    int queue_next
+    uint64_t queue_deadline_ms
 
 
 cdef struct Worker:
@@ -128,3 +140,12 @@ cdef struct Worker:
     uint64_t rng
     uint64_t tiebreak
     uint64_t panic_until_ms[FLC_MAX_SERVICES]  # per service: in panic until then (no scan per connection)
+    int32_t *my_waiting       # this worker's share of each service's waiting count
+    int queue_head[FLC_MAX_SERVICES]  # per service: FIFO of waiting connections (-1: empty)
+    int queue_tail[FLC_MAX_SERVICES]
+    uint64_t queued_services  # bit s: service slot s has connections waiting here
+    int n_waiting
+    bint queue_kick           # a claim was dropped here: try the queues' heads now
+    uint64_t next_queue_poll_ms
+    uint64_t closing[CLOSING_WORDS]  # bit per slot: its row is closing in the image held (reset its connections)
+    int n_closing             # slots marked in ``closing``

@@ -12,14 +12,26 @@ flight.
 The image (the routing snapshot in shared memory) is read under its seqlock (see
 includes/fulcrum_layout.h); a new generation is noticed with one atomic load
 per accept, and once per tick when idle.
+
+A backend's lifecycle: a claim never takes a backend past its max_conns
+(balance/pick.pxd ``claim_backend``). A new connection whose service has
+every backend it may take full waits, accepted, in a FIFO of its service
+(per worker, bounded node-wide by the service's max_queue), and is connected
+when a slot frees: after this worker drops a claim, or at its next look
+(QUEUE_POLL_MS) for slots other workers freed; past queue_timeout_ms it is
+closed. Once a service has connections waiting, new ones queue behind them.
+A row closing (its drain timed out) has its connections reset at the next
+tick after the image is noticed.
 """
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.string cimport memcpy, memmove, memset
 
 from lbcore.includes.system cimport *
 from lbcore.includes.layout cimport *
-from lbcore.balance.context cimport MAX_EXCLUDED, PickContext, row_is_eligible
-from lbcore.balance.pick cimport claim_backend, pick_with_panic
+from lbcore.balance.context cimport (
+    CAPACITY_FULL, CAPACITY_ROOM, MAX_EXCLUDED, MAX_FULL, PickContext, row_is_eligible, service_capacity,
+)
+from lbcore.balance.pick cimport CLAIM_FULL, CLAIM_RACED, claim_backend, pick_with_panic
 from lbcore.worker cimport *
 
 
@@ -117,6 +129,42 @@ cdef bint read_listeners(flc_image_header *snap, uint32_t *ips, uint16_t *ports,
         and snap.layout_version == FLC_LAYOUT_VERSION
 
 
+cdef bint read_closing(Worker *w, flc_image_header *snap) noexcept nogil:
+    """Mark the slots whose rows are closing in ``snap`` (only services
+    that count some are walked); False if torn (the marks are then wrong:
+    the caller reads again or clears them)."""
+    cdef uint64_t seq = flc_read_begin(snap)
+    cdef uint32_t n = snap.n_services
+    cdef flc_service *services = flc_services_of(snap)
+    cdef const flc_backend *backends = flc_backends_of(snap)
+    cdef uint32_t s, first, count, row, slot
+    clear_closing(w)
+    if n > FLC_MAX_SERVICES:
+        n = FLC_MAX_SERVICES
+    for s in range(n):
+        if not services[s].active or services[s].closing_count == 0:
+            continue
+        first, count = services[s].backend_first, services[s].backend_count
+        if first >= FLC_MAX_BACKENDS or count > FLC_MAX_BACKENDS - first:
+            continue
+        for row in range(first, first + count):
+            if backends[row].drain == FLC_DRAIN_CLOSING:
+                slot = backends[row].slot % FLC_MAX_BACKENDS
+                w.closing[slot >> 6] |= (<uint64_t>1) << (slot & 63)
+                w.n_closing += 1
+    return flc_read_validate(snap, seq)
+
+
+cdef inline void clear_closing(Worker *w) noexcept nogil:
+    if w.n_closing:
+        memset(w.closing, 0, sizeof(w.closing))
+        w.n_closing = 0
+
+
+cdef inline bint slot_closing(Worker *w, uint32_t slot) noexcept nogil:
+    return (w.closing[(slot % FLC_MAX_BACKENDS) >> 6] >> (slot & 63)) & 1
+
+
 cdef void notice_image(Worker *w) noexcept nogil:
     """Adopt a new generation if the agent published one: one atomic load."""
     cdef uint64_t generation = flc_load_acquire_u64(&w.control.generation)
@@ -130,12 +178,15 @@ cdef void notice_image(Worker *w) noexcept nogil:
         return
     snap = flc_buffer_of(w.base, generation)
     for attempt in range(16):
-        if read_listeners(snap, ips, ports, limits):
+        if read_listeners(snap, ips, ports, limits) and read_closing(w, snap):
             break
         generation = flc_load_acquire_u64(&w.control.generation)
         snap = flc_buffer_of(w.base, generation)
     else:
+        clear_closing(w)  # marks of a torn read: none rather than wrong ones
         return  # the agent is mid-publish: try again at the next notice
+    if w.n_closing:
+        w.next_tick_ms = w.now_ms  # their connections are reset by the tick: the next turn of the loop
     w.snap = snap
     w.generation = generation
     w.connect_timeout_ms = limits[0]
@@ -251,6 +302,8 @@ cdef void drop_claim(Worker *w, Conn *c, bint failed) noexcept nogil:
         flc_add_u64(&w.counters[c.backend_slot].failed, 1)
         note_failure(w, c)
     c.holds_claim = False
+    if w.n_waiting:
+        w.queue_kick = True  # a slot is free: the loop tries the queues' heads after this turn
 
 
 # ---------------------------------------------------------------- passive ejection
@@ -361,6 +414,8 @@ cdef void close_conn(Worker *w, int index) noexcept nogil:
     cdef Conn *c = &w.conns[index]
     if c.state == CONN_FREE:
         return
+    if c.waiting:
+        leave_queue(w, index)
     drop_claim(w, c, False)
     if c.client.fd >= 0:
         close(c.client.fd)
@@ -377,19 +432,23 @@ cdef void close_conn(Worker *w, int index) noexcept nogil:
 
 cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
     """Pick a backend for ``c`` and claim it (count it active); fills ``sa``.
-    Returns 0, or -1 when the service has no eligible backend left to try."""
+    Returns CONNECT_STARTED (claimed), CONNECT_FULL when every backend it
+    may take is at its max_conns, or CONNECT_NONE when the service has no
+    eligible backend left to try."""
     cdef PickContext ctx
     cdef flc_image_header *snap
     cdef flc_service *service
     cdef const flc_backend *b
     cdef uint64_t seq
-    cdef int attempt, row
-    cdef uint32_t slot
+    cdef int attempt, row, claim, capacity, i
+    cdef uint32_t slot, max_conns = 0
+    cdef uint32_t full[MAX_FULL]  # slots a claim of this call found full: not picked again by it
+    cdef int n_full = 0
     cdef uint8_t algorithm
     for attempt in range(16):
         snap = w.snap
         if snap == NULL:
-            return -1  # no image adopted yet: nothing is eligible
+            return CONNECT_NONE  # no image adopted yet: nothing is eligible
         seq = flc_read_begin(snap)
         if seq & 1 or c.service_slot >= snap.n_services or c.service_slot >= FLC_MAX_SERVICES:
             notice_image(w)
@@ -406,6 +465,9 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         ctx.tiebreak = w.tiebreak
         ctx.n_excluded = c.n_tried
         memcpy(ctx.excluded, c.tried, sizeof(c.tried))
+        for i in range(n_full):
+            ctx.excluded[ctx.n_excluded] = full[i]
+            ctx.n_excluded += 1
         ctx.observed_active = -1
         ctx.now_ms = w.now_ms
         ctx.panic = w.panic_until_ms[c.service_slot] > w.now_ms
@@ -415,11 +477,15 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             w.panic_until_ms[c.service_slot] = w.now_ms + PANIC_RECHECK_MS
         w.rng = ctx.rng
         w.tiebreak = ctx.tiebreak
+        capacity = CAPACITY_FULL if n_full else 0
         if not service.active or not backend_is_eligible(snap, c.service_slot, row):
+            if row < 0 and service.active:
+                capacity = service_capacity(&ctx, c.n_tried)  # why nothing: full, or nothing at all
             row = -1
         else:
             b = &ctx.backends[row]
             slot = b.slot % FLC_MAX_BACKENDS
+            max_conns = b.max_conns
             memset(sa, 0, sizeof(sockaddr_in))
             sa.sin_family = AF_INET
             sa.sin_port = htons(b.port)
@@ -428,11 +494,20 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
             notice_image(w)  # torn: the agent rewrote this buffer meanwhile
             continue
         if row < 0:
-            return -1
+            if capacity == CAPACITY_ROOM:
+                continue  # a slot freed since the pick looked: pick again
+            return CONNECT_FULL if capacity == CAPACITY_FULL else CONNECT_NONE
         # other algorithms, or a claim contended CLAIM_ATTEMPTS times: serving
         # the client beats an exact least-connections choice
-        if not claim_backend(&ctx, slot, algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS):
+        claim = claim_backend(&ctx, slot, max_conns, algorithm == FLC_ALGO_LEAST_CONN and attempt < CLAIM_ATTEMPTS)
+        if claim == CLAIM_RACED:
             continue  # another worker took a connection meanwhile: scan again
+        if claim == CLAIM_FULL:
+            # another worker took its last slot meanwhile: pick again without it
+            if n_full < MAX_FULL:
+                full[n_full] = slot
+                n_full += 1
+            continue
         w.my_active[slot] += 1
         if ctx.panic:
             flc_add_u64(&w.service_states[c.service_slot].panics, 1)
@@ -441,8 +516,8 @@ cdef int choose_backend(Worker *w, Conn *c, sockaddr_in *sa) noexcept nogil:
         if c.n_tried < MAX_EXCLUDED:
             c.tried[c.n_tried] = slot
             c.n_tried += 1
-        return 0
-    return -1
+        return CONNECT_STARTED
+    return CONNECT_FULL if n_full else CONNECT_NONE
 
 
 cdef void abort_conn(Worker *w, int index) noexcept nogil:
@@ -518,27 +593,30 @@ cdef bint bind_source(int fd, uint32_t ip) noexcept nogil:
     return bind(fd, <sockaddr *>&sa, sizeof(sa)) == 0
 
 
-cdef bint connect_backend(Worker *w, int index) noexcept nogil:
+cdef int connect_backend(Worker *w, int index) noexcept nogil:
     """Start a nonblocking connect to a backend, trying others (up to the
-    image's retries) when one refuses at once. False: no backend left."""
+    image's retries) when one refuses at once. CONNECT_STARTED, or
+    CONNECT_FULL (every backend it may take is at its max_conns: it may
+    wait), or CONNECT_NONE (no backend left)."""
     cdef Conn *c = &w.conns[index]
     cdef sockaddr_in sa
-    cdef int fd
+    cdef int fd, chosen
     cdef bint local
     while c.n_tried <= <int>w.retries:
-        if choose_backend(w, c, &sa) < 0:
-            return False
+        chosen = choose_backend(w, c, &sa)
+        if chosen != CONNECT_STARTED:
+            return chosen
         fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
         if fd < 0:
             drop_claim(w, c, False)
             if out_of_resources():
                 pause_accepts(w)
-            return False
+            return CONNECT_NONE
         if source_applies(w.source_ip, sa.sin_addr.s_addr) and not bind_source(fd, w.source_ip):
             # the node's own address cannot be used: not the backend's failure
             close(fd)
             drop_claim(w, c, False)
-            return False
+            return CONNECT_NONE
         if connect(fd, <sockaddr *>&sa, sizeof(sa)) == 0 or errno == EINPROGRESS:
             w.next_tag += 1
             c.backend.fd = fd
@@ -549,13 +627,13 @@ cdef bint connect_backend(Worker *w, int index) noexcept nogil:
             c.connect_deadline_ms = w.now_ms + w.connect_timeout_ms
             epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                       token(TOKEN_BACKEND, c.backend.tag, index))
-            return True
+            return CONNECT_STARTED
         # refused at once: the backend's failure, unless the node's own side
         # failed (its address, its ports): then not counted against it
         local = errno == EINVAL or errno == EADDRNOTAVAIL or errno == EADDRINUSE or errno == EAFNOSUPPORT
         close(fd)
         drop_claim(w, c, not local)
-    return False
+    return CONNECT_NONE
 
 
 cdef void connect_failed(Worker *w, int index) noexcept nogil:
@@ -564,8 +642,8 @@ cdef void connect_failed(Worker *w, int index) noexcept nogil:
     close(c.backend.fd)
     c.backend.fd = -1
     drop_claim(w, c, True)
-    if not connect_backend(w, index):
-        close_conn(w, index)
+    if connect_backend(w, index) != CONNECT_STARTED:
+        close_conn(w, index)  # a retry does not wait in the queue: its client has waited a connect already
 
 
 cdef void connected(Worker *w, int index) noexcept nogil:
@@ -615,9 +693,140 @@ cdef bint accept_clients(Worker *w, int slot) noexcept nogil:
         c.state = CONN_CONNECTING
         epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
                   token(TOKEN_CLIENT, c.client.tag, index))
-        if not connect_backend(w, index):
-            close_conn(w, index)
+        start_conn(w, index)
     return True
+
+
+cdef void start_conn(Worker *w, int index) noexcept nogil:
+    """A new connection: connected to a backend, or queued when every
+    backend it may take is full (and behind the connections of its service
+    already waiting: first come, first served), or closed."""
+    cdef Conn *c = &w.conns[index]
+    cdef uint32_t max_queue = 0, timeout_ms = 0
+    cdef int started
+    if flc_load_i64(&w.service_states[c.service_slot].waiting) > 0 \
+            and queue_settings(w, c.service_slot, &max_queue, &timeout_ms) and max_queue > 0:
+        started = CONNECT_FULL
+    else:
+        started = connect_backend(w, index)
+    if started == CONNECT_FULL:
+        enter_queue(w, index)
+    elif started != CONNECT_STARTED:
+        close_conn(w, index)
+
+
+# ---------------------------------------------------------------- the queue
+
+cdef bint queue_settings(Worker *w, uint32_t service_slot, uint32_t *max_queue,
+                         uint32_t *timeout_ms) noexcept nogil:
+    """The service's max_queue and queue_timeout_ms in the image held; False if torn or gone."""
+    cdef flc_image_header *snap = w.snap
+    cdef flc_service *service
+    cdef uint64_t seq
+    cdef int attempt
+    if snap == NULL or service_slot >= FLC_MAX_SERVICES:
+        return False
+    for attempt in range(4):
+        seq = flc_read_begin(snap)
+        if seq & 1 or service_slot >= snap.n_services:
+            return False
+        service = &flc_services_of(snap)[service_slot]
+        max_queue[0] = service.max_queue if service.active else 0
+        timeout_ms[0] = service.queue_timeout_ms
+        if flc_read_validate(snap, seq):
+            return True
+    return False
+
+
+cdef void enter_queue(Worker *w, int index) noexcept nogil:
+    """Queue ``c`` at the tail of its service's FIFO, within the service's
+    max_queue node-wide (a fetch-add undone when over, so the bound holds
+    whatever the workers do at once), or close it at once: rejected."""
+    cdef Conn *c = &w.conns[index]
+    cdef uint32_t slot = c.service_slot
+    cdef flc_service_state *state = &w.service_states[slot]
+    cdef uint32_t max_queue = 0, timeout_ms = 0
+    cdef bint admitted = False
+    if queue_settings(w, slot, &max_queue, &timeout_ms) and max_queue > 0:
+        admitted = flc_add_fetch_i64(&state.waiting, 1) <= <int64_t>max_queue
+        if not admitted:
+            flc_add_i64(&state.waiting, -1)
+    if not admitted:
+        flc_add_u64(&state.rejected, 1)
+        close_conn(w, index)
+        return
+    flc_add_u64(&state.queued, 1)
+    w.my_waiting[slot] += 1
+    w.n_waiting += 1
+    c.waiting = True
+    c.state = CONN_WAITING
+    c.queue_deadline_ms = w.now_ms + timeout_ms
+    c.queue_next = -1
+    c.queue_prev = w.queue_tail[slot]
+    if c.queue_prev >= 0:
+        w.conns[c.queue_prev].queue_next = index
+    else:
+        w.queue_head[slot] = index
+    w.queue_tail[slot] = index
+    w.queued_services |= (<uint64_t>1) << slot
+
+
+cdef void leave_queue(Worker *w, int index) noexcept nogil:
+    """Take ``c`` out of its queue and out of the waiting count: the one
+    place that does, whether it is served, times out or is closed."""
+    cdef Conn *c = &w.conns[index]
+    cdef uint32_t slot = c.service_slot
+    if not c.waiting:
+        return
+    if c.queue_prev >= 0:
+        w.conns[c.queue_prev].queue_next = c.queue_next
+    else:
+        w.queue_head[slot] = c.queue_next
+    if c.queue_next >= 0:
+        w.conns[c.queue_next].queue_prev = c.queue_prev
+    else:
+        w.queue_tail[slot] = c.queue_prev
+    if w.queue_head[slot] < 0:
+        w.queued_services &= ~((<uint64_t>1) << slot)
+    c.waiting = False
+    c.queue_prev = c.queue_next = -1
+    flc_add_i64(&w.service_states[slot].waiting, -1)
+    w.my_waiting[slot] -= 1
+    w.n_waiting -= 1
+
+
+cdef void queue_timed_out(Worker *w, int index) noexcept nogil:
+    flc_add_u64(&w.service_states[w.conns[index].service_slot].queue_timeouts, 1)
+    close_conn(w, index)
+
+
+cdef void serve_queue(Worker *w, uint32_t slot) noexcept nogil:
+    """Connect the connections at the head of the service's queue while
+    backends have room: FIFO, so one that finds them full keeps its place
+    and those behind it wait too."""
+    cdef int index, started
+    while w.queue_head[slot] >= 0:
+        index = w.queue_head[slot]
+        if w.now_ms >= w.conns[index].queue_deadline_ms:
+            queue_timed_out(w, index)
+            continue
+        started = connect_backend(w, index)
+        if started == CONNECT_FULL:
+            return
+        if started == CONNECT_STARTED:
+            leave_queue(w, index)
+        else:
+            close_conn(w, index)  # no backend left (its service gone, or none eligible)
+
+
+cdef void serve_queues(Worker *w) noexcept nogil:
+    cdef uint64_t services = w.queued_services
+    cdef int slot
+    w.queue_kick = False
+    w.next_queue_poll_ms = w.now_ms + QUEUE_POLL_MS
+    for slot in range(FLC_MAX_SERVICES):
+        if services >> slot & 1:
+            serve_queue(w, <uint32_t>slot)
 
 
 cdef void pause_accepts(Worker *w) noexcept nogil:
@@ -848,7 +1057,9 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
         if c.client.tag != tag:
             return  # stale: that connection is gone and the slot reused
         note_events(&c.client, events)
-        if c.state == CONN_CONNECTING and events & (EPOLLERR | EPOLLHUP):
+        # (a waiting client that only half-closed keeps its place: its
+        # request waits in the kernel until a backend takes it)
+        if (c.state == CONN_CONNECTING or c.state == CONN_WAITING) and events & (EPOLLERR | EPOLLHUP):
             if events & EPOLLERR:
                 abort_conn(w, index)  # the client reset: so is the backend being reached
             else:
@@ -882,7 +1093,8 @@ cdef void on_conn_event(Worker *w, uint32_t kind, uint32_t tag, int index,
 # ---------------------------------------------------------------- time
 
 cdef void tick(Worker *w) noexcept nogil:
-    """Every TICK_MS: timeouts, byte counters, image notice, accept resume."""
+    """Every TICK_MS: timeouts, byte counters, image notice, accept resume;
+    the connections of rows closing in the image held are reset."""
     cdef int i
     cdef Conn *c
     cdef uint64_t idle_limit
@@ -898,6 +1110,11 @@ cdef void tick(Worker *w) noexcept nogil:
             continue
         if c.aborting:
             finish_abort(w, i)
+        elif w.n_closing and c.holds_claim and slot_closing(w, c.backend_slot):
+            abort_conn(w, i)  # its backend's drain timed out: closed abortively, as the operator asked
+        elif c.state == CONN_WAITING:
+            if w.now_ms >= c.queue_deadline_ms:
+                queue_timed_out(w, i)  # (heads time out in serve_queue; this catches a shortened timeout)
         elif c.state == CONN_CONNECTING and c.backend.fd >= 0 and w.now_ms >= c.connect_deadline_ms:
             connect_failed(w, i)
         elif c.state == CONN_RELAYING:
@@ -950,6 +1167,8 @@ cdef int event_loop(Worker *w) noexcept nogil:
         if w.now_ms >= w.next_tick_ms:
             tick(w)
         timeout = <int>(w.next_tick_ms - w.now_ms) if w.next_tick_ms > w.now_ms else 0
+        if w.n_waiting > 0 and timeout > QUEUE_POLL_MS:
+            timeout = QUEUE_POLL_MS  # slots other workers free are found by looking
         if w.n_backlog > 0:
             timeout = 0
         n = epoll_wait(w.epfd, events, MAX_EVENTS, timeout)
@@ -971,6 +1190,8 @@ cdef int event_loop(Worker *w) noexcept nogil:
                 on_signal(w)
         if w.n_backlog > 0:
             run_backlog(w)
+        if w.n_waiting > 0 and (w.queue_kick or w.now_ms >= w.next_queue_poll_ms):
+            serve_queues(w)
 
 
 cdef int setup(Worker *w, const char *path, int index, int max_conns,
@@ -997,6 +1218,9 @@ cdef int setup(Worker *w, const char *path, int index, int max_conns,
     w.service_states = flc_service_states_of(w.base)
     w.me = &flc_workers_of(w.base)[index]
     w.my_active = flc_worker_active_of(w.base, index)
+    w.my_waiting = flc_worker_waiting_of(w.base, index)
+    for i in range(FLC_MAX_SERVICES):
+        w.queue_head[i] = w.queue_tail[i] = -1
     w.max_conns = max_conns
     w.conns = <Conn *>calloc(max_conns, sizeof(Conn))
     w.backlog = <int *>calloc(max_conns, sizeof(int))

@@ -5,10 +5,19 @@ Candidates are drawn uniformly from the WRR schedule, where each backend
 appears in proportion to its weight, so the draw is weighted in O(1); the
 comparison uses node-wide active counts scaled by weight. The second draw
 avoids the first backend, so there is a real choice whenever two exist.
+
+Slow start thins the draws of a ramping backend: a draw that lands on it is
+declined with probability 1 - f (context.pxd ``ramp_declines``) and drawn
+again, so each candidate is the ramping backend w·f / (the others' weights
++ w·f) of the time, and its picks are thinned by f. With long-lived
+connections it still fills up to the others' load (the comparison favours
+it meanwhile), at the rate f allows.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.context cimport PickContext, is_excluded, next_random, scan_for_any, table_in_pool
+from lbcore.balance.context cimport (
+    PickContext, is_excluded, next_random, ramp_declines, scan_for_any, table_in_pool,
+)
 
 cdef enum:
     DRAWS = 16   # bound on draws when retries exclude most of a small pool
@@ -19,7 +28,7 @@ cdef inline int draw(PickContext *ctx, uint32_t offset, uint32_t length, int oth
     cdef uint32_t row
     for i in range(DRAWS):
         row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
-        if <int>row != other and not is_excluded(ctx, row):
+        if <int>row != other and not is_excluded(ctx, row) and not ramp_declines(ctx, row):
             return <int>row
     return -1
 

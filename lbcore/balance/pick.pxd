@@ -7,11 +7,13 @@
 # service has no eligible backend left that is not excluded. The context and
 # the helpers the algorithms share are in context.pxd; ``pick_backend`` is
 # the one dispatch on the service's algorithm, and ``claim_backend`` the one
-# claim of a pick, for the worker and the probe; ``pick_with_panic`` the
-# pick that honours passive ejection (is_excluded) and falls back to panic.
+# claim of a pick (within the backend's max_conns), for the worker and the
+# probe; ``pick_with_panic`` the pick that honours passive ejection
+# (is_excluded) and falls back to panic.
 from libc.stdint cimport uint8_t, uint32_t
+from libc.stdint cimport int64_t
 from lbcore.includes.layout cimport (
-    FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_i64, flc_cas_i64,
+    FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_fetch_i64, flc_add_i64, flc_cas_i64,
 )
 from lbcore.balance.context cimport PickContext, all_held_out
 from lbcore.balance cimport least_conn, maglev, p2c, wrr
@@ -49,12 +51,29 @@ cdef inline int pick_with_panic(PickContext *ctx) noexcept nogil:
     return row
 
 
-cdef inline bint claim_backend(PickContext *ctx, uint32_t slot, bint exact) noexcept nogil:
+cdef enum Claim:
+    CLAIMED = 0
+    CLAIM_RACED = 1               # least_conn: another worker changed the count: scan again
+    CLAIM_FULL = 2                # the backend is at its max_conns: pick again without it
+
+
+cdef inline int claim_backend(PickContext *ctx, uint32_t slot, uint32_t max_conns, bint exact) noexcept nogil:
     # Count the pick as an open connection of the backend in ``slot``.
     # ``exact`` (least_conn): a compare-and-swap on the count the scan saw,
-    # so two workers never both take the same least-loaded backend; False:
-    # another worker claimed it meanwhile, and the caller scans again.
+    # so two workers never both take the same least-loaded backend, and
+    # never past ``max_conns``. Otherwise an increment; past ``max_conns``
+    # (0: no limit) it is undone: each claim kept saw a count within the
+    # limit when it made it, so the backend never has more than max_conns
+    # open on the node, whatever the workers do at once.
+    cdef int64_t *active = &ctx.counters[slot].active
     if exact:
-        return flc_cas_i64(&ctx.counters[slot].active, ctx.observed_active, ctx.observed_active + 1)
-    flc_add_i64(&ctx.counters[slot].active, 1)
-    return True
+        if max_conns != 0 and ctx.observed_active >= <int64_t>max_conns:
+            return CLAIM_FULL
+        return CLAIMED if flc_cas_i64(active, ctx.observed_active, ctx.observed_active + 1) else CLAIM_RACED
+    if max_conns == 0:
+        flc_add_i64(active, 1)
+        return CLAIMED
+    if flc_add_fetch_i64(active, 1) > <int64_t>max_conns:
+        flc_add_i64(active, -1)
+        return CLAIM_FULL
+    return CLAIMED

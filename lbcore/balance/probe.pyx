@@ -10,8 +10,8 @@ import time
 import numpy as np
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, uintptr_t
 from lbcore.includes.layout cimport *
-from lbcore.balance.context cimport MAX_EXCLUDED, PickContext
-from lbcore.balance.pick cimport claim_backend, pick_backend, pick_with_panic
+from lbcore.balance.context cimport MAX_EXCLUDED, MAX_PICK_EXCLUDED, PickContext
+from lbcore.balance.pick cimport CLAIM_FULL, CLAIMED, claim_backend, pick_backend, pick_with_panic
 
 
 cdef bint context_of(PickContext *ctx, uintptr_t base, uint32_t service_slot) noexcept nogil:
@@ -149,10 +149,65 @@ def claim_with_a_rival(uintptr_t base, uint32_t service_slot, bint rival):
         return row, False, -1, False
     if rival:
         flc_add_i64(&ctx.counters[ctx.backends[row].slot].active, 1)
-    claimed = claim_backend(&ctx, ctx.backends[row].slot, True)
+    claimed = claim_backend(&ctx, ctx.backends[row].slot, ctx.backends[row].max_conns, True) == CLAIMED
     if not claimed:
         ctx.observed_active = -1
         again = pick_backend(&ctx)
         if again >= 0:
-            claimed_again = claim_backend(&ctx, ctx.backends[again].slot, True)
+            claimed_again = claim_backend(&ctx, ctx.backends[again].slot, ctx.backends[again].max_conns,
+                                          True) == CLAIMED
     return row, claimed, again, claimed_again
+
+
+def hammer(uintptr_t base, uint32_t service_slot, Py_ssize_t rounds, Py_ssize_t hold, uintptr_t held_address,
+           uint64_t seed=1):
+    """``rounds`` times: pick and claim (within max_conns) ``hold``
+    connections as a worker does (a claim found full is picked again
+    without that slot), count each claim kept in ``held`` (an int64 per
+    slot, shared by every caller at once), then drop them all. Runs without
+    the GIL, so callers in threads race for real. Returns (claims kept,
+    claims found full, most held at once in one slot)."""
+    cdef PickContext ctx
+    cdef int64_t *held = <int64_t *>held_address
+    cdef int claimed_rows[64]
+    cdef Py_ssize_t i, k, j, claims = 0, full = 0
+    cdef int64_t most = 0, now_held
+    cdef int row, attempt, result, n_claimed
+    cdef uint32_t slot
+    if hold > 64:
+        raise ValueError("hold at most 64")
+    if not context_of(&ctx, base, service_slot):
+        raise ValueError(f"no service in slot {service_slot}")
+    ctx.rng = seed | 1
+    ctx.tiebreak = seed
+    ctx.now_ms = monotonic_ms()
+    with nogil:
+        for i in range(rounds):
+            n_claimed = 0
+            for k in range(hold):
+                ctx.n_excluded = 0
+                for attempt in range(16):
+                    ctx.observed_active = -1
+                    row = pick_with_panic(&ctx)
+                    if row < 0:
+                        break
+                    slot = ctx.backends[row].slot
+                    result = claim_backend(&ctx, slot, ctx.backends[row].max_conns,
+                                           ctx.service.algorithm == FLC_ALGO_LEAST_CONN and attempt < 8)
+                    if result == CLAIMED:
+                        now_held = flc_add_fetch_i64(&held[slot], 1)
+                        if now_held > most:
+                            most = now_held
+                        claimed_rows[n_claimed] = <int>slot
+                        n_claimed += 1
+                        claims += 1
+                        break
+                    if result == CLAIM_FULL:
+                        full += 1
+                        if ctx.n_excluded < MAX_PICK_EXCLUDED:
+                            ctx.excluded[ctx.n_excluded] = slot
+                            ctx.n_excluded += 1
+            for j in range(n_claimed):
+                flc_add_i64(&held[claimed_rows[j]], -1)
+                flc_add_i64(&ctx.counters[claimed_rows[j]].active, -1)
+    return claims, full, most

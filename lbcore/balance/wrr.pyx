@@ -5,11 +5,18 @@ The agent precomputes the schedule (``build_schedule``, below): each eligible
 backend appears ``weight`` times, interleaved smoothly. Workers share one
 cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
+
+Slow start thins a ramping backend's entries: each is declined with
+probability 1 - f (context.pxd ``ramp_declines``) and the cursor steps on
+to the next entry, so a ramping backend of weight w takes w·f / (the
+others' weights + w·f) of the connections, Envoy's effective weight. A
+pick that finds only declined and excluded entries in its steps takes the
+scan's row, ramping or not: serving beats ramping.
 """
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
-from lbcore.balance.context cimport PickContext, is_excluded, scan_for_any, table_in_pool
+from lbcore.balance.context cimport PickContext, is_excluded, ramp_declines, scan_for_any, table_in_pool
 
 cdef enum:
     STEPS = 32   # cursor steps before a scan, when retries or ejections exclude rows
@@ -29,7 +36,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
     for tries in range(length if length < STEPS else STEPS):
         cursor = flc_fetch_inc_u64(&ctx.service_state.rr_cursor)
         row = ctx.table[offset + <uint32_t>(cursor % length)]
-        if not is_excluded(ctx, row):
+        if not is_excluded(ctx, row) and not ramp_declines(ctx, row):
             return <int>row
     # (also when L <= STEPS: other workers' steps move the cursor meanwhile)
     return scan_for_any(ctx, <uint32_t>cursor)
