@@ -24,9 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+import numpy as np
 import zmq
 
-from lbcore import PACKAGE_ROOT
+from lbcore import PACKAGE_ROOT, layout
 from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, load_config, parse_address
 from lbcore.ejection import release_eject_locks
@@ -43,6 +44,7 @@ from lbcore.worker import descriptors_needed
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
 REAP_EVERY_S = 0.2  # besides on SIGCHLD
+RAMPS_EVERY_S = 1.0  # slow start: the stamps of ramps that are over are cleared this often
 RESPAWN_BACKOFF_S = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
 STOP_GRACE_S = 2.0
 
@@ -127,6 +129,7 @@ class NodeAgent:
         self.embedded: EmbeddedControlPlane | None = None  # ... started by this node
         self.checks: NodeChecks | None = None  # probes and local verdicts (lbcore.node_checks)
         self._next_health_note = 0.0
+        self._next_ramps = 0.0
 
     @property
     def config(self) -> Config:
@@ -151,13 +154,20 @@ class NodeAgent:
 
     def _release_worker(self, index: int) -> None:
         """A worker is gone: its connections are gone with it, so take its
-        share out of the node-wide active counts (it can no longer race us)."""
+        share out of the node-wide active counts and out of the services'
+        waiting counts (it can no longer race us). A waiting count left
+        behind would queue every new connection of its service for ever."""
         assert self.segment is not None
         row = self.segment.worker_active[index]
         for slot in row.nonzero()[0]:
             lib.flc_add_i64(ffi.addressof(self.segment.counter_ptr(int(slot)), "active"),
                             -int(row[slot]))
         row[:] = 0
+        waiting = worker_waiting(self.segment, index)
+        states = ffi.cast("flc_service_state *", self.segment.base_pointer + layout.OFF_SERVICE_STATE)
+        for slot in waiting.nonzero()[0]:
+            lib.flc_add_i64(ffi.addressof(states[int(slot)], "waiting"), -int(waiting[slot]))
+        waiting[:] = 0
         self.segment.workers[index] = 0
         release_eject_locks(self.segment, index)
 
@@ -395,6 +405,9 @@ class NodeAgent:
                 if self.embedded is not None:
                     self.embedded.supervise()
             self._health_step()
+            if self.planner is not None and time.monotonic() >= self._next_ramps:
+                self._next_ramps = time.monotonic() + RAMPS_EVERY_S
+                self.planner.end_ramps()
             if self.link is not None:
                 self.link.tick(self._remote_counters, self._node_health)
 
@@ -449,6 +462,15 @@ def serve(config: Config, log: TextIO = sys.stderr,
         return agent.run()
     finally:
         agent.shutdown(drain=False)
+
+
+def worker_waiting(segment: Segment, index: int) -> np.ndarray:
+    """Worker ``index``'s share of each service's waiting count, as an
+    int32 view over the segment (one per service slot)."""
+    if not 0 <= index < layout.MAX_WORKERS:
+        raise ValueError(f"worker index {index} out of range")
+    start = segment.base_pointer + layout.OFF_WORKER_WAITING + index * layout.MAX_SERVICES * 4
+    return np.frombuffer(ffi.buffer(start, layout.MAX_SERVICES * 4), dtype="<i4")
 
 
 def check_descriptors(config: Config) -> None:

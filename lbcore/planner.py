@@ -7,6 +7,15 @@ node agent decides when; this module decides what. Slots are given to new
 services and backends only once nothing refers to their old holder (see
 ``backend_slot_releasable``, ``service_slot_releasable``): that is what
 keeps counters of open connections with the backend they belong to.
+
+Slow start is the node's own: a publish stamps the counter of each backend
+that becomes eligible with the time (``ramp_start_ms``: added, up again,
+back from a drain), in services with a slow_start_ms, and the workers'
+picks ramp it up from there (balance/context.pxd ``ramp_declines``). The
+first image a node publishes ramps nothing (a node starting does not ramp
+its whole pool), nor does a service new to the node (its backends would all
+ramp alike: no share would change). ``end_ramps`` clears the stamps of
+ramps that are over, so the 32-bit clock's wrap never starts one again.
 """
 from __future__ import annotations
 
@@ -14,7 +23,10 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
+
 from lbcore import layout
+from lbcore._layout import ffi, lib
 from lbcore.config import Config, ConfigError, Service, parse_address
 from lbcore.image import Image, image_of_config, patched_tables, publish_image
 from lbcore.routing import Routing, rows_changed
@@ -45,6 +57,8 @@ class Planner:
         self.service_slots: SlotMap[str] = SlotMap(layout.MAX_SERVICES)
         self.backend_slots: SlotMap[tuple[str, str]] = SlotMap(layout.MAX_BACKENDS)
         self._service_retired_since: dict[int, float] = {}
+        self._windows: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._windows_of: Image | None = None
 
     # ------------------------------------------------------------ slot release
 
@@ -130,17 +144,91 @@ class Planner:
 
     def publish(self, plan: Plan) -> None:
         """Make ``plan`` the published image. A slot given to a new service
-        or backend starts from zero: nothing refers to it any more.
+        or backend starts from zero: nothing refers to it any more. A
+        backend that becomes eligible in a service with slow start is
+        stamped before the image that lets workers pick it is published.
         Precondition: the caller is the segment's only publisher."""
+        ramping = self._becoming_eligible(plan) if self.image is not None else []
         for slot in plan.fresh_backends:
             self.segment.counters[slot] = 0
         for slot in plan.fresh_services:
             self.segment.service_states[slot] = 0
+        if ramping:
+            start = ramp_clock()
+            for slot in ramping:
+                self._store_ramp(slot, start)
         publish_image(self.segment, plan.image)
         self.service_slots, self.backend_slots = plan.service_slots, plan.backend_slots
         self.image = plan.image
         self.version = plan.image.version
         self.config = plan.config
+
+
+    # ------------------------------------------------------------ slow start
+
+    def _becoming_eligible(self, plan: Plan) -> list[int]:
+        """Slots of backends eligible in ``plan`` and not in the published
+        image (absent, or not eligible there), in services with slow start
+        that the published image had. Only those services are compared, and
+        only when their rows changed: a publish without slow start costs
+        nothing more."""
+        assert self.image is not None
+        before = self.image.parts
+        slots: list[int] = []
+        for service in plan.config.services:
+            if not service.lifecycle.slow_start_ms:
+                continue
+            tables, old = plan.image.parts.get(service.name), before.get(service.name)
+            if tables is None or old is None or tables.rows is old.rows:
+                continue
+            rows = tables.rows
+            eligible = rows["eligible"] == 1
+            was = old.rows["id"][old.rows["eligible"] == 1]
+            fresh = eligible & ~np.isin(rows["id"], was)
+            slots.extend(rows["slot"][fresh].tolist())
+        return slots
+
+    def end_ramps(self, now: int | None = None) -> int:
+        """Clear the stamps of ramps that are over (or whose backend or
+        service left slow start), ``now`` on ramp_clock (default: now).
+        Called about once a second by the agent: the stamps are 32-bit ms,
+        so one left would start a ramp again after 49 days. Returns how
+        many it cleared. Precondition: the caller is the only writer of
+        ramp_start_ms (the agent)."""
+        stamps = self.segment.counters["ramp_start_ms"]
+        slots = np.flatnonzero(stamps)
+        if not slots.size or self.image is None:
+            return 0
+        now = ramp_clock() if now is None else now
+        windows = self._ramp_windows()[slots]
+        elapsed = (np.int64(now) - stamps[slots].astype(np.int64)) % (1 << 32)
+        elapsed[elapsed >= 1 << 31] = 0  # stamped ahead of this clock: just begun
+        over = slots[elapsed >= windows]
+        for slot in over.tolist():
+            self._store_ramp(slot, 0)
+        return int(over.size)
+
+    def _ramp_windows(self) -> np.ndarray:
+        """slow_start_ms of each slot's service in the published image (0:
+        none, or not in the image), cached per image."""
+        image = self.image
+        assert image is not None
+        if self._windows_of is not image:
+            windows = np.zeros(layout.MAX_BACKENDS, dtype=np.int64)
+            rows = image.backends
+            if len(rows):
+                windows[rows["slot"]] = image.services["slow_start_ms"][rows["service_slot"]]
+            self._windows, self._windows_of = windows, image
+        return self._windows
+
+    def _store_ramp(self, slot: int, value: int) -> None:
+        lib.flc_store_u32(ffi.addressof(self.segment.counter_ptr(slot), "ramp_start_ms"), value)
+
+
+def ramp_clock() -> int:
+    """Now as a ramp's stamp: the low 32 bits of CLOCK_MONOTONIC ms (the
+    workers' clock), never 0 (0 is "not ramping")."""
+    return (time.monotonic_ns() // 1_000_000) & 0xFFFFFFFF or 1
 
 
 def _same_backends(old: tuple[Service, ...], new: tuple[Service, ...]) -> bool:
