@@ -12,11 +12,16 @@ from lbcore import layout
 from lbcore.balance import ALGORITHMS
 from lbcore.ejection import monotonic_ms
 from lbcore.image import Image, read_image
+from lbcore.layout import STATE_OF_DRAIN
 from lbcore.segment import Segment
 from lbcore.wire import REPORT_FIELDS, SUMMED, summed_counters
 
 ALGORITHM_OF_CODE = {v: k for k, v in ALGORITHMS.items()}  # as the image holds it
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
+QUEUE_FIELDS = ("waiting", "queued", "queue_timeouts", "rejected")  # per service (flc_service_state)
+# Backends in drain whose own rows a summed report still carries: the
+# control plane confirms a drain by their open connections on every node
+MAX_DRAINING_REPORTED = 100
 
 
 def _address(ip: int, port: int) -> str:
@@ -48,20 +53,25 @@ def node_stats(segment: Segment) -> dict[str, Any]:
         # passive ejection: ms of ejection left (0: not ejected), held down by this node's probes
         ejected_ms = np.maximum(counters["ejected_until_ms"].astype(np.int64) - now_ms, 0).tolist()
         local_down = (counters["local_down"] != 0).tolist()
+        ramp_ms = ramp_ms_left(counters["ramp_start_ms"], int(row["slow_start_ms"]), now_ms).tolist()
+        states = [STATE_OF_DRAIN.get(d, "?") for d in rows["drain"].tolist()]
         backends = [
             {"id": i.decode(), "address": _address(ip, port), "weight": weight, "eligible": bool(eligible),
              "slot": slot, **dict(zip(COUNTER_FIELDS, values, strict=True)),
-             "ejected_ms": ejected, "local_down": down}
-            for i, ip, port, weight, eligible, slot, ejected, down, *values in zip(
+             "ejected_ms": ejected, "local_down": down, "max_conns": max_conns, "state": state,
+             "ramp_ms_left": ramp}
+            for i, ip, port, weight, eligible, slot, ejected, down, max_conns, state, ramp, *values in zip(
                 rows["id"].tolist(), rows["ip"].tolist(), rows["port"].tolist(), rows["weight"].tolist(),
-                rows["eligible"].tolist(), rows["slot"].tolist(), ejected_ms, local_down, *columns,
-                strict=True)]
+                rows["eligible"].tolist(), rows["slot"].tolist(), ejected_ms, local_down,
+                rows["max_conns"].tolist(), states, ramp_ms, *columns, strict=True)]
+        state = segment.service_states[slot]
         services.append({
             "name": row["name"].decode(), "slot": slot,
             "listen": _address(row["listen_ip"], row["listen_port"]),
             "algorithm": ALGORITHM_OF_CODE.get(int(row["algorithm"]), "?"),
-            "accepted": int(segment.service_states[slot]["accepted"]),
-            "panics": int(segment.service_states[slot]["panics"]),
+            "accepted": int(state["accepted"]),
+            "panics": int(state["panics"]),
+            **{name: int(state[name]) for name in QUEUE_FIELDS},
             "backends": backends,
         })
     return {
@@ -75,6 +85,17 @@ def node_stats(segment: Segment) -> dict[str, Any]:
         "services": services,
         "layout_version": layout.LAYOUT_VERSION,
     }
+
+
+def ramp_ms_left(stamps: np.ndarray, window_ms: int, now_ms: int) -> np.ndarray:
+    """Per ramp_start_ms stamp: the ms of slow start left at ``now_ms``
+    (0: not ramping), on the workers' reading of the 32-bit stamp."""
+    stamps = stamps.astype(np.int64)
+    if not window_ms:
+        return np.zeros(len(stamps), dtype=np.int64)
+    elapsed = (np.int64(now_ms) - stamps) % (1 << 32)
+    elapsed[elapsed >= 1 << 31] = 0  # stamped ahead of this clock: just begun
+    return np.where(stamps != 0, np.maximum(window_ms - elapsed, 0), 0)
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -94,7 +115,42 @@ def format_stats(stats: dict[str, Any]) -> str:
                          f"{'yes' if b['eligible'] else 'no':>4} "
                          + " ".join(f"{b[name]:>16}" for name in COUNTER_FIELDS))
         lines.extend(_ejection_lines(s))
+        lines.extend(_lifecycle_lines(s))
     return "\n".join(lines)
+
+
+def _lifecycle_lines(service: dict[str, Any]) -> list[str]:
+    """A service's backends in drain or slow start and its queue, when it
+    has any of them."""
+    lines = []
+    backends = service["backends"]
+    draining = [f"{b['id']} ({b['active']} open)" for b in backends if b.get("state") == "draining"]
+    closing = [f"{b['id']} ({b['active']} open)" for b in backends if b.get("state") == "closing"]
+    ramping = [f"{b['id']} ({b['ramp_ms_left']} ms left)" for b in backends if b.get("ramp_ms_left")]
+    full = [f"{b['id']} ({b['active']}/{b['max_conns']})" for b in backends
+            if b.get("max_conns") and b["active"] >= b["max_conns"]]
+    if draining:
+        lines.append(f"    draining: {', '.join(draining)}")
+    if closing:
+        lines.append(f"    closing (drain timed out, connections reset): {', '.join(closing)}")
+    if ramping:
+        lines.append(f"    slow start: {', '.join(ramping)}")
+    if full:
+        lines.append(f"    at max_conns: {', '.join(full)}")
+    if any(service.get(name) for name in QUEUE_FIELDS):
+        lines.append(f"    queue: {service['waiting']} waiting, {service['queued']} queued, "
+                     f"{service['queue_timeouts']} timed out, {service['rejected']} rejected")
+    return lines
+
+
+def service_counters(segment: Segment, image: Image | None = None) -> dict[str, dict[str, int]]:
+    """Per active service of ``image`` (default: read back, checked): its
+    queue's counters on this node (waiting now, queued, timed out,
+    rejected)."""
+    if image is None:
+        image = read_image(segment)
+    return {row["name"].decode(): {name: int(segment.service_states[slot][name]) for name in QUEUE_FIELDS}
+            for slot, row in enumerate(image.services) if row["active"]}
 
 
 def _ejection_lines(service: dict[str, Any]) -> list[str]:
@@ -119,17 +175,25 @@ def report_counters(segment: Segment, max_backends: int,
                     image: Image | None = None) -> dict[str, dict[str, dict[str, int]]]:
     """What a node reports to the control plane: per service and backend,
     or per service only (as backend "(all)") past ``max_backends``, so that
-    a report stays one small message whatever the pool. ``image``: the
-    image published (the agent's own; else it is read back, checked)."""
+    a report stays one small message whatever the pool; a summed report
+    still carries the own rows of backends in drain (draining or closing),
+    up to MAX_DRAINING_REPORTED in all: their open connections are how the
+    control plane sees a drain end. ``image``: the image published (the
+    agent's own; else it is read back, checked)."""
     if image is None:
         image = read_image(segment)
     active = [row for row in image.services if row["active"]]
     summed = sum(int(row["backend_count"]) for row in active) > max_backends
     report = {}
+    draining_left = MAX_DRAINING_REPORTED
     for row in active:
         rows, counters = _service_backends(segment, image, row)
         if summed:
             per_backend = {SUMMED: summed_counters({k: counters[k].tolist() for k in REPORT_FIELDS})}
+            in_drain = np.flatnonzero(rows["drain"] != 0)[:draining_left]
+            draining_left -= len(in_drain)
+            for i in in_drain.tolist():
+                per_backend[rows["id"][i].decode()] = {k: int(counters[k][i]) for k in REPORT_FIELDS}
         else:
             columns = [counters[k].tolist() for k in REPORT_FIELDS]
             per_backend = {i.decode(): dict(zip(REPORT_FIELDS, values, strict=True))
