@@ -37,7 +37,7 @@ from lbcore.node_checks import NodeChecks
 from lbcore.planner import Planner, localize
 from lbcore.routing import Routing
 from lbcore.segment import Segment
-from lbcore.stats import format_stats, node_stats, report_counters
+from lbcore.stats import format_stats, node_stats, report_counters, service_counters
 from lbcore.wire import MAX_REPORT_BACKENDS, NodeHealth
 from lbcore.worker import descriptors_needed
 
@@ -295,6 +295,10 @@ class NodeAgent:
         # the image it published: no copy back from shared memory
         return report_counters(self.segment, MAX_REPORT_BACKENDS, self.planner.image)
 
+    def _queue_counters(self) -> dict[str, dict[str, int]]:
+        assert self.segment is not None and self.planner is not None
+        return service_counters(self.segment, self.planner.image)
+
     def reload(self) -> None:
         """Publish the file as the next version, or refuse it whole."""
         if self.config.node.control != "static":
@@ -409,7 +413,7 @@ class NodeAgent:
                 self._next_ramps = time.monotonic() + RAMPS_EVERY_S
                 self.planner.end_ramps()
             if self.link is not None:
-                self.link.tick(self._remote_counters, self._node_health)
+                self.link.tick(self._remote_counters, self._node_health, self._queue_counters)
 
     def _health_step(self) -> None:
         """Probe what this node is to probe, say what changed, and apply the
