@@ -33,6 +33,9 @@ cdef struct PickContext:
     int64_t observed_active       # least_conn: raw count seen, claimed by CAS; else -1
     uint64_t now_ms               # CLOCK_MONOTONIC ms: a slot ejected until later is skipped
     bint panic                    # ejections and local_down ignored (see pick_with_panic)
+    int ramp_row                  # RAMP_MET: the ramping row the fast pass met, and its stamp
+    uint32_t ramp_start
+    int ramp_first                # p2c: the first candidate when the second met it (-1: it was the first)
 
 
 cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
@@ -43,6 +46,12 @@ cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
 
 cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogil:
     # Rows out of range (a torn read) count as excluded: never dereferenced.
+    if row >= FLC_MAX_BACKENDS:
+        return True
+    return slot_excluded(ctx, row, ctx.backends[row].slot)
+
+
+cdef inline bint slot_excluded(const PickContext *ctx, uint32_t row, uint32_t slot) noexcept nogil:
     # Exclusion is by slot, which stays the same when a retry meets a newer
     # image whose rows moved. A slot at its max_conns is excluded, in a
     # panic's pick too (the limit protects the backend, a panic only
@@ -50,26 +59,45 @@ cdef inline bint is_excluded(const PickContext *ctx, uint32_t row) noexcept nogi
     # (passive ejection, until its ejected_until_ms) or holds down by its
     # own probes (local_down) is excluded too, except in a panic's pick.
     # All live on the counter's cache line, which the claim writes anyway.
-    cdef int i
-    cdef uint32_t slot
-    if row >= FLC_MAX_BACKENDS:
-        return True
-    slot = ctx.backends[row].slot
-    for i in range(ctx.n_excluded):
-        if ctx.excluded[i] == slot:
-            return True
-    if is_full(ctx, row, slot):
+    if slot_tried(ctx, slot) or is_full(ctx, row, slot):
         return True
     if ctx.panic:
         return False
     return is_held_out(ctx, slot)
 
 
+cdef inline bint slot_tried(const PickContext *ctx, uint32_t slot) noexcept nogil:
+    # tried by this connection already (or found full by its claim)
+    cdef int i
+    for i in range(ctx.n_excluded):
+        if ctx.excluded[i] == slot:
+            return True
+    return False
+
+
+cdef inline bint excluded_or_ramping(const PickContext *ctx, uint32_t row, uint32_t *ramp_start) noexcept nogil:
+    # is_excluded, and (when not) the row's ramp stamp in ``ramp_start`` (0:
+    # not ramping), the slot read once: the stamp's load issues beside the
+    # exclusion's, on the same counter line.
+    cdef uint32_t slot
+    if row >= FLC_MAX_BACKENDS:
+        return True
+    slot = ctx.backends[row].slot
+    if slot_excluded(ctx, row, slot):
+        return True
+    ramp_start[0] = flc_load_u32(&ctx.counters[slot % FLC_MAX_BACKENDS].ramp_start_ms)
+    return False
+
+
 cdef inline bint is_full(const PickContext *ctx, uint32_t row, uint32_t slot) noexcept nogil:
     # At its max_conns: the node-wide count of open connections (connecting
     # and relaying, every worker's) has reached the row's limit.
     cdef uint32_t limit = ctx.backends[row].max_conns
-    return limit != 0 and flc_load_i64(&ctx.counters[slot % FLC_MAX_BACKENDS].active) >= <int64_t>limit
+    return limit != 0 and at_limit(limit, flc_load_i64(&ctx.counters[slot % FLC_MAX_BACKENDS].active))
+
+
+cdef inline bint at_limit(uint32_t max_conns, int64_t active) noexcept nogil:
+    return max_conns != 0 and active >= <int64_t>max_conns
 
 
 cdef inline bint is_held_out(const PickContext *ctx, uint32_t slot) noexcept nogil:
@@ -132,24 +160,40 @@ cdef inline int service_capacity(const PickContext *ctx, int n_tried) noexcept n
     return CAPACITY_FULL if full else CAPACITY_NONE
 
 
+cdef enum:
+    RAMP_MET = -2                 # a pick's fast pass met a ramping row (ctx.ramp_row): pick.pxd finishes it
+
+
 cdef inline bint ramp_declines(PickContext *ctx, uint32_t row) noexcept nogil:
-    # Slow start, the one rule every algorithm that honours it calls on a
-    # row it would pick: a row still ramping is declined with probability
-    # 1 - f, f its share of the weight for now (see ramp_factor); the pick
-    # then goes on as if the row were excluded this once. A row not ramping
-    # costs one load, from the counter line the pick reads anyway.
+    # Slow start, the one rule every algorithm that honours it applies to a
+    # row it would pick: a row still ramping (its counter's ramp_start_ms
+    # set, less than the service's slow_start_ms ago) is declined with
+    # probability 1 - f, f its share of the weight for now (ramp_factor),
+    # and the pick goes on as if the row were excluded this once. A row not
+    # ramping costs one load, from the counter line the pick reads anyway.
     # Precondition: ``row`` passed is_excluded (it is in range).
     cdef uint32_t start = flc_load_u32(&ctx.counters[ctx.backends[row].slot % FLC_MAX_BACKENDS].ramp_start_ms)
-    if start == 0:
+    return start != 0 and ramp_draw_declines(ctx, start)
+
+
+cdef inline bint ramp_draw_declines(PickContext *ctx, uint32_t start) noexcept nogil:
+    # The draw of ramp_declines, for a row whose stamp is ``start`` (not 0).
+    # wrr and p2c meet it only in their ramping pass (pick.pxd): their
+    # common pass then holds no call (libm's pow, here) and keeps its
+    # registers, one load dearer than before slow start.
+    cdef double f = ramp_factor(ctx.service, start, ctx.now_ms)
+    if f >= 1.0:
         return False
-    return ramp_draw_declines(ctx, start)
+    # a uniform double in [0, 1) from the top 53 bits of the worker's draw
+    return <double>(next_random(ctx) >> 11) * (1.0 / 9007199254740992.0) >= f
 
 
 cdef inline double ramp_factor(const flc_service *service, uint32_t start, uint64_t now_ms) noexcept nogil:
     # Envoy's ramp: max(min share, (t / window) ^ (1 / aggression)), t the
     # time since this node saw the backend become eligible; 1 once the
     # window is over. Clocks are compared on their low 32 bits (the stamp's
-    # width); a stamp ahead of this worker's coarse clock is a ramp just begun.
+    # width); a stamp ahead of this worker's coarse clock (the agent's
+    # clock runs a moment ahead) is a ramp just begun, not one long over.
     cdef uint32_t window = service.slow_start_ms
     cdef int32_t elapsed = <int32_t>(<uint32_t>now_ms - start)
     cdef double f, least
@@ -159,15 +203,7 @@ cdef inline double ramp_factor(const flc_service *service, uint32_t start, uint6
         return 1.0
     least = service.slow_start_min_permille / 1000.0
     f = pow(<double>elapsed / window, service.slow_start_exponent)
-    return f if f > least else least
-
-
-cdef inline bint ramp_draw_declines(PickContext *ctx, uint32_t start) noexcept nogil:
-    cdef double f = ramp_factor(ctx.service, start, ctx.now_ms)
-    if f >= 1.0:
-        return False
-    # a uniform double in [0, 1) from the top 53 bits of the worker's draw
-    return <double>(next_random(ctx) >> 11) * (1.0 / 9007199254740992.0) >= f
+    return f if f > least else least  # (a NaN from a torn exponent: the least)
 
 
 cdef inline bint table_in_pool(uint32_t offset, uint32_t length) noexcept nogil:

@@ -18,8 +18,10 @@ allows, not at once. A scan that finds nothing but declined rows takes the
 declined one: serving beats ramping.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
-from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
-from lbcore.balance.context cimport PickContext, is_excluded, next_random, ramp_declines, row_is_eligible
+from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_backend, flc_load_i64
+from lbcore.balance.context cimport (
+    PickContext, at_limit, is_held_out, next_random, ramp_declines, row_is_eligible, slot_tried,
+)
 
 cdef enum:
     RAMP_RESCANS = 4   # ramping rows declined in one pick at most; the next best is then taken as it is
@@ -50,17 +52,21 @@ cdef int scan(PickContext *ctx, uint32_t first, uint32_t count, uint32_t start,
     """The least loaded row by (active + 1) / weight, from ``start`` on;
     ``observed``: the raw count seen of the row returned."""
     cdef uint32_t i, row
+    cdef const flc_backend *b
     cdef int best = -1
     cdef int64_t raw, active, best_active = 0, best_raw = 0
     cdef uint64_t weight, best_weight = 1
     for i in range(count):
         row = first + (start + i) % count
-        if not row_is_eligible(&ctx.backends[row]) or is_excluded(ctx, row):
+        b = &ctx.backends[row]
+        if not row_is_eligible(b) or slot_tried(ctx, b.slot) or (not ctx.panic and is_held_out(ctx, b.slot)):
             continue
         if n_declined and declined_before(declined, n_declined, row):
             continue
-        weight = ctx.backends[row].weight
-        raw = flc_load_i64(&ctx.counters[ctx.backends[row].slot % FLC_MAX_BACKENDS].active)
+        weight = b.weight
+        raw = flc_load_i64(&ctx.counters[b.slot % FLC_MAX_BACKENDS].active)
+        if at_limit(b.max_conns, raw):  # (is_excluded's is_full, on the count read here anyway)
+            continue
         active = raw if raw > 0 else 0  # a count can dip below 0 around a worker's death
         # (active + 1) / weight < (best_active + 1) / best_weight
         if best < 0 or <uint64_t>(active + 1) * best_weight < <uint64_t>(best_active + 1) * weight:

@@ -15,19 +15,25 @@ from libc.stdint cimport int64_t
 from lbcore.includes.layout cimport (
     FLC_ALGO_LEAST_CONN, FLC_ALGO_MAGLEV, FLC_ALGO_P2C, flc_add_fetch_i64, flc_add_i64, flc_cas_i64,
 )
-from lbcore.balance.context cimport PickContext, all_held_out
+from lbcore.balance.context cimport RAMP_MET, PickContext, all_held_out
 from lbcore.balance cimport least_conn, maglev, p2c, wrr
 
 
 cdef inline int pick_backend(PickContext *ctx) noexcept nogil:
+    # wrr and p2c stop at a ramping row (RAMP_MET, rare): their ramping pass
+    # finishes the pick (least_conn thins in its own scan; maglev refuses
+    # slow start)
     cdef uint8_t algorithm = ctx.service.algorithm
+    cdef int row
     if algorithm == FLC_ALGO_LEAST_CONN:
         return least_conn.pick(ctx)
     if algorithm == FLC_ALGO_P2C:
-        return p2c.pick(ctx)
+        row = p2c.pick(ctx)
+        return p2c.pick_ramping(ctx) if row == RAMP_MET else row
     if algorithm == FLC_ALGO_MAGLEV:
         return maglev.pick(ctx)
-    return wrr.pick(ctx)
+    row = wrr.pick(ctx)
+    return wrr.pick_ramping(ctx) if row == RAMP_MET else row
 
 
 cdef inline int pick_with_panic(PickContext *ctx) noexcept nogil:

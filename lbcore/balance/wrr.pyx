@@ -7,16 +7,20 @@ cursor per service in shared memory, so the shares are exact across all
 workers of a node, not only per worker.
 
 Slow start thins a ramping backend's entries: each is declined with
-probability 1 - f (context.pxd ``ramp_declines``) and the cursor steps on
-to the next entry, so a ramping backend of weight w takes w·f / (the
+probability 1 - f (context.pxd ``ramp_draw_declines``) and the cursor steps
+on to the next entry, so a ramping backend of weight w takes w·f / (the
 others' weights + w·f) of the connections, Envoy's effective weight. A
 pick that finds only declined and excluded entries in its steps takes the
-scan's row, ramping or not: serving beats ramping.
+scan's row, ramping or not: serving beats ramping. The common pass stops
+at the first ramping entry it meets (RAMP_MET) and ``pick_ramping`` goes
+on from there, so a pick that meets none costs one load more, not a call.
 """
 from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
-from lbcore.balance.context cimport PickContext, is_excluded, ramp_declines, scan_for_any, table_in_pool
+from lbcore.balance.context cimport (
+    RAMP_MET, PickContext, excluded_or_ramping, ramp_draw_declines, scan_for_any, table_in_pool,
+)
 
 cdef enum:
     STEPS = 32   # cursor steps before a scan, when retries or ejections exclude rows
@@ -25,7 +29,7 @@ cdef enum:
 cdef int pick(PickContext *ctx) noexcept nogil:
     cdef uint32_t offset = ctx.service.schedule_offset
     cdef uint32_t length = ctx.service.schedule_len
-    cdef uint32_t tries, row
+    cdef uint32_t tries, row, start = 0
     cdef uint64_t cursor = 0
     if not table_in_pool(offset, length):
         return -1
@@ -36,9 +40,34 @@ cdef int pick(PickContext *ctx) noexcept nogil:
     for tries in range(length if length < STEPS else STEPS):
         cursor = flc_fetch_inc_u64(&ctx.service_state.rr_cursor)
         row = ctx.table[offset + <uint32_t>(cursor % length)]
-        if not is_excluded(ctx, row) and not ramp_declines(ctx, row):
+        if excluded_or_ramping(ctx, row, &start):
+            continue
+        if start == 0:
             return <int>row
+        ctx.ramp_row, ctx.ramp_start = <int>row, start  # pick_ramping decides on it and steps on
+        return RAMP_MET
     # (also when L <= STEPS: other workers' steps move the cursor meanwhile)
+    return scan_for_any(ctx, <uint32_t>cursor)
+
+
+cdef int pick_ramping(PickContext *ctx) noexcept nogil:
+    """The pick after ``pick`` met a ramping entry: that entry, then the next
+    ones, each ramping one thinned (the same steps, with the draw)."""
+    cdef uint32_t offset = ctx.service.schedule_offset
+    cdef uint32_t length = ctx.service.schedule_len
+    cdef uint32_t tries, row, start = 0
+    cdef uint64_t cursor = 0
+    if not ramp_draw_declines(ctx, ctx.ramp_start):
+        return ctx.ramp_row
+    if not table_in_pool(offset, length):
+        return -1
+    for tries in range(length if length < STEPS else STEPS):
+        cursor = flc_fetch_inc_u64(&ctx.service_state.rr_cursor)
+        row = ctx.table[offset + <uint32_t>(cursor % length)]
+        if excluded_or_ramping(ctx, row, &start):
+            continue
+        if start == 0 or not ramp_draw_declines(ctx, start):
+            return <int>row
     return scan_for_any(ctx, <uint32_t>cursor)
 
 
