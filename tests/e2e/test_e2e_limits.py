@@ -195,3 +195,110 @@ def test_max_connections_past_the_descriptor_limit_is_refused_alike_by_check_sta
 
     node.write_config({**node.node, "max_connections": most}, services)  # the most it allows is taken
     assert node.run_cli("check", "-c", str(node.config_path)).returncode == 0
+
+
+def _waiting_for_a_line(c: Client, timeout: float) -> bool:
+    """True when ``c`` got nothing, not even an end, within ``timeout``."""
+    c.sock.settimeout(timeout)
+    try:
+        c.sock.recv(1, socket.MSG_PEEK)
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def _queue(node) -> dict[str, int]:
+    svc = node.stats()["services"][0]
+    return {k: svc[k] for k in ("waiting", "queued", "queue_timeouts", "rejected")}
+
+
+@pytest.mark.timeout(120)
+def test_max_conns_and_the_queue_on_a_running_node(lbproxy):
+    """Two workers, a backend with max_conns 5 and a queue of 3: of 8
+    clients 5 reach the backend and 3 wait, served one by one as the held
+    ones close; a 9th is closed at once; the backend never has more than 5."""
+    from tests.lbcore.test_lifecycle_worker import HoldingBackend
+
+    backend = HoldingBackend()
+    clients: list[Client] = []
+    try:
+        listen = f"127.0.0.1:{free_port()}"
+        node = lbproxy([service("web", listen, [{"id": "only", "address": f"127.0.0.1:{backend.port}",
+                                                 "weight": 1, "max_conns": 5}],
+                                max_queue=3, queue_timeout_ms=30_000)], workers=2)
+        clients = [Client(listen) for _ in range(5)]
+        assert [c.readline() for c in clients] == [b"hi\n"] * 5
+        clients += [Client(listen) for _ in range(3)]
+        assert all(_waiting_for_a_line(c, 0.3) for c in clients[5:])
+        wait_until(lambda: _queue(node)["waiting"] == 3, 10)
+        with Client(listen) as refused:
+            assert _closed_by_peer(refused, 5), "a connection past max_queue was not closed at once"
+        assert _queue(node) == {"waiting": 3, "queued": 3, "queue_timeouts": 0, "rejected": 1}
+        assert backend.open == 5 and backend.most == 5
+        waiting = clients[5:]
+        for n in range(3):
+            clients[n].close()  # one slot frees: one waiting connection takes it
+            wait_until(lambda n=n: sum(not _waiting_for_a_line(c, 0.01) for c in waiting) == n + 1, 10)
+            assert _queue(node)["waiting"] == 2 - n
+        assert [c.readline() for c in waiting] == [b"hi\n"] * 3
+        for c in waiting:
+            assert c.echo(b"served\n") == b"served\n"
+        assert backend.most == 5 and backend.accepted == 8
+        stats = node.stats()["services"][0]
+        assert {k: stats[k] for k in ("waiting", "queued", "queue_timeouts", "rejected")} == \
+            {"waiting": 0, "queued": 3, "queue_timeouts": 0, "rejected": 1}
+        assert stats["backends"][0]["max_conns"] == 5 and stats["backends"][0]["active"] == 5
+        assert stats["backends"][0]["state"] == "active"
+    finally:
+        for c in clients:
+            c.close()
+        backend.close()
+
+
+@pytest.mark.timeout(120)
+def test_queued_connections_time_out_and_a_dead_worker_leaves_no_waiting_count(lbproxy):
+    from tests.lbcore.test_lifecycle_worker import HoldingBackend
+
+    backend = HoldingBackend()
+    held: list[Client] = []
+    try:
+        listen = f"127.0.0.1:{free_port()}"
+        node = lbproxy([service("web", listen, [{"id": "only", "address": f"127.0.0.1:{backend.port}",
+                                                 "weight": 1, "max_conns": 1}],
+                                max_queue=4, queue_timeout_ms=500)], workers=2)
+        held = [Client(listen)]
+        assert held[0].readline() == b"hi\n"
+        started = time.monotonic()
+        with Client(listen) as a, Client(listen) as b:
+            assert _closed_by_peer(a, 3) and _closed_by_peer(b, 3)
+        took = time.monotonic() - started
+        assert 0.4 <= took <= 1.5, took
+        assert _queue(node) == {"waiting": 0, "queued": 2, "queue_timeouts": 2, "rejected": 0}
+
+        # connections waiting when their workers are killed: the agent takes
+        # their count out, or every new connection would queue behind them
+        node.write_config({**node.node}, [service("web", listen, [
+            {"id": "only", "address": f"127.0.0.1:{backend.port}", "weight": 1, "max_conns": 1}],
+            max_queue=4, queue_timeout_ms=60_000)])
+        node.send(signal.SIGHUP)
+        node.wait_log("reloaded: version 2")
+        waiting = [Client(listen) for _ in range(3)]
+        wait_until(lambda: _queue(node)["waiting"] == 3, 10)
+        for pid in node.worker_pids().values():
+            os.kill(pid, signal.SIGKILL)
+        for c in waiting + held:
+            assert _closed_by_peer(c, 10)
+            c.close()
+        held = []
+        wait_until(lambda: len(node.stats()["workers"]) == 2 and _queue(node)["waiting"] == 0, 20)
+        wait_until(lambda: node.backend_stats()["only"]["active"] == 0, 10)
+        queued = _queue(node)["queued"]
+        with Client(listen) as fresh:  # served at once, not queued behind a count left over
+            assert fresh.readline() == b"hi\n"
+        assert _queue(node)["queued"] == queued
+    finally:
+        for c in held:
+            c.close()
+        backend.close()
