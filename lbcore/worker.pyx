@@ -544,6 +544,14 @@ cdef bint sending(Worker *w, Direction *d, Side *dst) noexcept nogil:
     cdef int queued = 0
     if dst.fd < 0:
         return False
+    if dst.err:
+        # A reset (or another error) came from it: nothing held or queued
+        # will be delivered, and the send queue of a reset socket still
+        # counts what was written (SIOCOUTQ): waiting on it would hold the
+        # pair for ABORT_FLUSH_MS for nothing.
+        d.buf_len = 0
+        give_pipe(w, d)
+        return False
     if (d.buf_len > 0 or d.pipe_len > 0) and not flush_pending(d, dst):
         d.buf_len = 0
         give_pipe(w, d)

@@ -323,3 +323,45 @@ def test_bytes_left_in_a_pipe_by_a_reset_never_reach_the_next_connection(lbproxy
             got += chunk
     assert len(got) == 4 << 20
     assert set(got) == {2}, f"bytes of another connection: {sorted(set(got))}"
+
+
+@pytest.mark.timeout(120)
+def test_a_client_that_reset_takes_nothing_more_and_its_pair_closes_at_once(lbproxy, scripted):
+    """A client closes after its exchange; the backend answers the end of
+    its stream with a last line, then holds its side open. The line meets a
+    closed socket: the client resets. What was written to it can never be
+    delivered (the kernel keeps counting it in the send queue of a reset
+    socket), so the pair is torn down at once: it once waited out the 2 s
+    given to bytes still on their way, holding the backend's connection
+    and its count (and a drain) that long."""
+
+    def answer_then_hold(sock: socket.socket) -> None:
+        ends = next(b.ends for b in ScriptedBackend.made if sock in b.held)
+        sock.settimeout(20)
+        try:
+            while sock.recv(1 << 16):
+                pass
+            sock.sendall(b"bye\n")  # after the client's FIN: into a closed socket
+            for _ in range(200):  # then its side stays open until the node tears the pair down
+                time.sleep(0.02)
+                sock.sendall(b".")
+            ends.append("still open")
+        except (ConnectionResetError, BrokenPipeError):
+            ends.append("reset")
+        except OSError as exc:
+            ends.append(repr(exc))
+
+    backend = scripted(answer_then_hold)
+    node, host, port = behind_a_node(lbproxy, backend)
+    for attempt in range(3):
+        client = socket.create_connection((host, int(port)), timeout=10)
+        client.sendall(b"hello\n")
+        time.sleep(0.05)
+        closed = time.monotonic()
+        client.close()
+        ended = attempt + 1
+        wait_until(lambda n=ended: len(backend.ends) == n, 10, message=lambda: "the backend to see the end")
+        took = time.monotonic() - closed
+        assert backend.ends[-1] == "reset", backend.ends
+        assert took < 1.0, f"the pair closed {took:.2f} s after the client's reset"
+    wait_until(lambda: active(node) == 0, 5, message=lambda: f"still active: {active(node)}")
