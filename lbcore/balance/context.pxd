@@ -35,7 +35,6 @@ cdef struct PickContext:
     bint panic                    # ejections and local_down ignored (see pick_with_panic)
     int ramp_row                  # RAMP_MET: the ramping row the fast pass met, and its stamp
     uint32_t ramp_start
-    int ramp_first                # p2c: the first candidate when the second met it (-1: it was the first)
 
 
 cdef inline bint row_is_eligible(const flc_backend *b) noexcept nogil:
@@ -174,6 +173,16 @@ cdef inline bint ramp_declines(PickContext *ctx, uint32_t row) noexcept nogil:
     # Precondition: ``row`` passed is_excluded (it is in range).
     cdef uint32_t start = flc_load_u32(&ctx.counters[ctx.backends[row].slot % FLC_MAX_BACKENDS].ramp_start_ms)
     return start != 0 and ramp_draw_declines(ctx, start)
+
+
+cdef inline bint still_ramping(const PickContext *ctx, uint32_t start) noexcept nogil:
+    # A stamp whose window is not over (integer arithmetic only: the common
+    # passes of wrr and p2c ask it without a call); 0 is no stamp.
+    cdef int32_t elapsed
+    if start == 0:
+        return False
+    elapsed = <int32_t>(<uint32_t>ctx.now_ms - start)
+    return elapsed < 0 or <uint32_t>elapsed < ctx.service.slow_start_ms
 
 
 cdef inline bint ramp_draw_declines(PickContext *ctx, uint32_t start) noexcept nogil:

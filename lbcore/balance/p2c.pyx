@@ -6,19 +6,22 @@ appears in proportion to its weight, so the draw is weighted in O(1); the
 comparison uses node-wide active counts scaled by weight. The second draw
 avoids the first backend, so there is a real choice whenever two exist.
 
-Slow start thins the draws of a ramping backend: a draw that lands on it is
-declined with probability 1 - f (context.pxd ``ramp_draw_declines``) and
-drawn again, so each candidate is the ramping backend w·f / (the others' weights
-+ w·f) of the time, and its picks are thinned by f. With long-lived
-connections it still fills up to the others' load (the comparison favours
-it meanwhile), at the rate f allows. A draw of a ramping backend in the
-common pass hands the pick to ``pick_ramping`` (RAMP_MET), so a pick that
-draws none costs one load more, not a call.
+Slow start: a ramping backend is only ever the first candidate, and its
+draw is thinned: declined with probability 1 - f (context.pxd
+``ramp_draw_declines``) and drawn again, so it is the first candidate
+w·f / (the others' weights + w·f) of the time; the second candidate is
+drawn among the backends not ramping. It so takes Envoy's effective share
+whatever the loads (with loads, as the second candidate too it would win
+nearly every comparison it is in, its share twice the formula's, being the
+least loaded); with long-lived connections it fills up at the rate f allows.
+A ramping first draw in the common pass hands the pick to ``pick_ramping``
+(RAMP_MET), so a pick that draws none costs one load more, not a call.
 """
 from libc.stdint cimport uint32_t, uint64_t, int64_t
 from lbcore.includes.layout cimport FLC_MAX_BACKENDS, flc_load_i64
 from lbcore.balance.context cimport (
-    RAMP_MET, PickContext, excluded_or_ramping, next_random, ramp_draw_declines, scan_for_any, table_in_pool,
+    RAMP_MET, PickContext, excluded_or_ramping, next_random, ramp_draw_declines, scan_for_any, still_ramping,
+    table_in_pool,
 )
 
 cdef enum:
@@ -26,28 +29,41 @@ cdef enum:
 
 
 cdef inline int draw(PickContext *ctx, uint32_t offset, uint32_t length, int other) noexcept nogil:
-    # the common pass: a ramping row drawn hands the pick to pick_ramping
+    # The common pass's first draw: a ramping row hands the pick to pick_ramping.
     cdef int i
     cdef uint32_t row, start = 0
     for i in range(DRAWS):
         row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
         if <int>row == other or excluded_or_ramping(ctx, row, &start):
             continue
-        if start == 0:
+        if not still_ramping(ctx, start):
             return <int>row
         ctx.ramp_row, ctx.ramp_start = <int>row, start
         return RAMP_MET
     return -1
 
 
-cdef inline int draw_thinned(PickContext *ctx, uint32_t offset, uint32_t length, int other) noexcept nogil:
+cdef inline int draw_steady(PickContext *ctx, uint32_t offset, uint32_t length, int other) noexcept nogil:
+    # The second candidate: never a ramping row.
     cdef int i
     cdef uint32_t row, start = 0
     for i in range(DRAWS):
         row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
-        if <int>row == other or excluded_or_ramping(ctx, row, &start):
+        if <int>row == other or excluded_or_ramping(ctx, row, &start) or still_ramping(ctx, start):
             continue
-        if start == 0 or not ramp_draw_declines(ctx, start):
+        return <int>row
+    return -1
+
+
+cdef inline int draw_thinned(PickContext *ctx, uint32_t offset, uint32_t length) noexcept nogil:
+    # The first candidate in the ramping pass: each ramping row drawn thinned.
+    cdef int i
+    cdef uint32_t row, start = 0
+    for i in range(DRAWS):
+        row = ctx.table[offset + <uint32_t>(next_random(ctx) % length)]
+        if excluded_or_ramping(ctx, row, &start):
+            continue
+        if not still_ramping(ctx, start) or not ramp_draw_declines(ctx, start):
             return <int>row
     return -1
 
@@ -72,37 +88,30 @@ cdef int pick(PickContext *ctx) noexcept nogil:
         return -1
     a = draw(ctx, offset, length, -1)
     if a == RAMP_MET:
-        ctx.ramp_first = -1
         return a
     if a < 0:
         return scan_for_any(ctx, <uint32_t>next_random(ctx))
-    b = draw(ctx, offset, length, a)
-    if b == RAMP_MET:
-        ctx.ramp_first = a
-        return b
-    if b < 0:
-        return a
-    return less_loaded(ctx, a, b)
+    return second(ctx, offset, length, a)
 
 
 cdef int pick_ramping(PickContext *ctx) noexcept nogil:
-    """The pick after ``pick`` drew a ramping row: that draw decided (kept
-    with probability f), then the draws go on where ``pick`` stopped, each
-    ramping row drawn thinned. (Drawing again from the start would bias:
-    only picks that met a ramping row would come here.)"""
+    """The pick after ``pick`` drew a ramping first candidate: that draw
+    decided (kept with probability f), else the first candidate drawn again
+    thinned; then the second as ever. (Drawing the whole pick again would
+    bias: only picks that met a ramping row would come here.)"""
     cdef uint32_t offset = ctx.service.schedule_offset
     cdef uint32_t length = ctx.service.schedule_len
-    cdef int a = ctx.ramp_first, b
-    cdef bint kept = not ramp_draw_declines(ctx, ctx.ramp_start)
+    cdef int a
     if not table_in_pool(offset, length):
         return -1
+    a = ctx.ramp_row if not ramp_draw_declines(ctx, ctx.ramp_start) else draw_thinned(ctx, offset, length)
     if a < 0:
-        a = ctx.ramp_row if kept else draw_thinned(ctx, offset, length, -1)
-        if a < 0:
-            return scan_for_any(ctx, <uint32_t>next_random(ctx))
-        b = draw_thinned(ctx, offset, length, a)
-    else:
-        b = ctx.ramp_row if kept else draw_thinned(ctx, offset, length, a)
+        return scan_for_any(ctx, <uint32_t>next_random(ctx))
+    return second(ctx, offset, length, a)
+
+
+cdef inline int second(PickContext *ctx, uint32_t offset, uint32_t length, int a) noexcept nogil:
+    cdef int b = draw_steady(ctx, offset, length, a)
     if b < 0:
         return a
     return less_loaded(ctx, a, b)

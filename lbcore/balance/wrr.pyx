@@ -19,7 +19,7 @@ from libc.stdlib cimport calloc, free, malloc
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from lbcore.includes.layout cimport flc_backend, flc_fetch_inc_u64
 from lbcore.balance.context cimport (
-    RAMP_MET, PickContext, excluded_or_ramping, ramp_draw_declines, scan_for_any, table_in_pool,
+    RAMP_MET, PickContext, excluded_or_ramping, ramp_draw_declines, scan_for_any, still_ramping, table_in_pool,
 )
 
 cdef enum:
@@ -42,7 +42,7 @@ cdef int pick(PickContext *ctx) noexcept nogil:
         row = ctx.table[offset + <uint32_t>(cursor % length)]
         if excluded_or_ramping(ctx, row, &start):
             continue
-        if start == 0:
+        if not still_ramping(ctx, start):
             return <int>row
         ctx.ramp_row, ctx.ramp_start = <int>row, start  # pick_ramping decides on it and steps on
         return RAMP_MET
