@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from lbcore import config
 from lbcore.config import ConfigError, load_config, parse_config
 
 GOOD = """
@@ -131,3 +132,13 @@ def test_lifecycle_keys_sit_in_the_service_and_default_when_left_out():
             service.lifecycle.max_queue, service.lifecycle.queue_timeout_ms) == (10000, 2.0, 8, 1000)
     assert service.lifecycle.drain_timeout_ms == 300_000 and service.lifecycle.on_drain_timeout == "close"
     assert service.backends[0].max_conns == 5 and service.backends[0].state == "active"
+
+
+@pytest.mark.parametrize(("value", "settings"), [
+    (config.DEFAULT_HEALTH, config.HEALTH_SETTINGS),
+    (config.DEFAULT_OUTLIER, config.OUTLIER_SETTINGS),
+    (config.DEFAULT_LIFECYCLE, config.LIFECYCLE_SETTINGS),
+])
+def test_a_tables_defaults_are_its_settings_defaults(value, settings):
+    # the dataclass a table is read into states each default again: they must agree
+    assert vars(value) == {s.name: s.default for s in settings}
