@@ -61,7 +61,8 @@ def plan_changes(services: tuple[Service, ...], policies: dict[str, dict[str, An
         for backend in service.backends:
             record = current.get((service.name, backend.id))
             where = f"{service.name}/{backend.id}"
-            if record is None or record["state"] in ("removed", "drained"):
+            # a backend the file lists is active: one drained, draining or removed is added again
+            if record is None or record["state"] in ("removed", "drained", "draining"):
                 limit = f" max_conns {backend.max_conns}" if backend.max_conns else ""
                 changes.append(Change(f"+ backend {where} {backend.address} weight {backend.weight}{limit}",
                                       "backend.add",

@@ -291,20 +291,32 @@ def _backend_line(row: dict[str, Any]) -> str:
 
 
 def _wait_drained(args: argparse.Namespace) -> int:
-    """Until the backend is drained (or removed after its drain): 0; 1 at the timeout."""
+    """0 once the backend's drain has ended (drained, or removed after it);
+    1 at the timeout, naming the nodes not yet confirmed; 2 when there is
+    no drain to wait for (no such backend, not draining, removed at once).
+    A control plane that does not answer is asked again until the timeout."""
     endpoint = _endpoint(args)
     deadline = time.monotonic() + max(0, args.timeout_ms) / 1000
+    row: dict[str, Any] | None = None
     while True:
-        rows = [r for r in request(endpoint, "backend.list", {"service": args.service}, args.timeout)
-                if r["id"] == args.id]
+        try:
+            rows = [r for r in request(endpoint, "backend.list", {"service": args.service}, args.timeout)
+                    if r["id"] == args.id]
+        except CtlError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+            continue
         if not rows:
-            raise CtlError(f"no backend {args.service}/{args.id}")
+            raise CtlError(f"no backend {args.service}/{args.id}", EXIT_USAGE)
         row = rows[0]
-        if row["state"] in ("drained", "removed"):
+        drain = row["drain"]
+        if row["state"] in ("drained", "removed") and drain and drain["ended"] in ("confirmed", "timeout"):
             print(_show(row, True) if args.json else _backend_line(row))
             return EXIT_OK
         if row["state"] != "draining":
-            raise CtlError(f"backend {args.service}/{args.id} is {row['state']}, not draining")
+            raise CtlError(f"backend {args.service}/{args.id} is {row['state']}: no drain to wait for",
+                           EXIT_USAGE)
         if time.monotonic() >= deadline:
             print(f"lbctl: not drained within {args.timeout_ms} ms: {_backend_line(row)}", file=sys.stderr)
             return EXIT_ERROR

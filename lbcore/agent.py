@@ -290,8 +290,13 @@ class NodeAgent:
         self.link.applied(routing)
         self.log(f"applied: version {routing.version}")
 
-    def _remote_counters(self) -> dict[str, Any]:
+    def _remote_counters(self) -> dict[str, Any] | None:
+        """The counters, once every worker has taken up the image published
+        (else None): counts of a version before could still grow, and the
+        control plane takes them for this version's (a drain confirmed)."""
         assert self.segment is not None and self.planner is not None
+        if not self.planner.workers_current():
+            return None
         # the image it published: no copy back from shared memory
         return report_counters(self.segment, MAX_REPORT_BACKENDS, self.planner.image)
 

@@ -102,3 +102,12 @@ BUF_OFF_SERVICES = IMAGE_HEADER.itemsize
 BUF_OFF_BACKENDS = BUF_OFF_SERVICES + MAX_SERVICES * SERVICE.itemsize
 BUF_OFF_TABLE = BUF_OFF_BACKENDS + MAX_BACKENDS * BACKEND.itemsize
 
+
+
+def ramp_elapsed_ms(stamps: np.ndarray, now_ms: int) -> np.ndarray:
+    """Per ramp_start_ms stamp (flc_counter): the ms since it, as the
+    workers read the 32-bit stamp (wrapping; one ahead of ``now_ms``, on
+    ramp_clock, has just begun: 0)."""
+    elapsed = (np.int64(now_ms) - stamps.astype(np.int64)) % (1 << 32)
+    elapsed[elapsed >= 1 << 31] = 0
+    return elapsed

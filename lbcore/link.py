@@ -31,6 +31,7 @@ from lbcore.wire import (
     KIND_HEARTBEAT,
     KIND_SNAPSHOT,
     MAX_RESULTS_PER_MESSAGE,
+    REPORT_INTERVAL_S,
     NodeHealth,
     WireError,
     decode_delta,
@@ -44,7 +45,6 @@ from lbcore.wire import (
 
 FETCH_TIMEOUT_S = 2.0
 REFUSED_RETRY_S = 30.0
-REPORT_INTERVAL_S = 0.5
 
 
 class ControlLink:
@@ -214,7 +214,7 @@ class ControlLink:
                 self.resend_health = True  # not sent: the whole set goes again
                 return
 
-    def tick(self, counters: Callable[[], dict[str, Any]],
+    def tick(self, counters: Callable[[], dict[str, Any] | None],
              health: Callable[[], NodeHealth | None] = lambda: None,
              queues: Callable[[], dict[str, dict[str, int]] | None] = lambda: None) -> None:
         """Report what is applied, and say loudly when the control plane has
@@ -229,25 +229,28 @@ class ControlLink:
             self.log(f"control plane heard again; serving version {self.version}")
         if time.monotonic() >= self._next_report:
             self._next_report = time.monotonic() + REPORT_INTERVAL_S
-            self.report(counters(), health(), queues())
+            self.report(counters(), health(), queues(), periodic=True)
 
     def report(self, counters: dict[str, Any] | None, health: NodeHealth | None = None,
-               queues: dict[str, dict[str, int]] | None = None) -> None:
+               queues: dict[str, dict[str, int]] | None = None, periodic: bool = False) -> None:
         """Tell the control plane what is applied (fire and forget). The
-        ACK (no counters) carries no digest: hashing the whole snapshot
-        would delay it; the periodic report (with counters) does."""
+        ACK carries no digest: hashing the whole snapshot would delay it;
+        the periodic report does, and the counters when they are of the
+        version applied (None: a worker has not taken it up yet, and its
+        count could still grow from the version before: the control plane
+        keeps the last ones, which confirm no drain of this version)."""
         digest = None
-        if counters is not None:
+        if periodic:
             digest = self.routing.digest() if self.routing.version >= 0 else ""
         message = report_request(self.node_id, self.routing.epoch, self.routing.version, self.staleness_ms(),
-                                 counters, digest, self.max_staleness_ms if counters is not None else None,
+                                 counters, digest, self.max_staleness_ms if periodic else None,
                                  health, queues)
         try:
             self.dealer.send(message, zmq.NOBLOCK)  # one frame: one wake of the I/O thread
         except zmq.Again:
             pass
         # only refusals and requests to resend are answered: read with the periodic report, not the ACK
-        while counters is not None:
+        while periodic:
             try:
                 raw = self.dealer.recv_multipart(zmq.NOBLOCK)[-1]
             except zmq.Again:

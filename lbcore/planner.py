@@ -201,9 +201,7 @@ class Planner:
             return 0
         now = ramp_clock() if now is None else now
         windows = self._ramp_windows()[slots]
-        elapsed = (np.int64(now) - stamps[slots].astype(np.int64)) % (1 << 32)
-        elapsed[elapsed >= 1 << 31] = 0  # stamped ahead of this clock: just begun
-        over = slots[elapsed >= windows]
+        over = slots[layout.ramp_elapsed_ms(stamps[slots], now) >= windows]
         for slot in over.tolist():
             self._store_ramp(slot, 0)
         return int(over.size)

@@ -12,16 +12,12 @@ from lbcore import layout
 from lbcore.balance import ALGORITHMS
 from lbcore.ejection import monotonic_ms
 from lbcore.image import Image, read_image
-from lbcore.layout import STATE_OF_DRAIN
+from lbcore.layout import STATE_OF_DRAIN, ramp_elapsed_ms
 from lbcore.segment import Segment
-from lbcore.wire import REPORT_FIELDS, SUMMED, summed_counters
+from lbcore.wire import MAX_DRAINING_REPORTED, QUEUE_FIELDS, REPORT_FIELDS, SUMMED, summed_counters
 
 ALGORITHM_OF_CODE = {v: k for k, v in ALGORITHMS.items()}  # as the image holds it
 COUNTER_FIELDS = ("active", "total", "failed", "bytes_to_backend", "bytes_to_client")
-QUEUE_FIELDS = ("waiting", "queued", "queue_timeouts", "rejected")  # per service (flc_service_state)
-# Backends in drain whose own rows a summed report still carries: the
-# control plane confirms a drain by their open connections on every node
-MAX_DRAINING_REPORTED = 100
 
 
 def _address(ip: int, port: int) -> str:
@@ -90,12 +86,9 @@ def node_stats(segment: Segment) -> dict[str, Any]:
 def ramp_ms_left(stamps: np.ndarray, window_ms: int, now_ms: int) -> np.ndarray:
     """Per ramp_start_ms stamp: the ms of slow start left at ``now_ms``
     (0: not ramping), on the workers' reading of the 32-bit stamp."""
-    stamps = stamps.astype(np.int64)
     if not window_ms:
         return np.zeros(len(stamps), dtype=np.int64)
-    elapsed = (np.int64(now_ms) - stamps) % (1 << 32)
-    elapsed[elapsed >= 1 << 31] = 0  # stamped ahead of this clock: just begun
-    return np.where(stamps != 0, np.maximum(window_ms - elapsed, 0), 0)
+    return np.where(stamps != 0, np.maximum(window_ms - ramp_elapsed_ms(stamps, now_ms), 0), 0)
 
 
 def format_stats(stats: dict[str, Any]) -> str:

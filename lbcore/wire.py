@@ -22,9 +22,13 @@ two of them are a node's:
                    "digest": SHA256 of the applied SNAPSHOT, "max_staleness_ms": ITS BOUND, "counters":
                    {SERVICE: {BACKEND: {"active", "total", "failed"}}},
                    "services": {SERVICE: {"waiting", "queued", "queue_timeouts", "rejected"}}}  -> {}
-      counters and digest optional: the ACK sent right after an apply has
-      neither (its exact bytes: ``report_request``, read back by
-      ``read_ack`` without a JSON parse); the periodic report has both.
+      counters, digest and services optional: the ACK sent right after an
+      apply has none (its exact bytes: ``report_request``, read back by
+      ``read_ack`` without a JSON parse); the periodic report has the
+      digest, and the counters once every worker of the node has taken up
+      the version it reports (they are what confirms a drain of that
+      version: orchestrator/drains.py). Summed per service, counters still
+      carry the own rows of the backends in drain (MAX_DRAINING_REPORTED).
       Sent from a DEALER (no empty delimiter frame) a report is fire and
       forget: answered only if refused. At most MAX_REPORT_BYTES: past it
       the counters go summed per service.
@@ -53,7 +57,8 @@ drained; "closing": its drain timed out, nodes close what is left.
 [service.health] and [service.outlier] settings that differ from their
 defaults (absent when none do), and the lifecycle keys (drain_timeout_ms,
 slow_start_ms, max_queue, ...: lbcore.config.LIFECYCLE_SETTINGS) likewise,
-so the same policy is the same bytes.
+so the same policy is the same bytes. (Keys are in canonical, sorted order
+on the wire: the lifecycle keys fall among the others.)
 
 E is the epoch of the store it was derived from: a store's identity, made
 with it (and made anew when the store is found behind its nodes, say a
@@ -96,6 +101,9 @@ MAX_RESULTS_PER_MESSAGE = 1000   # probe results in one health.results message
 MAX_HEARTBEAT_NODES = 1024       # nodes a heartbeat names (the control plane keeps at most this many)
 REPORT_FIELDS = ("active", "total", "failed")  # the counters a report carries per backend
 QUEUE_FIELDS = ("waiting", "queued", "queue_timeouts", "rejected")  # and per service: its queue
+MAX_DRAINING_REPORTED = 100      # summed counters still carry the own rows of this many draining backends
+REPORT_INTERVAL_S = 0.5          # a node's periodic report
+SILENT_S = 3 * REPORT_INTERVAL_S  # a node not heard from for this long is silent: not live, not done
 SUMMED = "(all)"                 # the backend of a service's counters summed
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 MAX_COUNTER = (1 << 63) - 1
@@ -367,7 +375,11 @@ def report_request(node: str, epoch: int, version: int, staleness_ms: int, count
         args["services"] = services
     message = encode_request("node.report", args)
     if len(message) > MAX_REPORT_BYTES and counters is not None:
-        args["counters"] = {service: {SUMMED: summed_counters(columns_of(rows.values()))}
+        # a service summed already keeps the rows beside its sum (those of
+        # its backends in drain, at most MAX_DRAINING_REPORTED); another
+        # loses them, and its drains wait on the sum (an upper bound)
+        args["counters"] = {service: rows if SUMMED in rows else
+                            {SUMMED: summed_counters(columns_of(rows.values()))}
                             for service, rows in counters.items()}
         message = encode_request("node.report", args)
     return message

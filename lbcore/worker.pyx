@@ -650,6 +650,7 @@ cdef void connect_failed(Worker *w, int index) noexcept nogil:
     close(c.backend.fd)
     c.backend.fd = -1
     drop_claim(w, c, True)
+    notice_image(w)  # the retry picks from the image published last, as a new connection does
     if connect_backend(w, index) != CONNECT_STARTED:
         close_conn(w, index)  # a retry does not wait in the queue: its client has waited a connect already
 
@@ -755,16 +756,21 @@ cdef void enter_queue(Worker *w, int index) noexcept nogil:
     cdef flc_service_state *state = &w.service_states[slot]
     cdef uint32_t max_queue = 0, timeout_ms = 0
     cdef bint admitted = False
+    # This worker's share moves before the shared count going up and after
+    # it coming down: a worker killed in between leaves the count one low
+    # (the agent takes its share out), never one high, which would make
+    # every new connection of the service queue behind a ghost.
     if queue_settings(w, slot, &max_queue, &timeout_ms) and max_queue > 0:
+        w.my_waiting[slot] += 1
         admitted = flc_add_fetch_i64(&state.waiting, 1) <= <int64_t>max_queue
         if not admitted:
             flc_add_i64(&state.waiting, -1)
+            w.my_waiting[slot] -= 1
     if not admitted:
         flc_add_u64(&state.rejected, 1)
         close_conn(w, index)
         return
     flc_add_u64(&state.queued, 1)
-    w.my_waiting[slot] += 1
     w.n_waiting += 1
     c.waiting = True
     c.state = CONN_WAITING
@@ -828,8 +834,12 @@ cdef void serve_queue(Worker *w, uint32_t slot) noexcept nogil:
 
 
 cdef void serve_queues(Worker *w) noexcept nogil:
-    cdef uint64_t services = w.queued_services
+    cdef uint64_t services
     cdef int slot
+    # the image published last, as at an accept: a drain the node reported
+    # applied must not see a claim from the one before
+    notice_image(w)
+    services = w.queued_services
     w.queue_kick = False
     w.next_queue_poll_ms = w.now_ms + QUEUE_POLL_MS
     for slot in range(FLC_MAX_SERVICES):

@@ -149,10 +149,8 @@ class ControlPlane:
         if verb == "backend.remove":
             return self._remove(service, backend_id, args)
         if verb == "backend.drain":
-            then = args.get("then", "keep")
-            timeout = self._drain_timeout(service, args)
-            return self._write(lambda: store.drain_backend(service, backend_id, timeout, then, expected),
-                               touched)
+            return self._write(lambda: store.drain_backend(service, backend_id, args.get("timeout_ms"),
+                                                           args.get("then"), expected), touched)
         if verb == "backend.set_weight":
             return self._write(lambda: store.set_weight(service, backend_id, args["weight"], expected),
                                touched)
@@ -187,17 +185,8 @@ class ControlPlane:
         if final or (record is not None and record.state is Membership.DRAINED):
             return self._write(lambda: self.store.set_membership(service, backend_id, Membership.REMOVED,
                                                                  expected), touched)
-        timeout = self._drain_timeout(service, args)
-        return self._write(lambda: self.store.drain_backend(service, backend_id, timeout, "remove", expected),
-                           touched)
-
-    def _drain_timeout(self, service: str, args: dict[str, Any]) -> int:
-        """The drain's timeout: given, else the service's drain_timeout_ms."""
-        if "timeout_ms" in args:
-            return args["timeout_ms"]  # checked by the store
-        policy = next(iter(self.store.read_rows({service}, set(), set()).policies), None)
-        return lifecycle_of(policy.lifecycle, policy.algorithm).drain_timeout_ms if policy \
-            else DEFAULT_LIFECYCLE.drain_timeout_ms
+        return self._write(lambda: self.store.drain_backend(service, backend_id, args.get("timeout_ms"),
+                                                            "remove", expected), touched)
 
     def _policy_settings(self, args: dict[str, Any]) -> tuple[str, str, HealthCheck | None, Outlier | None,
                                                               Lifecycle | None]:

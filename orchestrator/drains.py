@@ -18,7 +18,12 @@ log says how many connections were open, and the record becomes drained
 (or removed, for a drain that was a removal).
 
 The watch is derived, never stored beyond the record: after a restart it
-reads the draining records again, and the nodes' next reports confirm.
+reads the draining records again, and the nodes' next reports confirm; it
+confirms nothing for START_GRACE_S, the time every node still running
+takes to report to a control plane that knows none yet. A node's counters
+count only when read once all its workers had taken up the version it
+reports (lbcore/agent.py): a worker still picking from the image before
+could yet open a connection to the backend.
 """
 from __future__ import annotations
 
@@ -28,15 +33,18 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from lbcore.wire import SUMMED
+from lbcore.wire import SILENT_S, SUMMED
 from orchestrator.errors import ControlError
 from orchestrator.model import Backend, Change, Drain, Membership
 from orchestrator.policy import lifecycle_of
 from orchestrator.store import Store
 
 CLOSE_GRACE_S = 3.0   # after the nodes were told to close: drained even if one never confirms
-SILENT_S = 1.5        # a node not heard from for this long is silent (three report intervals)
 STEP_S = 0.05         # how often running drains are looked at
+# After a start the control plane knows no node yet: none is confirmed as
+# done before every node still running has had time to report (and one
+# that stays silent past this is the operator's to see, at the timeout)
+START_GRACE_S = 2 * SILENT_S
 Key = tuple[str, str]
 
 
@@ -66,6 +74,7 @@ class DrainWatch:
         self._unrecorded: dict[Key, Drain] = {}  # draining records of a store made before drains were kept
         self._next = 0.0
         self._failed = False
+        self._started = time.monotonic()
 
     def touch(self, change: Change) -> None:
         if change.backend is not None:
@@ -89,7 +98,7 @@ class DrainWatch:
             elif node["version"] < drain.version:
                 why = f"applied version {node['version']} < {drain.version}"
             elif node.get("counters_version", -1) < drain.version:
-                why = "no counters since it applied the drain"
+                why = "no counters of the drain's version yet (its workers taking it up, or not kept)"
             elif active:
                 why = f"{active} open"
             else:
@@ -156,26 +165,27 @@ class DrainWatch:
             drain = self._unrecorded.setdefault(
                 key, Drain(now_wall, 0, self._service_timeout(service), "keep"))
         total, waiting = self.confirmation(record, drain, now)
-        if not waiting:
+        if not waiting and now - self._started >= START_GRACE_S:
             self._end(record, drain, "confirmed", total)
             return
-        if now_wall < drain.since + drain.timeout_ms / 1000:
+        if now_wall < drain.since + drain.timeout_ms / 1000 or not waiting:
             return
         blocking = ", ".join(f"{w['node']} ({w['why']})" for w in waiting)
-        if self._on_timeout(service) == "keep":
+        if drain.closing:
+            if now - self._closing_since.setdefault(key, now) >= CLOSE_GRACE_S:
+                self.log(f"drain of {service}/{backend_id}: {total} connections still reported open "
+                         f"{CLOSE_GRACE_S:.0f} s after the nodes were told to close them "
+                         f"(waiting for {blocking})")
+                self._end(record, drain, "timeout", total)
+        elif self._on_timeout(service) == "keep":
             self.log(f"drain of {service}/{backend_id} timed out after {drain.timeout_ms} ms with {total} "
                      f"connections open (waiting for {blocking}); on_drain_timeout = keep: left open")
             self._end(record, drain, "timeout", total)
-        elif not drain.closing:
+        else:
             self.log(f"drain of {service}/{backend_id} timed out after {drain.timeout_ms} ms with {total} "
                      f"connections open (waiting for {blocking}); on_drain_timeout = close: nodes close them")
             self._closing_since[key] = now
             self._commit(record, dataclasses.replace(drain, closing=True), Membership.DRAINING)
-        elif now - self._closing_since.setdefault(key, now) >= CLOSE_GRACE_S:
-            self.log(f"drain of {service}/{backend_id}: {total} connections still reported open "
-                     f"{CLOSE_GRACE_S:.0f} s after the nodes were told to close them "
-                     f"(waiting for {blocking})")
-            self._end(record, drain, "timeout", total)
 
     def _end(self, record: Backend, drain: Drain, how: str, total: int) -> None:
         state = Membership.REMOVED if drain.then == "remove" else Membership.DRAINED

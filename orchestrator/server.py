@@ -35,6 +35,7 @@ from lbcore.wire import (
     KIND_HEARTBEAT,
     KIND_SNAPSHOT,
     MAX_RECEIVED,
+    SILENT_S,
     SUMMED,
     WireError,
     columns_of,
@@ -66,7 +67,7 @@ MAX_OTHER_EPOCH_NODES = 64
 # Per-backend counter rows kept over all nodes (what status shows): past it,
 # a node's counters are kept summed per service
 MAX_COUNTER_ROWS = 50_000
-LIVE_S = 1.5  # a node that reported within this is one probers are chosen among (3 report intervals)
+LIVE_S = SILENT_S  # a node that reported within this is one probers are chosen among
 KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagation status shows
 
 
@@ -217,6 +218,7 @@ class Orchestrator:
             rows = len(counters)
         if self._counter_rows + rows > MAX_COUNTER_ROWS:
             counters, rows = {}, 0  # past the budget even summed: none kept for this node
+            counters_version = -1   # and none to confirm a drain with
         self._counter_rows += rows
         # from the commit of the version to this node's first word of it
         propagation = previous.get("propagation_ms")

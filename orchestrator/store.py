@@ -37,7 +37,7 @@ from lbcore.config import (
 from lbcore.layout import MAX_BACKENDS, MAX_SERVICES
 from orchestrator.errors import BadRequestError, NotFoundError, VersionConflictError
 from orchestrator.model import DRAIN_THEN, TRANSITIONS, Backend, Drain, Health, Membership, Policy, State
-from orchestrator.policy import settings_text
+from orchestrator.policy import lifecycle_of, settings_text
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -89,7 +89,7 @@ class Store(Protocol):
     def set_weight(self, service: str, backend_id: str, weight: int, expected_version: int | None) -> int: ...
     def set_backend(self, service: str, backend_id: str, weight: int | None, max_conns: int | None,
                     expected_version: int | None) -> int: ...
-    def drain_backend(self, service: str, backend_id: str, timeout_ms: int, then: str,
+    def drain_backend(self, service: str, backend_id: str, timeout_ms: int | None, then: str | None,
                       expected_version: int | None) -> int: ...
     def set_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
                   expected_version: int) -> int: ...
@@ -321,20 +321,31 @@ class SqliteStore:
 
     def set_membership(self, service: str, backend_id: str, state: Membership,
                        expected_version: int | None) -> int:
+        """Any allowed transition; draining is a drain (drain_backend, the
+        service's timeout). A running drain that this ends says so: ended
+        by the state it led to (removed at once, say); back to active, it
+        is gone."""
         _check_expected(expected_version)
         state = Membership(state)
+        if state is Membership.DRAINING:
+            return self.drain_backend(service, backend_id, None, None, expected_version)
 
         def change(db: sqlite3.Connection) -> None:
-            record = self._backend(db, service, backend_id)
-            if record is None:
+            row = db.execute("SELECT state, version, drain FROM backend WHERE service = ? AND id = ?",
+                             (service, backend_id)).fetchone()
+            if row is None:
                 raise NotFoundError(f"no backend {service}/{backend_id}")
-            if expected_version is not None and expected_version != record[1]:
-                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
-            if state not in TRANSITIONS[Membership(record[0])]:
-                raise BadRequestError(f"backend {service}/{backend_id} is {record[0]}; "
+            current, version, text = row
+            if expected_version is not None and expected_version != version:
+                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, version)
+            if state not in TRANSITIONS[Membership(current)]:
+                raise BadRequestError(f"backend {service}/{backend_id} is {current}; "
                                       f"cannot become {state.value}")
-            db.execute("UPDATE backend SET state = ?, version = version + 1 WHERE service = ? AND id = ?",
-                       (state.value, service, backend_id))
+            drain = drain_of(text)
+            if drain is not None and not drain.ended:
+                drain = None if state is Membership.ACTIVE else dataclasses.replace(drain, ended=state.value)
+            db.execute("UPDATE backend SET state = ?, drain = ?, version = version + 1 "
+                       "WHERE service = ? AND id = ?", (state.value, drain_text(drain), service, backend_id))
 
         return self._mutate(change)[1]
 
@@ -364,12 +375,15 @@ class SqliteStore:
 
         return self._mutate(change)[1]
 
-    def drain_backend(self, service: str, backend_id: str, timeout_ms: int, then: str,
+    def drain_backend(self, service: str, backend_id: str, timeout_ms: int | None, then: str | None,
                       expected_version: int | None) -> int:
-        """Start a drain of an active backend; of one draining already,
-        only ``then`` may change (a drain followed by a removal)."""
-        _check_integer("timeout_ms", timeout_ms, MAX_MS)
-        if then not in DRAIN_THEN:
+        """Start a drain of an active backend: ``timeout_ms`` None is the
+        service's drain_timeout_ms, ``then`` None is keep. Of a backend
+        draining already, what is given replaces what it had (a drain made
+        a removal, a timeout moved); the same again changes nothing."""
+        if timeout_ms is not None:
+            _check_integer("timeout_ms", timeout_ms, MAX_MS)
+        if then is not None and then not in DRAIN_THEN:
             raise BadRequestError(f"then must be one of {', '.join(DRAIN_THEN)} (got {then!r})")
         _check_expected(expected_version)
 
@@ -381,18 +395,24 @@ class SqliteStore:
             state, version, text = row
             if expected_version is not None and expected_version != version:
                 raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, version)
-            if state == Membership.DRAINING.value:
-                drain = drain_of(text)
-                if drain is None or drain.then == then:
+            drain = drain_of(text)
+            if state == Membership.DRAINING.value and drain is not None:
+                new = dataclasses.replace(drain, then=then or drain.then,
+                                          timeout_ms=drain.timeout_ms if timeout_ms is None else timeout_ms)
+                if new == drain:
                     return False
-                new = dataclasses.replace(drain, then=then)
             elif state != Membership.ACTIVE.value:
                 raise BadRequestError(f"backend {service}/{backend_id} is {state}: only an active backend "
                                       "can be drained")
             else:
+                timeout = timeout_ms
+                if timeout is None:
+                    policy = db.execute("SELECT lifecycle, algorithm FROM policy WHERE service = ?",
+                                        (service,)).fetchone()
+                    timeout = lifecycle_of(*policy).drain_timeout_ms
                 # the version this write makes (_mutate adds one): nodes confirm from there
                 made = db.execute("SELECT value FROM meta WHERE key = 'config_version'").fetchone()[0] + 1
-                new = Drain(time.time(), made, timeout_ms, then)
+                new = Drain(time.time(), made, timeout, then or "keep")
             db.execute("UPDATE backend SET state = 'draining', drain = ?, version = version + 1 "
                        "WHERE service = ? AND id = ?", (drain_text(new), service, backend_id))
             return True

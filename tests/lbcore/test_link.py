@@ -213,3 +213,17 @@ def test_a_refused_snapshot_of_another_epoch_is_not_fetched_again_on_every_heart
     for _ in range(5):
         assert deliver(link, [b"heartbeat", b'{"epoch": 2, "version": 3}']) is None
     assert link.plane.fetches == 1
+
+
+def test_a_periodic_report_goes_without_counters_while_workers_take_up_the_version(link):
+    # the agent gives no counters until every worker has the image published
+    # (lbcore/agent.py _remote_counters): a count of the version before could
+    # still grow, and the control plane would take it for this version's
+    link.tick(lambda: None)
+    deadline = time.monotonic() + 5
+    while not link.plane.reports and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (sent,) = link.plane.reports
+    args = json.loads(sent)["args"]
+    assert "counters" not in args
+    assert "digest" in args and args["max_staleness_ms"] == link.max_staleness_ms  # still the periodic report

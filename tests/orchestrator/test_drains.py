@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from lbcore.wire import SILENT_S
 from orchestrator.control import ControlPlane
-from orchestrator.drains import CLOSE_GRACE_S, SILENT_S, DrainWatch, open_connections
+from orchestrator.drains import CLOSE_GRACE_S, START_GRACE_S, DrainWatch, open_connections
 from orchestrator.model import Membership
 from orchestrator.store import SqliteStore
 
@@ -27,6 +28,7 @@ class Fleet:
         self.watch = DrainWatch(self.store, self.plane.record_drain, lambda: self.nodes, lambda: EPOCH,
                                 self.log.append)
         self.plane.drain_progress = self.watch.progress
+        self.watch._started -= START_GRACE_S  # a control plane up for a while: every node has reported
 
     def call(self, verb: str, **args) -> dict:
         return self.plane.answer(json.dumps({"verb": verb, "args": args}).encode())[1]
@@ -74,8 +76,8 @@ def test_drained_once_every_node_reports_zero_from_the_drain_version_on(fleet):
     # the ACK of the drain's version alone confirms nothing: its counters are older
     fleet.ack("a", drain_version)
     fleet.step()
-    assert fleet.record()["drain"]["unconfirmed"][0] == {"node": "a",
-                                                         "why": "no counters since it applied the drain"}
+    (why,) = [w["why"] for w in fleet.record()["drain"]["unconfirmed"] if w["node"] == "a"]
+    assert why.startswith("no counters of the drain's version yet")
     fleet.report("a", drain_version, active=0)
     fleet.report("b", drain_version, active=1)
     fleet.step()
@@ -205,10 +207,54 @@ def test_drain_of_a_removed_or_drained_backend_is_refused(fleet):
     assert fleet.store.read() == before
 
 
-def test_a_restarted_watch_picks_up_the_running_drains(fleet, tmp_path):
+def test_a_restarted_watch_confirms_nothing_before_the_nodes_had_time_to_report(fleet):
     fleet.report("a", 3, active=1)
     version = fleet.call("backend.drain", service="web", id="w1")["result"]["version"]
-    fresh = DrainWatch(fleet.store, fleet.plane.record_drain, lambda: fleet.nodes, lambda: EPOCH, print)
+    # a control plane started again knows no node yet: none to wait for is not all confirmed
+    nodes: dict[str, dict] = {}
+    fresh = DrainWatch(fleet.store, fleet.plane.record_drain, lambda: nodes, lambda: EPOCH, fleet.log.append)
+    fresh.step()
+    assert fleet.store.read().backends[0].state is Membership.DRAINING
+    nodes["a"] = {**fleet.nodes["a"], "reported": time.monotonic()}  # its report, still with 1 open
+    fresh._started -= START_GRACE_S
+    fresh._next = 0.0
+    fresh.step()
+    assert fleet.store.read().backends[0].state is Membership.DRAINING
     fleet.report("a", version, active=0)
+    nodes["a"] = fleet.nodes["a"]
+    fresh._next = 0.0
     fresh.step()
     assert fleet.store.read().backends[0].state is Membership.DRAINED
+
+
+def test_counters_the_control_plane_did_not_keep_confirm_nothing(fleet):
+    fleet.report("a", 3, active=5)
+    version = fleet.call("backend.drain", service="web", id="w1")["result"]["version"]
+    # past its budget the server keeps no counters of a node, and says so (server._record_report)
+    fleet.nodes["a"] = {**fleet.nodes["a"], "version": version, "counters": {}, "counters_version": -1,
+                        "reported": time.monotonic()}
+    fleet.step()
+    record = fleet.record()
+    assert record["state"] == "draining"
+    assert record["drain"]["unconfirmed"][0]["why"].startswith("no counters of the drain's version yet")
+
+
+def test_a_second_drain_moves_its_timeout_and_then(fleet):
+    fleet.report("a", 3, active=1)
+    fleet.call("backend.drain", service="web", id="w1")
+    assert fleet.record()["drain"]["timeout_ms"] == 300_000
+    version = fleet.store.read().version
+    moved = fleet.call("backend.drain", service="web", id="w1", timeout_ms=1000)["result"]["version"]
+    assert moved == version + 1
+    assert (fleet.record()["drain"]["timeout_ms"], fleet.record()["drain"]["then"]) == (1000, "keep")
+    # the same again changes nothing
+    assert fleet.call("backend.drain", service="web", id="w1", timeout_ms=1000)["result"]["version"] == moved
+
+
+def test_remove_final_ends_a_running_drain(fleet):
+    fleet.report("a", 3, active=1)
+    fleet.call("backend.drain", service="web", id="w1")
+    assert fleet.call("backend.remove", service="web", id="w1", final=True)["ok"]
+    record = fleet.record()
+    assert (record["state"], record["drain"]["ended"]) == ("removed", "removed")
+    assert record["drain"]["unconfirmed"] == []
