@@ -3,6 +3,7 @@ one, the watch that ends it from what the nodes report (a real store, the
 nodes' records as the server keeps them), and its timeout."""
 from __future__ import annotations
 
+import io
 import json
 import time
 
@@ -258,3 +259,34 @@ def test_remove_final_ends_a_running_drain(fleet):
     record = fleet.record()
     assert (record["state"], record["drain"]["ended"]) == ("removed", "removed")
     assert record["drain"]["unconfirmed"] == []
+
+
+def test_a_node_whose_counters_the_server_could_not_keep_confirms_nothing(tmp_path, monkeypatch):
+    """The server's own records (orchestrator/server.py): past its budget of
+    counter rows it keeps none of a node's, and that node once read as 0
+    open, its drains confirmed with connections still open."""
+    from orchestrator import server
+    from orchestrator.settings import Endpoints
+    from tests.support import free_port
+
+    store = SqliteStore(tmp_path / "state.db")
+    endpoints = Endpoints(f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", 500)
+    orch = server.Orchestrator(store, endpoints, log=io.StringIO())
+    try:
+        call = lambda verb, **args: orch.plane.answer(json.dumps({"verb": verb, "args": args}).encode())[1]  # noqa: E731
+        assert call("policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")["ok"]
+        assert call("backend.add", service="web", id="w1", address="127.0.0.1:9001")["ok"]
+        orch._publish_if_dirty(force=True)
+        version = call("backend.drain", service="web", id="w1")["result"]["version"]
+        orch._publish_if_dirty(force=True)
+        monkeypatch.setattr(server, "MAX_COUNTER_ROWS", 0)  # a fleet past the budget
+        orch._record_report("n1", orch.published_epoch, version, 0,
+                            {"web": {"w1": {"active": 5, "total": 5, "failed": 0}}}, "")
+        orch.drains._started -= START_GRACE_S
+        orch.drains.step()
+        (record,) = call("backend.list")["result"]
+        assert record["state"] == "draining", record
+        assert record["drain"]["unconfirmed"][0]["node"] == "n1"
+    finally:
+        orch.close()
+        store.close()
