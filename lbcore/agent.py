@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 import zmq
@@ -40,6 +40,9 @@ from lbcore.segment import Segment
 from lbcore.stats import format_stats, node_stats, report_counters, service_counters
 from lbcore.wire import MAX_REPORT_BACKENDS, NodeHealth
 from lbcore.worker import descriptors_needed
+
+if TYPE_CHECKING:
+    from lbcore.metrics import MetricsServer
 
 READY_TIMEOUT_S = 15.0
 RELOAD_ADOPT_TIMEOUT_S = 5.0
@@ -128,6 +131,7 @@ class NodeAgent:
         self.link: ControlLink | None = None  # services from a control plane
         self.embedded: EmbeddedControlPlane | None = None  # ... started by this node
         self.checks: NodeChecks | None = None  # probes and local verdicts (lbcore.node_checks)
+        self.metrics: MetricsServer | None = None  # node.metrics: bound at start, served once ready
         self._next_health_note = 0.0
         self._next_ramps = 0.0
 
@@ -238,8 +242,12 @@ class NodeAgent:
         if self._config.node.control != "static":
             # services come from the control plane: start with none
             self._config = localize(self._config, ())
-        self.listeners.reserve(self._config)
+        if self._config.node.metrics:
+            # imported only here: a node without metrics loads none of it
+            from lbcore.metrics import MetricsServer
+            self.metrics = MetricsServer.bind(self._config)  # first: an address in use starts nothing
         try:
+            self.listeners.reserve(self._config)
             if self._config.node.control != "static":
                 self._connect_control_plane()
             self.segment = Segment.create(self._config.node.id)
@@ -250,12 +258,20 @@ class NodeAgent:
             self._scale_workers()
             if not self._wait_adopted(READY_TIMEOUT_S):
                 raise RuntimeError("workers did not come up (see their messages above)")
+            if self.metrics is not None:
+                self.metrics.serve(self.segment, self._stale)
         except BaseException:
             self.shutdown(drain=False)
             raise
         node = self.config.node
         listens = ", ".join(f"{s.name} on {s.listen}" for s in self.config.services) or "no services"
         self.log(f"ready: version {self.version}, {node.workers} workers, {listens}")
+
+    def _stale(self) -> bool:
+        """The control link's STALE state (False in static mode); read by
+        the metrics thread, so one attribute read at a time."""
+        link = self.link
+        return link is not None and link.stale
 
     def _connect_control_plane(self) -> None:
         node = self._config.node
@@ -313,6 +329,8 @@ class NodeAgent:
             config = load_config(self.config.path)
             if config.node.id != self.config.node.id:
                 raise ConfigError(config.path, "node.id", "cannot change on reload (restart the node)")
+            if config.node.metrics != self.config.node.metrics:
+                raise ConfigError(config.path, "node.metrics", "changes need a restart")
             check_descriptors(config)
             assert self.planner is not None
             plan = self.planner.plan(config)
@@ -354,6 +372,9 @@ class NodeAgent:
             self.checks.close()
             self.checks = None
         self.listeners.close()
+        if self.metrics is not None:  # before the segment goes: its scrapes read it
+            self.metrics.close()
+            self.metrics = None
         if self.link is not None:
             self.link.close()
             self.link = None

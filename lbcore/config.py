@@ -146,6 +146,10 @@ def _subscribe(v: str) -> str | None:
     return None if v == "" else endpoint_problem(v)
 
 
+def _optional_address(v: str) -> str | None:
+    return None if v == "" else _address(v)
+
+
 def _optional_ip(v: str) -> str | None:
     if v == "":
         return None
@@ -180,6 +184,8 @@ NODE_SETTINGS = [
             "open client connections per worker"),
     Setting("relay", str, "auto", _one_of(RELAY_MODES),
             "auto: read/write, splice once a read fills 16 KiB; splice; copy"),
+    Setting("metrics", str, "", _optional_address,
+            "IPv4 HOST:PORT serving Prometheus metrics at /metrics (\"\": off)"),
 ]
 
 SERVICE_SETTINGS = [
@@ -411,6 +417,7 @@ class NodeSettings:
     subscribe: str
     max_staleness_ms: int
     address: str
+    metrics: str
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ def test_defaults():
     config = parse_config('[node]\nid = "n"\n', "f.toml")
     assert config.node.workers >= 1
     assert config.node.retries == 3 and config.node.drain_timeout_ms == 10_000
+    assert config.node.metrics == ""  # off
+    assert parse_config('[node]\nid = "n"\nmetrics = "0.0.0.0:9100"\n').node.metrics == "0.0.0.0:9100"
     assert config.services == ()
 
 
@@ -64,6 +66,10 @@ def refusal(text: str) -> ConfigError:
     (('control = "static"', 'control = "udp://x:1"'), "node.control", "one of"),
     (('control = "static"', 'control = "tcp://127.0.0.1:7700"'), "node.subscribe", "required"),
     (('control = "static"', 'address = "localhost"'), "node.address", "not an IPv4 address"),
+    (('control = "static"', 'metrics = "localhost:9100"'), "node.metrics", "not an IPv4 address"),
+    (('control = "static"', 'metrics = "127.0.0.1"'), "node.metrics", "is not HOST:PORT"),
+    (('control = "static"', 'metrics = "127.0.0.1:0"'), "node.metrics", "is not 1..65535"),
+    (('control = "static"', "metrics = 9100"), "node.metrics", "must be str, got int"),
     (('id = "node-1"', 'id = "bad id"'), "node.id", "is not a name"),
     (('name = "web"', 'name = ""'), "service[0].name", "is not a name"),
     (("weight = 1", "weight = 1\nmax_conns = -1"), "service[0].backend[0].max_conns",
