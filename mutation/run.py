@@ -80,7 +80,19 @@ def run_one(mutant: dict, base: Path) -> tuple[str, float, str]:
     return ("EQUIVALENT" if mutant.get("equivalent") else "MISSED"), time.monotonic() - start, summary
 
 
+def built(root: Path) -> bool:
+    """The tree's compiled modules import: a copy of a tree that was never
+    built fails every test at import, and every mutant would look caught."""
+    probe = subprocess.run([sys.executable, "-c", "import lbcore.worker, lbcore.balance.wrr, lbcore._layout"],
+                           cwd=root, capture_output=True, text=True, timeout=60)
+    return probe.returncode == 0
+
+
 def main(names: list[str]) -> int:
+    if not built(ROOT):
+        print(f"{ROOT}: its compiled modules do not import; build it first "
+              "(python3 setup.py build_ext --inplace)", file=sys.stderr)
+        return 2
     mutants = tomllib.loads(TABLE.read_text())["mutant"]
     if names:
         mutants = [m for m in mutants if m["name"] in names]
