@@ -66,6 +66,19 @@ def request(endpoint: str, verb: str, args: dict[str, Any], timeout: float) -> A
     raise CtlError(error["message"], status)
 
 
+MIN_INTERVAL_MS, MAX_INTERVAL_MS = 100, 3_600_000
+
+
+def _interval_ms(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of ms") from None
+    if not MIN_INTERVAL_MS <= value <= MAX_INTERVAL_MS:
+        raise argparse.ArgumentTypeError(f"must be {MIN_INTERVAL_MS}..{MAX_INTERVAL_MS} (got {value})")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lbctl", description="Fulcrum admin CLI")
     parser.add_argument("--control",
@@ -151,6 +164,10 @@ def _parser() -> argparse.ArgumentParser:
     command(snapshot, "show").add_argument("--node", help="what this node applied, audited")
     status = command(groups, "status")
     status.set_defaults(verb="status")
+    status.add_argument("--watch", action="store_true", help="redraw the fleet view until Ctrl-C")
+    status.add_argument("--interval-ms", type=_interval_ms, default=1000,
+                        help=f"with --watch: between two views ({MIN_INTERVAL_MS}..{MAX_INTERVAL_MS}, "
+                             "default 1000)")
     verify = command(groups, "verify")
     verify.set_defaults(verb="verify")
     verify.add_argument("--settle-ms", type=int, default=2000,
@@ -388,10 +405,35 @@ def _verify(args: argparse.Namespace) -> int:
     return EXIT_OK if result["consistent"] else EXIT_ERROR
 
 
+def _watch_status(args: argparse.Namespace) -> int:
+    """``status --watch``: the fleet view again every interval until Ctrl-C
+    (exit 0). On a terminal each view replaces the last; piped, views follow
+    each other under a time line. A control plane that does not answer is
+    said in the view, and asked again at the next one."""
+    endpoint = _endpoint(args)
+    redraw = sys.stdout.isatty()
+    try:
+        while True:
+            try:
+                view = _show(request(endpoint, "status", {}, args.timeout), args.json)
+            except CtlError as exc:
+                view = f"lbctl: {exc}"
+            stamp = time.strftime("%H:%M:%S")
+            if redraw:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: the view replaces the last one
+            sys.stdout.write(f"--- {stamp} (every {args.interval_ms} ms; Ctrl-C to stop)\n{view}\n")
+            sys.stdout.flush()
+            time.sleep(args.interval_ms / 1000)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.group == "apply":
         return _apply(args)
+    if args.group == "status" and args.watch:
+        return _watch_status(args)
     for group, verb, run in (("verify", "verify", _verify), ("backend", "wait-drained", _wait_drained)):
         if (args.group, args.verb) == (group, verb):
             try:

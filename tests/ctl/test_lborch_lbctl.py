@@ -600,3 +600,33 @@ address = "127.0.0.1:9001"
     assert (policy["health"]["kind"], policy["health"]["path"], policy["outlier"]["max_ejection_percent"]) \
         == ("http", "/ready", 20)
     assert lbctl(orch, "apply", "-f", str(desired), "--dry-run").stdout.strip() == "no changes"
+
+
+def test_status_watch_redraws_until_interrupted_and_follows_changes(orch):
+    command = [sys.executable, "-m", "ctl.lbctl", "--control", orch.endpoint, "status", "--watch",
+               "--interval-ms", "100"]
+    watch = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        time.sleep(1.0)
+        assert lbctl(orch, "backend", "set-weight", "web", "w1", "3").returncode == 0
+        version = json.loads(lbctl(orch, "status", "--json").stdout)["version"]
+        time.sleep(0.8)
+        watch.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = watch.communicate(timeout=10)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(10)
+    assert watch.returncode == 0, err
+    frames = [f for f in out.split("--- ")[1:] if f.strip()]
+    assert len(frames) >= 5, out  # about one every 100 ms (the lbctl start and requests take their share)
+    assert all("(every 100 ms; Ctrl-C to stop)" in f for f in frames)
+    assert "control plane version" in frames[0]
+    assert f"control plane version {version} " in frames[-1], frames[-1]  # the change, seen without a restart
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("interval", ["0", "99", "3600001", "soon"])
+def test_status_watch_refuses_an_interval_out_of_range(orch, interval):
+    done = lbctl(orch, "status", "--watch", "--interval-ms", interval)
+    assert done.returncode == 2 and "--interval-ms" in done.stderr, done
