@@ -136,7 +136,11 @@ def test_kill_9_of_a_worker(fleet):
 
 def test_kill_9_of_a_backend(fleet):
     """A backend dies: new connections go to the others (the failed connect
-    is retried on another backend); transfers it carried are cut (counted)."""
+    is retried on another backend); transfers it carried are cut (counted).
+    So is a new connection it had already accepted (its kernel had, at
+    least) when it died: reset before its greeting, as with any proxy (its
+    bytes may have gone to the dead backend: nothing to retry safely). At
+    most a few, and never a refusal or a timeout."""
     f = fleet()
     with Load(f.targets, transfers=3) as load:
         time.sleep(1.0)
@@ -144,7 +148,8 @@ def test_kill_9_of_a_backend(fleet):
         time.sleep(2.0)
     figures = load.figures
     report("kill -9 a backend", figures, None, 0)
-    assert figures.failed_connections == []
+    cut = [f for f in figures.failed_connections if "ConnectionResetError" in f]
+    assert figures.failed_connections == cut and len(cut) <= 2, figures.failed_connections
     assert len(figures.cut_transfers) <= 3
 
 
