@@ -193,7 +193,14 @@ class MetricsServer:
     def bind(cls, config: Config) -> MetricsServer:
         """Bind and listen on ``config.node.metrics``; ConfigError (nothing
         left open) when it cannot be bound."""
-        address = parse_address(config.node.metrics)
+        return cls.bind_address(config.path, "node.metrics", config.node.metrics)
+
+    @classmethod
+    def bind_address(cls, file: str, key: str, value: str) -> MetricsServer:
+        """Bind and listen on ``value`` (HOST:PORT, already checked), the
+        setting ``key`` of ``file``; ConfigError (nothing left open) when it
+        cannot be bound."""
+        address = parse_address(value)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past a last run's TIME_WAIT
         try:
@@ -201,8 +208,8 @@ class MetricsServer:
             sock.listen(BACKLOG)
         except OSError as exc:
             sock.close()
-            raise ConfigError(config.path, "node.metrics",
-                              f"{address[0]}:{address[1]} cannot be bound: {exc.strerror}") from None
+            reason = f"{address[0]}:{address[1]} cannot be bound: {exc.strerror}"
+            raise ConfigError(file, key, reason) from None
         return cls(sock)
 
     @property
@@ -216,6 +223,10 @@ class MetricsServer:
         self._collector = NodeCollector(segment, stale)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._collector)
+        self.serve_registry(registry)
+
+    def serve_registry(self, registry: CollectorRegistry) -> None:
+        """Answer scrapes of ``registry`` from a thread, until ``close``."""
         server = _Server(self.address, _Handler.factory(registry), bind_and_activate=False)
         server.socket.close()
         server.socket = self._socket
