@@ -39,9 +39,20 @@ def main(argv: list[str] | None = None) -> int:
             endpoints = settings.endpoints
             print(encode_endpoints(endpoints.control, endpoints.publish))
         return 0
+    metrics = None
+    if settings.endpoints.metrics:
+        # imported only here: a control plane without metrics loads none of it
+        from orchestrator.metrics import OrchestratorMetrics
+        try:  # first: an address in use starts nothing
+            metrics = OrchestratorMetrics.bind(args.config, settings.endpoints.metrics)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     try:
         store = SqliteStore(settings.store_path)
     except StoreError as exc:
+        if metrics is not None:
+            metrics.close()
         print(f"lborch: {exc}", file=sys.stderr)
         return 1
     try:
@@ -56,12 +67,18 @@ def main(argv: list[str] | None = None) -> int:
         if seeded:
             print(f"lborch: seeded {settings.store_path} from {args.config}", file=sys.stderr)
         try:
-            orchestrator = Orchestrator(store, settings.endpoints, parent_pid=args.parent_pid)
+            orchestrator = Orchestrator(store, settings.endpoints, parent_pid=args.parent_pid,
+                                        metrics=metrics)
         except zmq.ZMQError as exc:
             print(f"lborch: cannot bind: {exc}", file=sys.stderr)
             return 1
+        if metrics is not None:
+            metrics.serve(orchestrator, settings.store_path)
+            metrics = None  # the orchestrator's now: stopped by its close
         return orchestrator.run()
     finally:
+        if metrics is not None:
+            metrics.close()
         store.close()
 
 

@@ -14,9 +14,10 @@ unknown request gets a bad_request reply and changes nothing.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from lbcore.config import DEFAULT_HEALTH, DEFAULT_LIFECYCLE, DEFAULT_OUTLIER
 from lbcore.wire import (
@@ -37,6 +38,8 @@ from orchestrator.policy import (
     merged_outlier,
     outlier_of,
 )
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # lbctl imports this module: not the store (and what it imports)
     from lbcore.config import HealthCheck, Lifecycle, Outlier
@@ -115,6 +118,10 @@ class ControlPlane:
         self.extra_verbs: dict[str, Callable[[dict[str, Any]], Any]] = {}
         # a drain's progress as the nodes report it (the server's drain watch): added to backend.list
         self.drain_progress: Callable[[Backend], dict[str, Any]] = lambda record: {}
+        # the time of each write that committed, in seconds (the server's metrics)
+        self.on_commit: Callable[[float], None] = lambda seconds: None
+        # told of each change of a backend's stored verdict, whoever made it (the server's metrics)
+        self.on_health_transition: Callable[[str], None] = lambda backend: None
 
     def answer(self, raw: bytes) -> tuple[str | None, dict[str, Any]]:
         """(the verb, if the request named a known one; the reply, not yet
@@ -131,8 +138,15 @@ class ControlPlane:
             reply = _reply_error(ControlError(f"{exc.__class__.__name__}: {exc}"))
         return verb, reply
 
+    def _timed(self, write: Callable[[], T]) -> T:
+        """``write()``, its time told to ``on_commit`` if it committed."""
+        start = time.perf_counter()
+        result = write()
+        self.on_commit(time.perf_counter() - start)
+        return result
+
     def _write(self, commit: Callable[[], int], change: Change) -> dict[str, Any]:
-        version = commit()
+        version = self._timed(commit)
         self.on_change(change, version)
         return {"version": version}
 
@@ -216,28 +230,35 @@ class ControlPlane:
     def _health_report(self, backend: str, up: bool, revision: int) -> dict[str, Any]:
         """An operator's observation (I4: only a newer revision applies; an
         older one is refused, saying the stored revision, and changes nothing)."""
-        applied, version = self.store.record_health(backend, up, revision, "report")
+        # no observation yet reads as up, as derivation reads it
+        before = next((h.up for h in self.store.read_rows(set(), set(), {backend}).health
+                       if h.backend_id == backend), True)
+        applied, version = self._timed(lambda: self.store.record_health(backend, up, revision, "report"))
         if not applied:
             stored = next((h.revision for h in self.store.read().health if h.backend_id == backend), None)
             raise BadRequestError(f"health.report: revision {revision} of {backend} is not newer than the "
                                   f"stored revision {stored}: nothing changed")
         self.on_change(Change(health=backend), version)
         self.on_health_report(backend, up)
+        if before != up:
+            self.on_health_transition(backend)
         return {"version": version, "applied": applied}
 
     def record_verdict(self, backend: str, up: bool) -> int:
         """The health checks' change of verdict: one observation with the
         next revision, through the same store path as an operator's (I4)."""
-        applied, version = self.store.record_health(backend, up, None, "checks")
+        applied, version = self._timed(lambda: self.store.record_health(backend, up, None, "checks"))
         if applied:
             self.on_change(Change(health=backend), version)
+            self.on_health_transition(backend)
         return version
 
     def record_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
                      expected_version: int) -> int:
         """A drain's progress (closing, its end), written by the drain watch
         through the store's compare-and-swap like an operator's change."""
-        version = self.store.set_drain(service, backend_id, drain, state, expected_version)
+        version = self._timed(lambda: self.store.set_drain(service, backend_id, drain, state,
+                                                           expected_version))
         self.on_change(Change(backend=(service, backend_id)), version)
         return version
 

@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -56,6 +56,9 @@ from orchestrator.model import Change
 from orchestrator.settings import Endpoints
 from orchestrator.store import Store
 
+if TYPE_CHECKING:  # imported only by a control plane that serves metrics (cli.py)
+    from orchestrator.metrics import OrchestratorMetrics
+
 COALESCE_MS = 2
 RETRY_S = 5.0         # after a derivation that failed its check or the store
 AUDIT_IDLE_S = 5.0    # the audit runs only this long after the last publish
@@ -73,7 +76,8 @@ KEEP_COMMIT_TIMES = 1024  # versions whose commit time is kept, for the propagat
 
 class Orchestrator:
     def __init__(self, store: Store, endpoints: Endpoints, log: Any = sys.stderr,
-                 parent_pid: int = 0) -> None:
+                 parent_pid: int = 0, metrics: OrchestratorMetrics | None = None) -> None:
+        self.metrics = metrics  # bound already; served by the caller once this is built
         self.parent_pid = parent_pid  # embedded: the node whose death ends this process too
         self.store = store
         self.endpoints = endpoints
@@ -95,6 +99,9 @@ class Orchestrator:
         self.drains = DrainWatch(store, self.plane.record_drain, lambda: self.nodes,
                                  lambda: self.published_epoch, self.log)
         self.plane.drain_progress = self.drains.progress
+        if metrics is not None:
+            self.plane.on_commit = metrics.commits.observe
+            self.plane.on_health_transition = self._count_transition
         self._counter_rows = 0  # counter rows held in self.nodes (bounded by MAX_COUNTER_ROWS)
         self._dirty = True  # publish once at start
         self._committed: dict[int, int] = {}  # version -> when its write committed (monotonic ns)
@@ -130,6 +137,12 @@ class Orchestrator:
         self._committed[version] = time.monotonic_ns()
         if len(self._committed) > KEEP_COMMIT_TIMES:
             del self._committed[next(iter(self._committed))]
+
+    def _count_transition(self, backend_id: str) -> None:
+        """One change of ``backend_id``'s verdict, in every service that has it."""
+        assert self.metrics is not None
+        for b in self.store.read_rows(set(), set(), {backend_id}).backends:
+            self.metrics.transitions.labels(b.service, b.id).inc()
 
     def _snapshot_get(self, args: dict[str, Any]) -> Any:
         self._publish_if_dirty(force=True)
@@ -225,6 +238,8 @@ class Orchestrator:
         if (epoch, version) != (previous.get("epoch"), previous.get("version")):
             committed = self._committed.get(version) if epoch == self.deriver.routing.epoch else None
             propagation = round((now_ns - committed) / 1e6, 3) if committed is not None else None
+            if propagation is not None and self.metrics is not None:
+                self.metrics.propagation.observe(propagation / 1000)
         # the ACK right after an apply carries no digest (hashing the snapshot
         # would delay the node); the next periodic report brings it
         if digest is None:
@@ -419,8 +434,12 @@ class Orchestrator:
         envelope, body = frames[:-1], frames[-1]
         if len(envelope) == 1 and (ack := read_ack(body)) is not None:
             self._record_report(*ack)  # a node's ACK (DEALER): never answered
+            if self.metrics is not None:
+                self.metrics.count_request("node.ack", "ok")
             return
         verb, reply = self.plane.answer(body)
+        if self.metrics is not None:
+            self.metrics.count_request(verb, "ok" if reply["ok"] else reply["error"]["code"])
         if reply["ok"] and reply["result"] == {} and verb in ("node.report", "health.results") \
                 and len(envelope) == 1:
             return  # a node's report (DEALER, no delimiter) is fire and forget: answered only if refused
@@ -469,6 +488,8 @@ class Orchestrator:
         return 0
 
     def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
         self.control.close(0)
         self.publisher.close(0)
         self._context.term()

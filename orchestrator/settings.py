@@ -20,6 +20,7 @@ from lbcore.config import (
     Setting,
     between,
     endpoint_problem,
+    parse_address,
     parse_document,
     read_document,
     read_table,
@@ -44,6 +45,16 @@ def _store(value: str) -> str | None:
     return None
 
 
+def _metrics(value: str) -> str | None:
+    if value == "":
+        return None
+    try:
+        parse_address(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 DEFAULT_CONTROL = "tcp://127.0.0.1:7700"
 
 ORCHESTRATOR_SETTINGS = [
@@ -52,6 +63,8 @@ ORCHESTRATOR_SETTINGS = [
     Setting("publish", str, "tcp://127.0.0.1:7701", _endpoint, "PUB: snapshots and heartbeats"),
     Setting("heartbeat_ms", int, 500, between(1, MAX_MS),
             "interval of heartbeats carrying the current version"),
+    Setting("metrics", str, "", _metrics,
+            "IPv4 HOST:PORT serving Prometheus metrics at /metrics (\"\": off)"),
 ]
 
 
@@ -60,6 +73,7 @@ class Endpoints:
     control: str
     publish: str
     heartbeat_ms: int
+    metrics: str = ""  # HOST:PORT, or "" (off)
 
 
 @dataclass(frozen=True)
@@ -90,7 +104,8 @@ def _orchestrator_config(document: dict[str, Any], path: str, embedded: bool = F
     if values["control"] == values["publish"]:
         raise ConfigError(path, "orchestrator.publish", "must differ from orchestrator.control")
     return OrchestratorConfig(services, store_path,
-                              Endpoints(values["control"], values["publish"], values["heartbeat_ms"]))
+                              Endpoints(values["control"], values["publish"], values["heartbeat_ms"],
+                                        values["metrics"]))
 
 
 def load_services(path: str) -> tuple[Service, ...]:
