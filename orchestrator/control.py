@@ -230,9 +230,7 @@ class ControlPlane:
     def _health_report(self, backend: str, up: bool, revision: int) -> dict[str, Any]:
         """An operator's observation (I4: only a newer revision applies; an
         older one is refused, saying the stored revision, and changes nothing)."""
-        # no observation yet reads as up, as derivation reads it
-        before = next((h.up for h in self.store.read_rows(set(), set(), {backend}).health
-                       if h.backend_id == backend), True)
+        before = self._stored_up(backend)
         applied, version = self._timed(lambda: self.store.record_health(backend, up, revision, "report"))
         if not applied:
             stored = next((h.revision for h in self.store.read().health if h.backend_id == backend), None)
@@ -247,11 +245,18 @@ class ControlPlane:
     def record_verdict(self, backend: str, up: bool) -> int:
         """The health checks' change of verdict: one observation with the
         next revision, through the same store path as an operator's (I4)."""
+        before = self._stored_up(backend)
         applied, version = self._timed(lambda: self.store.record_health(backend, up, None, "checks"))
         if applied:
             self.on_change(Change(health=backend), version)
-            self.on_health_transition(backend)
+            if before != up:
+                self.on_health_transition(backend)
         return version
+
+    def _stored_up(self, backend: str) -> bool:
+        """The stored verdict; no observation yet reads as up, as derivation reads it."""
+        return next((h.up for h in self.store.read_rows(set(), set(), {backend}).health
+                     if h.backend_id == backend), True)
 
     def record_drain(self, service: str, backend_id: str, drain: Drain, state: Membership,
                      expected_version: int) -> int:

@@ -135,3 +135,23 @@ def test_backend_set_changes_what_it_is_given(plane):
     assert (record["weight"], record["max_conns"], record["version"]) == (2, 5, 3)
     policy = call(plane, "policy.get", service="web")["result"]
     assert policy["lifecycle"]["drain_timeout_ms"] == 300000 and policy["lifecycle"]["max_queue"] == 0
+
+
+def test_commits_and_verdict_changes_are_told_whoever_writes(plane):
+    commits: list[float] = []
+    transitions: list[str] = []
+    plane.on_commit = commits.append
+    plane.on_health_transition = transitions.append
+    call(plane, "policy.set", service="web", algorithm="wrr", listen="127.0.0.1:8080")
+    call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001")
+    assert not call(plane, "backend.add", service="web", id="w1", address="127.0.0.1:9001",
+                    expected_version=0)["ok"]
+    assert len(commits) == 2 and all(s >= 0 for s in commits)  # a refused write commits nothing
+    assert call(plane, "health.report", backend="w1", up=True, revision=1)["ok"]
+    assert transitions == []  # up, as no observation already read
+    assert call(plane, "health.report", backend="w1", up=False, revision=2)["ok"]
+    assert transitions == ["w1"]
+    plane.record_verdict("w1", False)  # applied (a newer revision), the verdict the same
+    plane.record_verdict("w1", True)
+    assert transitions == ["w1", "w1"]
+    assert len(commits) == 6
