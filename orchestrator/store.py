@@ -291,6 +291,19 @@ class SqliteStore:
                          (service, backend_id)).fetchone()
         return (row[0], row[1]) if row else None
 
+    @staticmethod
+    def _record_to_write(db: sqlite3.Connection, service: str, backend_id: str,
+                         expected_version: int | None) -> tuple[str, int, Drain | None]:
+        """(state, version, drain) of the record a write changes, at the
+        version it expects (None: any): NotFoundError or VersionConflictError."""
+        row = db.execute("SELECT state, version, drain FROM backend WHERE service = ? AND id = ?",
+                         (service, backend_id)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no backend {service}/{backend_id}")
+        if expected_version is not None and expected_version != row[1]:
+            raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, row[1])
+        return row[0], row[1], drain_of(row[2])
+
     def add_backend(self, service: str, backend_id: str, address: str, weight: int,
                     expected_version: int | None, max_conns: int = 0) -> int:
         _check_name("backend", backend_id)
@@ -331,17 +344,10 @@ class SqliteStore:
             return self.drain_backend(service, backend_id, None, None, expected_version)
 
         def change(db: sqlite3.Connection) -> None:
-            row = db.execute("SELECT state, version, drain FROM backend WHERE service = ? AND id = ?",
-                             (service, backend_id)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no backend {service}/{backend_id}")
-            current, version, text = row
-            if expected_version is not None and expected_version != version:
-                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, version)
+            current, _, drain = self._record_to_write(db, service, backend_id, expected_version)
             if state not in TRANSITIONS[Membership(current)]:
                 raise BadRequestError(f"backend {service}/{backend_id} is {current}; "
                                       f"cannot become {state.value}")
-            drain = drain_of(text)
             if drain is not None and not drain.ended:
                 drain = None if state is Membership.ACTIVE else dataclasses.replace(drain, ended=state.value)
             db.execute("UPDATE backend SET state = ?, drain = ?, version = version + 1 "
@@ -388,14 +394,7 @@ class SqliteStore:
         _check_expected(expected_version)
 
         def change(db: sqlite3.Connection) -> bool:
-            row = db.execute("SELECT state, version, drain FROM backend WHERE service = ? AND id = ?",
-                             (service, backend_id)).fetchone()
-            if row is None:
-                raise NotFoundError(f"no backend {service}/{backend_id}")
-            state, version, text = row
-            if expected_version is not None and expected_version != version:
-                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, version)
-            drain = drain_of(text)
+            state, _, drain = self._record_to_write(db, service, backend_id, expected_version)
             if state == Membership.DRAINING.value and drain is not None:
                 new = dataclasses.replace(drain, then=then or drain.then,
                                           timeout_ms=drain.timeout_ms if timeout_ms is None else timeout_ms)
@@ -426,13 +425,9 @@ class SqliteStore:
         it: an operator's change meanwhile wins, and is read again)."""
 
         def change(db: sqlite3.Connection) -> None:
-            record = self._backend(db, service, backend_id)
-            if record is None:
-                raise NotFoundError(f"no backend {service}/{backend_id}")
-            if expected_version != record[1]:
-                raise VersionConflictError(f"backend {service}/{backend_id}", expected_version, record[1])
-            if state.value != record[0] and state not in TRANSITIONS[Membership(record[0])]:
-                raise BadRequestError(f"backend {service}/{backend_id} is {record[0]}; "
+            current, _, _ = self._record_to_write(db, service, backend_id, expected_version)
+            if state.value != current and state not in TRANSITIONS[Membership(current)]:
+                raise BadRequestError(f"backend {service}/{backend_id} is {current}; "
                                       f"cannot become {state.value}")
             db.execute("UPDATE backend SET state = ?, drain = ?, version = version + 1 "
                        "WHERE service = ? AND id = ?", (state.value, drain_text(drain), service, backend_id))
